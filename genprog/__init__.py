@@ -1,0 +1,15 @@
+"""genprog: generative models as distributions.
+
+Write a generative story as a Pyro model function; genprog gives it sample, log_prob,
+condition, marginalize, log_marginal and fit (MAP, Laplace, VI, NUTS/HMC), with ArviZ
+output. See DESIGN.md for the architecture.
+"""
+
+from .errors import ConvergenceWarning
+from .estimate import Estimate
+from .fit import Fit, load
+from .model import Model, model
+
+__version__ = "0.1.0"
+
+__all__ = ["Model", "model", "Fit", "load", "Estimate", "ConvergenceWarning", "__version__"]

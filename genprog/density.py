@@ -1,0 +1,318 @@
+"""A model's joint density as a batched function of a flat unconstrained vector.
+
+:class:`JointDensity` packs a model's continuous latent sites into one flat vector
+``z`` of shape ``[N, D]`` (N particles / chains / draws; D unconstrained coordinates),
+and evaluates ``log p(z, observed)`` for all N at once by running the Pyro program a
+single time inside a particle plate. Discrete latent sites are summed out exactly by
+parallel enumeration (Pyro's ``poutine.enum`` + ``contract_to_tensor``).
+
+This is the object every inference algorithm consumes: MAP/Laplace optimise it,
+NUTS/HMC sample it, the evidence estimators split it into prior and likelihood.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import pyro
+import pyro.poutine as poutine
+import torch
+from pyro.distributions.transforms import biject_to
+from pyro.infer import config_enumerate
+from pyro.ops.contract import contract_to_tensor
+from pyro.ops.packed import unpack
+
+from .handlers import SubstituteBatched, missing_site_name
+from .sites import PARTICLE_PLATE, ModelStructure, is_model_site
+
+
+def particle_dims_to_front(value: torch.Tensor, n: int, site_ndim: int) -> torch.Tensor:
+    """Reshape a value traced under the particle plate to ``[n, *site_shape]``.
+
+    ``value`` has shape ``[(n|1), 1, ..., 1, *site_shape]`` (singleton plate slots between);
+    ``site_ndim`` is ``len(site_shape)``.
+    """
+    site_shape = value.shape[value.dim() - site_ndim:] if site_ndim else torch.Size()
+    lead = value.shape[: value.dim() - site_ndim]
+    lead_n = 1
+    for s in lead:
+        lead_n *= s
+    if lead_n not in (1, n):
+        raise RuntimeError(f"cannot align value of shape {tuple(value.shape)} to {n} particles")
+    return value.reshape(lead_n, *site_shape).expand(n, *site_shape)
+
+
+class JointDensity:
+    """``log p(latents, observed)`` of a (conditioned) program, batched over particles.
+
+    Parameters
+    ----------
+    program : callable
+        The Pyro program (observations and fixed sites already applied).
+    args, kwargs : tuple, dict
+        Its inputs.
+    structure : ModelStructure
+        The program's sites (from :func:`genprog.sites.inspect_model`).
+    missing : dict[str, BoolTensor]
+        For observed sites with NaN entries, the mask of missing entries.
+    base_program : callable, optional
+        The program without observations, used by :meth:`sample_prior` to draw missing
+        entries from their prior predictive.
+    """
+
+    def __init__(self, program, args, kwargs, structure: ModelStructure, missing=None,
+                 base_program=None):
+        self.program = program
+        self.args = args
+        self.kwargs = kwargs
+        self.structure = structure
+        self.missing = missing or {}
+        self.base_program = base_program
+        self.max_plate_nesting = structure.max_plate_nesting
+        not_enumerable = [s.name for s in structure.latent_discrete if not s.enumerable]
+        if not_enumerable:
+            raise ValueError(
+                f"discrete latent site(s) {not_enumerable} have no finite enumerable support "
+                "(e.g. Poisson); genprog sums discrete latents out exactly, so give them a "
+                "bounded support or observe them"
+            )
+        self.has_enumeration = bool(structure.latent_discrete)
+        self.sites = structure.latent_continuous
+        self.transforms = {s.name: biject_to(s.support) for s in self.sites}
+        self.unconstrained_shapes = {
+            s.name: tuple(self.transforms[s.name].inverse_shape(torch.Size(s.shape)))
+            for s in self.sites
+        }
+        self.sizes = {n: int(torch.Size(sh).numel()) for n, sh in self.unconstrained_shapes.items()}
+        self.dim = sum(self.sizes.values())
+
+    # ------------------------------------------------------------------ packing
+    def unpack(self, z: torch.Tensor) -> dict:
+        """``[N, D] -> {site: [N, *unconstrained_shape]}``."""
+        out, start = {}, 0
+        for s in self.sites:
+            k = self.sizes[s.name]
+            out[s.name] = z[:, start:start + k].reshape(z.shape[0], *self.unconstrained_shapes[s.name])
+            start += k
+        return out
+
+    def constrain(self, z: torch.Tensor) -> tuple[dict, torch.Tensor]:
+        """Map ``z [N, D]`` to constrained site values ``{site: [N, *shape]}`` and
+        ``log|det J| [N]`` of the map."""
+        values, ladj = {}, z.new_zeros(z.shape[0])
+        parts = self.unpack(z)
+        for s in self.sites:
+            t = self.transforms[s.name]
+            u = parts[s.name]
+            x = t(u)
+            values[s.name] = x
+            lj = t.log_abs_det_jacobian(u, x)
+            ladj = ladj + lj.reshape(z.shape[0], -1).sum(-1)
+        return values, ladj
+
+    def unconstrain(self, values: dict) -> torch.Tensor:
+        """``{site: [N, *shape]} -> z [N, D]``."""
+        parts = []
+        for s in self.sites:
+            x = values[s.name]
+            u = self.transforms[s.name].inv(x)
+            parts.append(u.reshape(x.shape[0], -1))
+        if not parts:
+            n = next(iter(values.values())).shape[0] if values else 1
+            return torch.zeros(n, 0)
+        return torch.cat(parts, -1)
+
+    # ------------------------------------------------------------------ tracing
+    def trace(self, values: dict, n: int, program=None, enumerate_discrete=True):
+        """Run the program once for ``n`` particles with latent ``values`` substituted."""
+        program = program or self.program
+        k = self.max_plate_nesting
+        prog = SubstituteBatched(values, k)(program)
+        if enumerate_discrete and self.has_enumeration:
+            prog = poutine.enum(config_enumerate(prog, default="parallel"),
+                                first_available_dim=-(k + 2))
+
+        def vectorized(*args, **kwargs):
+            with pyro.plate(PARTICLE_PLATE, n, dim=-(k + 1)):
+                return prog(*args, **kwargs)
+
+        return poutine.trace(vectorized).get_trace(*self.args, **self.kwargs)
+
+    def _sum_to_particles(self, lp: torch.Tensor, n: int) -> torch.Tensor:
+        k = self.max_plate_nesting
+        if lp.dim() < k + 1:
+            return lp.sum().expand(n)
+        lp = lp.movedim(-(k + 1), 0)
+        return lp.reshape(lp.shape[0], -1).sum(-1).expand(n)
+
+    def _factor_terms(self, tr, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of continuous-latent log densities, sum of the rest), each ``[N]``; the
+        rest (observed and discrete sites) has discrete latents summed out."""
+        latent_names = {s.name for s in self.sites}
+        if not self.has_enumeration:
+            tr.compute_log_prob()
+            prior = torch.zeros(n, dtype=self._dtype(tr), device=self._device(tr))
+            lik = prior.clone()
+            for name, site in tr.nodes.items():
+                if not is_model_site(site):
+                    continue
+                term = self._sum_to_particles(site["log_prob"], n)
+                if name in latent_names:
+                    prior = prior + term
+                else:
+                    lik = lik + term
+            return prior, lik
+        tr.compute_log_prob()
+        tr.pack_tensors()
+        particle = tr.plate_to_symbol[PARTICLE_PLATE]
+        enum_symbols = set(tr.symbol_to_dim) - set(tr.plate_to_symbol.values())
+        prior_terms, tree = [], OrderedDict()
+        for name, site in tr.nodes.items():
+            if not is_model_site(site):
+                continue
+            packed = site["packed"]["log_prob"]
+            if name in latent_names and not (set(packed._pyro_dims) & enum_symbols):
+                prior_terms.append(self._sum_to_particles(site["log_prob"], n))
+                continue
+            ordinal = frozenset(
+                tr.plate_to_symbol[f.name] for f in site["cond_indep_stack"] if f.vectorized
+            )
+            tree.setdefault(ordinal, []).append(packed)
+        lik = contract_to_tensor(tree, enum_symbols, target_ordinal=frozenset({particle}))
+        lik = lik.expand(n) if particle in lik._pyro_dims else lik.reshape(()).expand(n)
+        prior = sum(prior_terms) if prior_terms else torch.zeros_like(lik)
+        return prior, lik
+
+    @staticmethod
+    def _dtype(tr):
+        for site in tr.nodes.values():
+            if site["type"] == "sample" and torch.is_tensor(site["value"]) and site["value"].is_floating_point():
+                return site["value"].dtype
+        return torch.get_default_dtype()
+
+    @staticmethod
+    def _device(tr):
+        for site in tr.nodes.values():
+            if site["type"] == "sample" and torch.is_tensor(site["value"]):
+                return site["value"].device
+        return torch.device("cpu")
+
+    # ------------------------------------------------------------------ densities
+    def log_prior_and_likelihood(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(log prior incl. log|J|, log likelihood)``, each ``[N]``, at ``z [N, D]``."""
+        values, ladj = self.constrain(z)
+        tr = self.trace(values, z.shape[0])
+        prior, lik = self._factor_terms(tr, z.shape[0])
+        return prior + ladj, lik
+
+    def log_prior(self, z: torch.Tensor) -> torch.Tensor:
+        return self.log_prior_and_likelihood(z)[0]
+
+    def log_likelihood(self, z: torch.Tensor) -> torch.Tensor:
+        return self.log_prior_and_likelihood(z)[1]
+
+    def log_joint(self, z: torch.Tensor, jacobian: bool = True) -> torch.Tensor:
+        """``log p(z, observed)`` ``[N]``; with ``jacobian=False`` the density of the
+        constrained values (whose mode is the MAP estimate)."""
+        values, ladj = self.constrain(z)
+        tr = self.trace(values, z.shape[0])
+        prior, lik = self._factor_terms(tr, z.shape[0])
+        return prior + lik + (ladj if jacobian else 0.0)
+
+    def potential_and_grad(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``U = -log p(z, observed)`` ``[N]`` and ``dU/dz`` ``[N, D]``; non-finite U
+        (zero density or numerical failure) is reported as ``+inf`` with zero gradient."""
+        with torch.enable_grad():
+            z = z.detach().requires_grad_(True)
+            try:
+                U = -self.log_joint(z)
+            except ValueError:  # a distribution rejected a parameter: zero density
+                inf = torch.full((z.shape[0],), float("inf"), dtype=z.dtype, device=z.device)
+                return inf, torch.zeros_like(z)
+            grad, = torch.autograd.grad(U.sum(), z, allow_unused=True)
+        grad = torch.zeros_like(z) if grad is None else grad
+        bad = ~torch.isfinite(U) | ~torch.isfinite(grad).all(-1)
+        U = torch.where(bad, torch.full_like(U, float("inf")), U).detach()
+        grad = torch.where(bad.unsqueeze(-1), torch.zeros_like(grad), grad)
+        return U, grad
+
+    # ------------------------------------------------------------------ per observation
+    def pointwise_log_likelihood(self, values: dict, n: int) -> dict:
+        """Log likelihood of each observation, ``{site: [N, *batch_shape]}``, for ``n``
+        draws of the latent ``values``. With discrete latents summed out, the program must
+        have one observed site. Missing (NaN) entries are dropped: such a site gets
+        ``[N, n_observed]``."""
+        tr = self.trace(values, n)
+        observed = self.structure.observed
+        k = self.max_plate_nesting
+        out = {}
+        if self.has_enumeration:
+            if len(observed) != 1:
+                raise ValueError(
+                    "pointwise log likelihood with enumerated discrete latents needs exactly one "
+                    f"observed site; this model has {[s.name for s in observed]}"
+                )
+            tr.compute_log_prob()
+            tr.pack_tensors()
+            site = observed[0]
+            enum_symbols = set(tr.symbol_to_dim) - set(tr.plate_to_symbol.values())
+            tree = OrderedDict()
+            for name, node in tr.nodes.items():
+                if not is_model_site(node):
+                    continue
+                if name in {s.name for s in self.sites}:
+                    continue
+                ordinal = frozenset(
+                    tr.plate_to_symbol[f.name] for f in node["cond_indep_stack"] if f.vectorized
+                )
+                tree.setdefault(ordinal, []).append(node["packed"]["log_prob"])
+            target = frozenset(
+                tr.plate_to_symbol[f.name]
+                for f in tr.nodes[site.name]["cond_indep_stack"]
+                if f.vectorized
+            )
+            lp = unpack(contract_to_tensor(tree, enum_symbols, target_ordinal=target),
+                        tr.symbol_to_dim)
+            pointwise = {site.name: lp}
+        else:
+            tr.compute_log_prob()
+            pointwise = {s.name: tr.nodes[s.name]["log_prob"] for s in observed}
+        for s in observed:
+            lp = pointwise[s.name]
+            b = len(s.batch_shape)
+            while lp.dim() < k + 1:
+                lp = lp.unsqueeze(0)
+            target_shape = (n,) + (1,) * (k - b) + tuple(s.batch_shape)
+            lp = lp.expand(target_shape).reshape(n, *s.batch_shape)
+            if s.name in self.missing:
+                keep = ~self.missing[s.name]
+                keep = keep.reshape(*keep.shape[: keep.dim() - s.event_dim], -1).all(-1) \
+                    if s.event_dim else keep
+                lp = lp[:, keep]
+            out[s.name] = lp
+        return out
+
+    # ------------------------------------------------------------------ prior draws
+    def sample_prior(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` exact prior draws of the latents, in unconstrained space ``[n, D]``.
+        Missing entries of observed sites are drawn from their prior predictive."""
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item()) if generator else None
+        program = self.base_program or self.program
+        k = self.max_plate_nesting
+
+        def vectorized(*args, **kwargs):
+            with pyro.plate(PARTICLE_PLATE, n, dim=-(k + 1)):
+                return program(*args, **kwargs)
+
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            if seed is not None:
+                torch.manual_seed(seed)
+            tr = poutine.trace(vectorized).get_trace(*self.args, **self.kwargs)
+        values = {}
+        for s in self.sites:
+            if s.name in tr.nodes:
+                values[s.name] = particle_dims_to_front(tr.nodes[s.name]["value"], n, len(s.shape))
+        for name, mask in self.missing.items():
+            full = particle_dims_to_front(tr.nodes[name]["value"], n, mask.dim())
+            values[missing_site_name(name)] = full[:, mask]
+        return self.unconstrain(values)

@@ -1,0 +1,149 @@
+"""Effect handlers that turn a user's model into the program genprog evaluates.
+
+Each is one small :class:`~pyro.poutine.messenger.Messenger`:
+
+* :class:`ObserveWithMissing` — observe sites; NaN entries are missing values whose
+  imputations come from a latent site ``"{name}_missing"`` (one entry per NaN).
+* :class:`FixSites` — hold sites at given values with no density (``fit(fixed=...)``).
+* :class:`SubstituteBatched` — substitute values that carry leading particle dims.
+"""
+
+from __future__ import annotations
+
+import pyro.distributions as dist
+import torch
+from pyro.distributions import constraints
+from pyro.poutine.messenger import Messenger
+
+
+def missing_site_name(name: str) -> str:
+    """Name of the latent site that holds the imputations of site ``name``'s NaN entries."""
+    return f"{name}_missing"
+
+
+class MissingValues(dist.ImproperUniform):
+    """Flat (improper) density over the ``n`` missing entries of an observed site.
+
+    The observed site's own likelihood, evaluated at the completed data, supplies the
+    density of the imputations, so this site contributes ``log p = 0``. ``sample()``
+    returns ``init`` (a draw from the prior predictive) so initialisation is in support.
+
+    Parameters
+    ----------
+    support : Constraint
+        Per-element support of the observed site.
+    init : Tensor [n]
+        Initial values of the missing entries.
+    """
+
+    def __init__(self, support, init: torch.Tensor):
+        super().__init__(constraints.independent(support, 1), (), init.shape)
+        self.init = init
+
+    def sample(self, sample_shape=torch.Size()):
+        shape = self._extended_shape(sample_shape)
+        return self.init.expand(shape).clone()
+
+
+def fill_missing(observed: torch.Tensor, missing: torch.Tensor, fill: torch.Tensor,
+                 batch_ndim: int) -> torch.Tensor:
+    """Complete ``observed`` (NaN where ``missing``) with ``fill``.
+
+    Parameters
+    ----------
+    observed : Tensor [*shape]
+    missing : BoolTensor [*shape]
+    fill : Tensor [*prefix, n_missing]
+        Possibly batched over leading particle dims (shaped as a site outside all plates).
+    batch_ndim : int
+        Number of batch dims of the observed site; that many trailing prefix dims are
+        singleton plate slots and are dropped so the result lines up with the site.
+
+    Returns
+    -------
+    Tensor [*prefix', *shape]
+    """
+    prefix = tuple(fill.shape[:-1])
+    if batch_ndim:
+        prefix = prefix[: max(len(prefix) - batch_ndim, 0)]
+    idx = missing.reshape(-1).nonzero().squeeze(-1)
+    flat = torch.nan_to_num(observed.reshape(-1), nan=0.0).to(fill.dtype)
+    flat = flat.expand(*prefix, flat.numel()).clone()
+    flat[..., idx] = fill.reshape(*prefix, idx.numel())
+    return flat.reshape(*prefix, *observed.shape)
+
+
+class ObserveWithMissing(Messenger):
+    """Observe sites at ``data``; entries that are NaN are completed from ``fills``.
+
+    Parameters
+    ----------
+    data : dict[str, Tensor]
+        Observed values (NaN = missing).
+    fills : dict[str, Tensor]
+        For sites with missing entries, the imputations ``[*particles, n_missing]``.
+    """
+
+    def __init__(self, data: dict, fills: dict | None = None):
+        super().__init__()
+        self.data = data
+        self.fills = fills or {}
+
+    def _pyro_sample(self, msg):
+        name = msg["name"]
+        if name not in self.data:
+            return
+        value = self.data[name]
+        if name in self.fills:
+            missing = torch.isnan(value)
+            value = fill_missing(value, missing, self.fills[name], len(msg["fn"].batch_shape))
+            msg["infer"] = dict(msg["infer"], _genprog_observed_mask=~missing)
+        msg["value"] = value
+        msg["is_observed"] = True
+
+
+class FixSites(Messenger):
+    """Hold sites at values and drop their density (``fit(fixed={...})``)."""
+
+    def __init__(self, values: dict):
+        super().__init__()
+        self.values = values
+
+    def _pyro_sample(self, msg):
+        if msg["name"] in self.values:
+            msg["value"] = self.values[msg["name"]]
+            msg["is_observed"] = True
+            msg["mask"] = False
+            msg["infer"] = dict(msg["infer"], _genprog_fixed=True)
+
+
+class SubstituteBatched(Messenger):
+    """Substitute latent values that carry a leading particle dim ``[N, *shape]``.
+
+    Values are reshaped so that the particle dim sits at ``-(max_plate_nesting + 1)``
+    (left of every plate dim of the site), which is where a particle plate at that dim
+    expects it. Sites keep their latent status (their log density is still counted).
+    """
+
+    def __init__(self, values: dict, max_plate_nesting: int, observe: bool = False):
+        super().__init__()
+        self.values = values
+        self.max_plate_nesting = max_plate_nesting
+        self.observe = observe
+
+    def _pyro_sample(self, msg):
+        name = msg["name"]
+        if name not in self.values:
+            return
+        value = self.values[name]
+        event_ndim = len(msg["fn"].event_shape)
+        batch = value.shape[1:value.dim() - event_ndim]
+        pad = self.max_plate_nesting - len(batch)
+        if pad < 0:
+            raise ValueError(
+                f"site {name!r}: value of shape {tuple(value.shape[1:])} has more batch dims "
+                f"than the model's {self.max_plate_nesting} plates"
+            )
+        msg["value"] = value.reshape(value.shape[0], *([1] * pad), *value.shape[1:])
+        if self.observe:
+            msg["is_observed"] = True

@@ -1,0 +1,231 @@
+"""MCMC fits: NUTS and HMC, chains as a batch dimension in one process.
+
+The default backend (``backend="genprog"``) runs :mod:`genprog.infer.nuts` — a
+vectorized NUTS / HMC whose chains advance in lockstep on the model's batched
+:class:`~genprog.density.JointDensity` (one Pyro trace per leapfrog step for all
+chains). ``backend="pyro"`` runs Pyro's own NUTS/HMC kernels chain after chain, kept as
+the reference implementation. Both return a :class:`~genprog.Fit` whose sample stats use
+ArviZ names, and both check the run: divergences, R-hat and bulk ESS are reported with a
+:class:`~genprog.errors.ConvergenceWarning` when poor.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+
+import numpy as np
+import pyro
+import torch
+from pyro.infer.autoguide.initialization import init_to_value
+
+from ..errors import ConvergenceWarning
+from . import nuts as batched
+from .init import initial_points, make_generator
+
+BACKENDS = ("genprog", "pyro")
+
+
+def _check_counts(chains, warmup, draws):
+    for name, v, lo in (("chains", chains, 1), ("warmup", warmup, 0), ("draws", draws, 1)):
+        if not isinstance(v, (int, np.integer)) or v < lo:
+            raise ValueError(f"fit: {name} must be an int >= {lo}, got {v!r}")
+
+
+def _hold_point_sites(model, point, seed):
+    if not point:
+        return model
+    from .map import _hold_at_map
+
+    return _hold_at_map(model, point, seed, 1000)
+
+
+def _run(model, kernel, *, chains, warmup, draws, seed, init, point, backend, progress, options):
+    from ..fit import Fit
+
+    _check_counts(chains, warmup, draws)
+    if backend not in BACKENDS:
+        raise ValueError(f"fit: unknown backend {backend!r}; choose from {BACKENDS}")
+    start = time.perf_counter()
+    model = _hold_point_sites(model, point, seed)
+    density = model.density()
+    if density.dim == 0:
+        raise ValueError(f"fit({kernel!r}): the model has no continuous latent sites to sample")
+    g = make_generator(seed, model.device)
+    z0 = initial_points(density, chains, init, g)
+    if backend == "pyro":
+        z, stats, extra = _run_pyro(model, density, kernel, z0, warmup, draws, seed, options)
+    else:
+        sampler = batched.sample_nuts if kernel == "nuts" else batched.sample_hmc
+        res = sampler(density.potential_and_grad, z0, warmup=warmup, draws=draws, generator=g,
+                      progress=progress, **options)
+        z = res.samples
+        stats = {
+            "lp": -res.potential_energy,
+            "diverging": res.diverging,
+            "acceptance_rate": res.acceptance_rate,
+            "energy": res.energy,
+            "n_steps": res.n_steps,
+            "step_size": res.step_size[:, None].expand(chains, draws),
+        }
+        if kernel == "nuts":
+            stats["tree_depth"] = res.tree_depth
+        stats = {k: v.detach().cpu().numpy() for k, v in stats.items()}
+        extra = {"step_size": res.step_size.cpu().numpy().tolist(),
+                 "inverse_mass_matrix": res.inverse_mass_matrix,
+                 "warmup_divergences": int(res.warmup_divergences.sum()),
+                 "num_grad_evals": res.num_grad_evals}
+    info = {"backend": backend, "kernel": kernel, "chains": chains, "warmup": warmup, "draws": draws,
+            "wall_time_s": time.perf_counter() - start, **extra}
+    fit = Fit.from_unconstrained(model, kernel, z, sample_stats=stats, seed=seed, info=info)
+    fit.info["diagnostics"] = check_convergence(fit)
+    return fit
+
+
+def check_convergence(fit, rhat_max: float = 1.01, ess_min: float = 100.0) -> dict:
+    """Warn about divergences, R-hat above ``rhat_max`` and bulk ESS below ``ess_min``.
+
+    Returns
+    -------
+    dict
+        ``divergences`` (count after warmup), ``max_rhat``, ``min_ess_bulk`` and the sites
+        that failed each check.
+    """
+    import arviz as az
+
+    out = {"divergences": 0, "max_rhat": float("nan"), "min_ess_bulk": float("nan"),
+           "bad_rhat_sites": [], "low_ess_sites": []}
+    div = fit.sample_stats.get("diverging")
+    if div is not None:
+        out["divergences"] = int(np.asarray(div).sum())
+        if out["divergences"]:
+            total = np.asarray(div).size
+            warnings.warn(
+                f"{fit.method}: {out['divergences']} of {total} post-warmup transitions diverged; "
+                "the posterior may be biased (raise target_accept or reparameterize, e.g. "
+                "non-centred hierarchical scales)",
+                ConvergenceWarning,
+                stacklevel=4,
+            )
+    if fit.num_draws < 4:
+        return out
+    names = [k for k, v in fit.draws.items() if v.is_floating_point() and torch.isfinite(v).all()]
+    if not names:
+        return out
+    posterior = {k: fit.draws[k].detach().cpu().double().numpy() for k in names}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = az.convert_to_dataset(posterior)
+        ess = az.ess(ds, method="bulk")
+        rhat = az.rhat(ds) if fit.num_chains > 1 else None
+    for k in names:
+        e = float(np.nanmin(np.asarray(ess[k].values))) if np.asarray(ess[k].values).size else np.nan
+        if np.isfinite(e) and e < ess_min:
+            out["low_ess_sites"].append(k)
+        out["min_ess_bulk"] = float(np.nanmin([out["min_ess_bulk"], e])) if np.isfinite(e) else out["min_ess_bulk"]
+        if rhat is not None:
+            r = np.asarray(rhat[k].values)
+            r = float(np.nanmax(r)) if r.size and np.isfinite(r).any() else np.nan
+            if np.isfinite(r):
+                out["max_rhat"] = float(np.nanmax([out["max_rhat"], r]))
+                if r > rhat_max:
+                    out["bad_rhat_sites"].append(k)
+    if out["bad_rhat_sites"]:
+        warnings.warn(
+            f"{fit.method}: R-hat above {rhat_max} for site(s) {out['bad_rhat_sites']} "
+            f"(max {out['max_rhat']:.3f}); chains disagree — they may sit in separate modes or "
+            "need more warmup/draws",
+            ConvergenceWarning,
+            stacklevel=4,
+        )
+    if out["low_ess_sites"]:
+        warnings.warn(
+            f"{fit.method}: bulk ESS below {ess_min:g} for site(s) {out['low_ess_sites']} "
+            f"(min {out['min_ess_bulk']:.0f}); run more draws",
+            ConvergenceWarning,
+            stacklevel=4,
+        )
+    return out
+
+
+def _run_pyro(model, density, kernel, z0, warmup, draws, seed, options):
+    """Pyro's NUTS/HMC kernels, one chain after another (the reference implementation)."""
+    from pyro.infer import HMC, MCMC, NUTS
+
+    chains = z0.shape[0]
+    samples, diverging, accept = [], [], []
+    for c in range(chains):
+        init_values = {k: v[0] for k, v in density.constrain(z0[c:c + 1])[0].items()}
+        kwargs = dict(max_plate_nesting=density.max_plate_nesting, jit_compile=False,
+                      init_strategy=init_to_value(values=init_values))
+        if "target_accept" in options:
+            kwargs["target_accept_prob"] = options["target_accept"]
+        if kernel == "nuts":
+            if "max_tree_depth" in options:
+                kwargs["max_tree_depth"] = options["max_tree_depth"]
+            k = NUTS(model.program, **kwargs)
+        else:
+            if options.get("num_steps"):
+                kwargs["num_steps"] = options["num_steps"]
+            k = HMC(model.program, **kwargs)
+        with torch.random.fork_rng(devices=[]):
+            pyro.set_rng_seed(seed + c)
+            mcmc = MCMC(k, num_samples=draws, warmup_steps=warmup, num_chains=1, disable_progbar=True)
+            mcmc.run(*model.args, **model.kwargs)
+        got = mcmc.get_samples()
+        samples.append(density.unconstrain({s.name: got[s.name] for s in density.sites}))
+        div = np.zeros(draws, dtype=bool)
+        idx = mcmc.diagnostics().get("divergences", {}).get("chain 0", [])
+        div[np.asarray(idx, dtype=int)] = True
+        diverging.append(div)
+    z = torch.stack(samples)
+    stats = {"diverging": np.stack(diverging)}
+    return z, stats, {}
+
+
+def fit_nuts(model, *, chains: int = 4, warmup: int = 1000, draws: int = 1000, seed: int = 0,
+             target_accept: float = 0.8, max_tree_depth: int = 10, init="median",
+             point: list | None = None, backend: str = "genprog", progress: bool | None = None):
+    """No-U-Turn sampler.
+
+    Parameters
+    ----------
+    model : genprog.Model
+    chains, warmup, draws : int
+        Chains run as one batch; ``warmup`` adaptation iterations (step size by dual
+        averaging, diagonal mass matrix in Stan's windows), then ``draws`` kept.
+    seed : int
+    target_accept : float
+        Target mean acceptance probability of the step-size adaptation.
+    max_tree_depth : int
+    init : "median", "prior" or dict
+        Chain starting points: prior median with uniform(-0.5, 0.5) jitter in
+        unconstrained space (default), independent prior draws, or given site values.
+    point : list of str, optional
+        Sites held at their joint MAP estimate while the sampler explores the rest.
+    backend : {"genprog", "pyro"}
+        Batched lockstep sampler, or Pyro's kernels chain by chain (reference).
+    progress : bool, optional
+        Progress bar (default: when attached to a terminal).
+
+    Returns
+    -------
+    genprog.Fit
+    """
+    return _run(model, "nuts", chains=chains, warmup=warmup, draws=draws, seed=seed, init=init,
+                point=point, backend=backend, progress=progress,
+                options={"target_accept": target_accept, "max_tree_depth": max_tree_depth}
+                if backend == "genprog" else {"target_accept": target_accept, "max_tree_depth": max_tree_depth})
+
+
+def fit_hmc(model, *, chains: int = 4, warmup: int = 1000, draws: int = 1000, seed: int = 0,
+            num_steps: int | None = None, trajectory_length: float | None = None,
+            target_accept: float = 0.8, init="median", point: list | None = None,
+            backend: str = "genprog", progress: bool | None = None):
+    """Hamiltonian Monte Carlo with a fixed number of leapfrog steps (default 10) or a
+    fixed ``trajectory_length``; otherwise as :func:`fit_nuts`."""
+    options = {"target_accept": target_accept, "num_steps": num_steps}
+    if backend == "genprog":
+        options["trajectory_length"] = trajectory_length
+    return _run(model, "hmc", chains=chains, warmup=warmup, draws=draws, seed=seed, init=init,
+                point=point, backend=backend, progress=progress, options=options)

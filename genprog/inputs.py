@@ -1,0 +1,50 @@
+"""Conversion of user inputs (tensors, NumPy arrays, pandas columns) to tensors."""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+import torch
+
+
+def as_tensor(x, device=None, dtype=None, name: str = "value"):
+    """Convert ``x`` to a tensor on ``device``; floating data take ``dtype``.
+
+    Tensors, NumPy arrays, pandas Series/Index/DataFrames and nested lists of numbers are
+    converted; booleans and integers keep an integer dtype. Other objects (None, strings,
+    modules, callables, Python scalars) are returned unchanged.
+
+    Raises
+    ------
+    TypeError
+        For arrays of strings or Python objects, naming ``name``.
+    """
+    if hasattr(x, "to_numpy") and not torch.is_tensor(x):  # pandas
+        x = x.to_numpy()
+    if isinstance(x, (list, tuple)) and x and all(isinstance(v, numbers.Number) for v in x):
+        x = np.asarray(x)
+    if isinstance(x, np.ndarray):
+        if x.dtype.kind in "OUSV":
+            try:
+                x = x.astype(np.float64)
+            except (TypeError, ValueError):
+                raise TypeError(
+                    f"{name}: expected numbers, got an array of {x.dtype} "
+                    f"(first value {x.reshape(-1)[0]!r})"
+                ) from None
+        x = torch.from_numpy(np.ascontiguousarray(x))
+    if torch.is_tensor(x):
+        if x.is_floating_point():
+            x = x.to(device=device, dtype=dtype or torch.get_default_dtype())
+        elif device is not None:
+            x = x.to(device=device)
+    return x
+
+
+def tensor_device(values) -> torch.device | None:
+    """The first CUDA device among tensors in ``values`` (an iterable), else None."""
+    for v in values:
+        if torch.is_tensor(v) and v.device.type != "cpu":
+            return v.device
+    return None
