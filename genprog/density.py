@@ -26,6 +26,31 @@ from .handlers import SubstituteBatched, missing_site_name
 from .sites import PARTICLE_PLATE, ModelStructure, is_model_site
 
 
+VECTORIZE_HINT = (
+    "genprog evaluates many draws at once inside a plate at dim {dim}; write the model so it "
+    "broadcasts over extra leading batch dims (as Pyro's enumeration requires): index with "
+    "pyro.ops.indexing.Vindex(x)[..., i] and use `...` rather than fixed leading dims"
+)
+
+
+def run_vectorized(program, args, kwargs, n: int, max_plate_nesting: int):
+    """Trace ``program`` (already wrapped in the particle plate), turning shape errors
+    into a ValueError that explains how to make a model vectorizable."""
+    try:
+        return poutine.trace(program).get_trace(*args, **kwargs)
+    except (RuntimeError, IndexError, ValueError) as e:
+        if isinstance(e, NotImplementedError):
+            raise
+        msg = str(e)
+        if n > 1 and ("hape" in msg or "size" in msg or "index" in msg or "dimension" in msg) \
+                and "Expected parameter" not in msg:
+            raise ValueError(
+                f"running the model for {n} draws at once failed ({type(e).__name__}: "
+                f"{msg.splitlines()[0]}). " + VECTORIZE_HINT.format(dim=-(max_plate_nesting + 1))
+            ) from e
+        raise
+
+
 def particle_dims_to_front(value: torch.Tensor, n: int, site_ndim: int) -> torch.Tensor:
     """Reshape a value traced under the particle plate to ``[n, *site_shape]``.
 
@@ -136,7 +161,7 @@ class JointDensity:
             with pyro.plate(PARTICLE_PLATE, n, dim=-(k + 1)):
                 return prog(*args, **kwargs)
 
-        return poutine.trace(vectorized).get_trace(*self.args, **self.kwargs)
+        return run_vectorized(vectorized, self.args, self.kwargs, n, k)
 
     def _sum_to_particles(self, lp: torch.Tensor, n: int) -> torch.Tensor:
         k = self.max_plate_nesting
@@ -178,7 +203,9 @@ class JointDensity:
                 tr.plate_to_symbol[f.name] for f in site["cond_indep_stack"] if f.vectorized
             )
             tree.setdefault(ordinal, []).append(packed)
-        lik = contract_to_tensor(tree, enum_symbols, target_ordinal=frozenset({particle}))
+        present = {d for terms in tree.values() for t in terms for d in t._pyro_dims}
+        target = frozenset({particle}) & present  # a 1-particle dim is packed away
+        lik = contract_to_tensor(tree, enum_symbols, target_ordinal=target)
         lik = lik.expand(n) if particle in lik._pyro_dims else lik.reshape(()).expand(n)
         prior = sum(prior_terms) if prior_terms else torch.zeros_like(lik)
         return prior, lik
@@ -226,7 +253,9 @@ class JointDensity:
             z = z.detach().requires_grad_(True)
             try:
                 U = -self.log_joint(z)
-            except ValueError:  # a distribution rejected a parameter: zero density
+            except ValueError as e:  # a distribution rejected a parameter: zero density
+                if "Expected parameter" not in str(e) and "constraint" not in str(e):
+                    raise
                 inf = torch.full((z.shape[0],), float("inf"), dtype=z.dtype, device=z.device)
                 return inf, torch.zeros_like(z)
             grad, = torch.autograd.grad(U.sum(), z, allow_unused=True)
@@ -237,47 +266,49 @@ class JointDensity:
         return U, grad
 
     # ------------------------------------------------------------------ per observation
-    def pointwise_log_likelihood(self, values: dict, n: int) -> dict:
-        """Log likelihood of each observation, ``{site: [N, *batch_shape]}``, for ``n``
-        draws of the latent ``values``. With discrete latents summed out, the program must
-        have one observed site. Missing (NaN) entries are dropped: such a site gets
-        ``[N, n_observed]``."""
+    def pointwise_log_likelihood(self, values: dict, n: int, sites=None) -> dict:
+        """Log density of each observation, ``{site: [N, *batch_shape]}``, for ``n`` draws
+        of the latent ``values``.
+
+        Parameters
+        ----------
+        sites : list of str, optional
+            Observed sites to report (default: all). A site coupled to enumerated discrete
+            latents gets those latents summed out per element (at most one such site).
+            Missing (NaN) entries are dropped: such a site gets ``[N, n_observed]``.
+        """
         tr = self.trace(values, n)
-        observed = self.structure.observed
+        by_name = self.structure.sites
+        report = [by_name[name] for name in (sites or [s.name for s in self.structure.observed])]
         k = self.max_plate_nesting
-        out = {}
+        tr.compute_log_prob()
+        pointwise = {s.name: tr.nodes[s.name]["log_prob"] for s in report}
         if self.has_enumeration:
-            if len(observed) != 1:
-                raise ValueError(
-                    "pointwise log likelihood with enumerated discrete latents needs exactly one "
-                    f"observed site; this model has {[s.name for s in observed]}"
-                )
-            tr.compute_log_prob()
             tr.pack_tensors()
-            site = observed[0]
             enum_symbols = set(tr.symbol_to_dim) - set(tr.plate_to_symbol.values())
-            tree = OrderedDict()
-            for name, node in tr.nodes.items():
-                if not is_model_site(node):
-                    continue
-                if name in {s.name for s in self.sites}:
-                    continue
-                ordinal = frozenset(
-                    tr.plate_to_symbol[f.name] for f in node["cond_indep_stack"] if f.vectorized
+            coupled = [s for s in report
+                       if set(tr.nodes[s.name]["packed"]["log_prob"]._pyro_dims) & enum_symbols]
+            if len(coupled) > 1:
+                raise ValueError(
+                    "pointwise log density with enumerated discrete latents is defined for one "
+                    f"observed site at a time; sites {[s.name for s in coupled]} share them"
                 )
-                tree.setdefault(ordinal, []).append(node["packed"]["log_prob"])
-            target = frozenset(
-                tr.plate_to_symbol[f.name]
-                for f in tr.nodes[site.name]["cond_indep_stack"]
-                if f.vectorized
-            )
-            lp = unpack(contract_to_tensor(tree, enum_symbols, target_ordinal=target),
-                        tr.symbol_to_dim)
-            pointwise = {site.name: lp}
-        else:
-            tr.compute_log_prob()
-            pointwise = {s.name: tr.nodes[s.name]["log_prob"] for s in observed}
-        for s in observed:
+            discrete = {s.name for s in self.structure.latent_discrete}
+            for site in coupled:
+                tree = OrderedDict()
+                for name, node in tr.nodes.items():
+                    if is_model_site(node) and (name in discrete or name == site.name):
+                        ordinal = frozenset(tr.plate_to_symbol[f.name]
+                                            for f in node["cond_indep_stack"] if f.vectorized)
+                        tree.setdefault(ordinal, []).append(node["packed"]["log_prob"])
+                present = {d for terms in tree.values() for t in terms for d in t._pyro_dims}
+                target = frozenset(tr.plate_to_symbol[f.name]
+                                   for f in tr.nodes[site.name]["cond_indep_stack"]
+                                   if f.vectorized) & present
+                pointwise[site.name] = unpack(
+                    contract_to_tensor(tree, enum_symbols, target_ordinal=target), tr.symbol_to_dim)
+        out = {}
+        for s in report:
             lp = pointwise[s.name]
             b = len(s.batch_shape)
             while lp.dim() < k + 1:
@@ -307,7 +338,7 @@ class JointDensity:
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             if seed is not None:
                 torch.manual_seed(seed)
-            tr = poutine.trace(vectorized).get_trace(*self.args, **self.kwargs)
+            tr = run_vectorized(vectorized, self.args, self.kwargs, n, k)
         values = {}
         for s in self.sites:
             if s.name in tr.nodes:

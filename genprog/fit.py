@@ -175,6 +175,44 @@ class Fit:
                 out[name] = v if n is not None else v.reshape(c, m, *v.shape[1:])
         return out
 
+    def discrete_posterior(self, seed: int = 0) -> dict:
+        """Draws of the discrete latent sites that inference summed out, one per posterior
+        draw, from their exact conditional ``p(discrete | continuous draw, observed)``
+        (Pyro's ``infer_discrete`` at temperature 1).
+
+        Returns
+        -------
+        dict[str, Tensor]
+            site -> ``[chain, draw, *site_shape]``.
+        """
+        from pyro.infer import config_enumerate, infer_discrete
+
+        from .density import particle_dims_to_front
+        from .model import _seeded
+
+        self._require_model("discrete_posterior")
+        model = self.model
+        density = model.density()
+        discrete = model.structure.latent_discrete
+        if not discrete:
+            raise ValueError("discrete_posterior: the model has no discrete latent sites")
+        c, m = self.num_chains, self.num_draws
+        values = {s.name: self.draws[s.name].reshape(c * m, *self.draws[s.name].shape[2:])
+                  for s in density.sites}
+        k = density.max_plate_nesting
+        program = SubstituteBatched(values, k)(model.program)
+
+        def vectorized(*args, **kwargs):
+            with pyro.plate(PARTICLE_PLATE, c * m, dim=-(k + 1)):
+                return program(*args, **kwargs)
+
+        sampler = infer_discrete(config_enumerate(vectorized, default="parallel"),
+                                 first_available_dim=-(k + 2), temperature=1)
+        with model.context(), _seeded(seed), torch.no_grad():
+            tr = poutine.trace(sampler).get_trace(*model.args, **model.kwargs)
+        return {s.name: particle_dims_to_front(tr.nodes[s.name]["value"], c * m, len(s.shape))
+                .reshape(c, m, *s.shape) for s in discrete}
+
     def log_marginal(self, method: str = "auto", seed: int = 0, **options):
         """log p(observed) using what this fit learned: importance sampling with the VI
         guide as proposal, the Laplace Gaussian, or else ``model.log_marginal(method)``."""

@@ -40,6 +40,13 @@ class MissingValues(dist.ImproperUniform):
         super().__init__(constraints.independent(support, 1), (), init.shape)
         self.init = init
 
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(MissingValues, _instance)
+        new.init = self.init
+        dist.ImproperUniform.__init__(new, self.support, torch.Size(batch_shape), self.event_shape)
+        new._validate_args = self.__dict__.get("_validate_args")
+        return new
+
     def sample(self, sample_shape=torch.Size()):
         shape = self._extended_shape(sample_shape)
         return self.init.expand(shape).clone()
@@ -82,12 +89,15 @@ class ObserveWithMissing(Messenger):
         Observed values (NaN = missing).
     fills : dict[str, Tensor]
         For sites with missing entries, the imputations ``[*particles, n_missing]``.
+    batch_ndims : dict[str, int]
+        For those sites, the number of batch dims of one (unvectorized) value.
     """
 
-    def __init__(self, data: dict, fills: dict | None = None):
+    def __init__(self, data: dict, fills: dict | None = None, batch_ndims: dict | None = None):
         super().__init__()
         self.data = data
         self.fills = fills or {}
+        self.batch_ndims = batch_ndims or {}
 
     def _pyro_sample(self, msg):
         name = msg["name"]
@@ -96,7 +106,7 @@ class ObserveWithMissing(Messenger):
         value = self.data[name]
         if name in self.fills:
             missing = torch.isnan(value)
-            value = fill_missing(value, missing, self.fills[name], len(msg["fn"].batch_shape))
+            value = fill_missing(value, missing, self.fills[name], self.batch_ndims[name])
             msg["infer"] = dict(msg["infer"], _genprog_observed_mask=~missing)
         msg["value"] = value
         msg["is_observed"] = True

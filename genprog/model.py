@@ -21,7 +21,7 @@ import pyro
 import pyro.poutine as poutine
 import torch
 
-from .density import JointDensity, particle_dims_to_front
+from .density import JointDensity, particle_dims_to_front, run_vectorized
 from .estimate import Estimate
 from .handlers import (
     FixSites,
@@ -159,11 +159,13 @@ class Model:
 
     def program(self, *args, **kwargs):
         """The model with fixed sites and observations applied (NaN = missing)."""
-        fills = {}
+        fills, batch_ndims = {}, {}
         for name, init in self._missing_init.items():
-            support = elementwise_support(self.base_structure.sites[name].support)
-            fills[name] = pyro.sample(missing_site_name(name), MissingValues(support, init))
-        with FixSites(self.fixed), ObserveWithMissing(self.observed, fills):
+            info = self.base_structure.sites[name]
+            fills[name] = pyro.sample(missing_site_name(name),
+                                      MissingValues(elementwise_support(info.support), init))
+            batch_ndims[name] = len(info.batch_shape)
+        with FixSites(self.fixed), ObserveWithMissing(self.observed, fills, batch_ndims):
             return self.fn(*args, **kwargs)
 
     @property
@@ -223,7 +225,7 @@ class Model:
                 return self.base_program(*args, **kwargs)
 
         with self.context(), _seeded(seed), torch.no_grad():
-            tr = poutine.trace(vectorized).get_trace(*self.args, **self.kwargs)
+            tr = run_vectorized(vectorized, self.args, self.kwargs, n, k)
         out = {}
         for name, info in structure.sites.items():
             if name in self.marginalized or info.kind == "fixed":
@@ -383,7 +385,8 @@ class Model:
                                    missing=self.density().missing)
             z = torch.zeros(n, 0)
             if pointwise:
-                out = density.pointwise_log_likelihood({}, n)
+                names = list(dict.fromkeys([*tensors, *self.observed]))
+                out = density.pointwise_log_likelihood({}, n, sites=names)
                 out = {k2: (v if batched_n else v[0]) for k2, v in out.items()}
                 return next(iter(out.values())) if len(out) == 1 else out
             lp = density.log_joint(z)

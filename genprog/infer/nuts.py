@@ -643,7 +643,7 @@ def _run(
 
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from tqdm import tqdm
 
         bar = tqdm(total=warmup + draws, desc=f"{name} warmup" if warmup else name)
     try:

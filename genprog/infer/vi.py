@@ -82,7 +82,6 @@ def _proposal_from_guide(guide, density) -> GuideProposal:
         base = dist.Normal(torch.cat(locs), torch.cat(scales)).to_event(1)
         return GuideProposal(base, torch.arange(density.dim))
     posterior = guide.get_posterior()
-    posterior = _detach_distribution(posterior)
     offsets, start = {}, 0
     for name, shape in guide._unconstrained_shapes.items():
         size = int(torch.Size(shape).numel())
@@ -90,11 +89,6 @@ def _proposal_from_guide(guide, density) -> GuideProposal:
         start += size
     order = torch.cat([offsets[n] for n in names]) if names else torch.zeros(0, dtype=torch.long)
     return GuideProposal(posterior, order)
-
-
-def _detach_distribution(d):
-    """Guide posteriors hold parameters with grad; sampling under no_grad is enough."""
-    return d
 
 
 def _elbo_loop(loss_fn, params, *, max_steps, learning_rate, window, tol, progress, desc):
@@ -114,7 +108,7 @@ def _elbo_loop(loss_fn, params, *, max_steps, learning_rate, window, tol, progre
                 )
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             bar.update(1)
             if step % window == 0:
                 w = torch.tensor(losses[-window:], dtype=torch.float64)
