@@ -33,7 +33,11 @@ def as_tensor(x, device=None, dtype=None, name: str = "value"):
                     f"{name}: expected numbers, got an array of {x.dtype} "
                     f"(first value {x.reshape(-1)[0]!r})"
                 ) from None
-        x = torch.from_numpy(np.ascontiguousarray(x))
+        shape = x.shape
+        arr = np.ascontiguousarray(x)
+        if not arr.flags.writeable:  # pandas 3 hands out read-only views
+            arr = arr.copy()
+        x = torch.from_numpy(arr).reshape(shape)
     if torch.is_tensor(x):
         if x.is_floating_point():
             x = x.to(device=device, dtype=dtype or torch.get_default_dtype())

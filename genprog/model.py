@@ -78,6 +78,7 @@ class Model:
         if not callable(fn):
             raise TypeError(f"Model needs a callable model function, got {type(fn).__name__}")
         self.fn = fn
+        self._raw_inputs = (args, kwargs)  # re-converted by to(), so a dtype change is exact
         self.device = tensor_device(list(args) + list(kwargs.values()))
         self.dtype = None
         self.args = tuple(as_tensor(a, self.device, name=f"input {i}") for i, a in enumerate(args))
@@ -127,11 +128,12 @@ class Model:
         def move(x):
             return as_tensor(x, device, dtype) if torch.is_tensor(x) else x
 
+        raw_args, raw_kwargs = self._raw_inputs
         return self._replace(
             device=device,
             dtype=dtype,
-            args=tuple(move(a) for a in self.args),
-            kwargs={k: move(v) for k, v in self.kwargs.items()},
+            args=tuple(as_tensor(a, device, dtype) for a in raw_args),
+            kwargs={k: as_tensor(v, device, dtype) for k, v in raw_kwargs.items()},
             observed={k: move(v) for k, v in self.observed.items()},
             fixed={k: move(v) for k, v in self.fixed.items()},
             _missing_init={k: move(v) for k, v in self._missing_init.items()},
@@ -272,7 +274,12 @@ class Model:
             info = structure.sites[name]
             t = as_tensor(v, self.device, self.dtype, name=f"condition: site {name!r}")
             if not torch.is_tensor(t):
-                t = torch.as_tensor(t, device=self.device)
+                try:
+                    t = torch.as_tensor(t, device=self.device)
+                except (TypeError, ValueError, RuntimeError):
+                    raise TypeError(
+                        f"condition: site {name!r} needs numbers, got {type(v).__name__} {v!r:.60}"
+                    ) from None
             if t.dtype == torch.bool:
                 t = t.to(torch.get_default_dtype() if self.dtype is None else self.dtype)
             if tuple(t.shape) != info.shape:
@@ -287,6 +294,11 @@ class Model:
                 ok = t[~nan]
                 if not torch.equal(ok, ok.round()):
                     raise ValueError(f"condition: site {name!r} is discrete but got non-integer values")
+            if nan.any() and elementwise_support(info.support) is None:
+                raise ValueError(
+                    f"condition: site {name!r} has NaN entries but its support "
+                    f"{info.support} couples entries, so they cannot be imputed one by one"
+                )
             if nan.any() and prior is None:
                 prior = self.sample(1, seed=0)
             valid_fill = prior[name][0].to(t.dtype) if nan.any() else t
@@ -296,11 +308,6 @@ class Model:
                     f"condition: site {name!r} got values outside its support {info.support}"
                 )
             if nan.any():
-                if elementwise_support(info.support) is None:
-                    raise ValueError(
-                        f"condition: site {name!r} has NaN entries but its support "
-                        f"{info.support} couples entries, so they cannot be imputed one by one"
-                    )
                 missing_init[name] = prior[name][0][nan].to(t.dtype)
             else:
                 missing_init.pop(name, None)
@@ -385,7 +392,7 @@ class Model:
                                    missing=self.density().missing)
             z = torch.zeros(n, 0)
             if pointwise:
-                names = list(dict.fromkeys([*tensors, *self.observed]))
+                names = [s.name for s in self.structure.observed] or list(tensors)
                 out = density.pointwise_log_likelihood({}, n, sites=names)
                 out = {k2: (v if batched_n else v[0]) for k2, v in out.items()}
                 return next(iter(out.values())) if len(out) == 1 else out

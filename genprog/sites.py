@@ -121,6 +121,10 @@ def inspect_model(program, args=(), kwargs=None) -> ModelStructure:
         for pname, pdim, psize in frames:
             plates[pname] = (pdim, psize)
             nesting = max(nesting, -pdim)
+        # batch dims outside any plate also occupy dims left of the event (as in Pyro's
+        # _guess_max_plate_nesting); the particle plate must sit left of all of them
+        if not node["infer"].get("_deterministic"):
+            nesting = max(nesting, len(fn.batch_shape))
         infer = node.get("infer", {})
         if infer.get("_deterministic"):
             kind = "deterministic"

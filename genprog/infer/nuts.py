@@ -417,32 +417,36 @@ def _hmc_transition(
     dev, dt = z.device, z.dtype
     inv_mass = _full_inv_mass(inv_mass, z)
     eps = _per_chain(step_size, z, "step_size")
-    if torch.is_tensor(num_steps):
+    per_chain_steps = torch.is_tensor(num_steps)
+    if per_chain_steps:
         steps = num_steps.to(device=dev, dtype=torch.long).expand(B)
-        max_steps = int(steps.max()) if B else 0  # once per transition
+        max_steps = int(steps.max())  # one host sync per transition
     else:
-        steps = torch.full((B,), int(num_steps), dtype=torch.long, device=dev)
         max_steps = int(num_steps)
     r0 = sample_momentum(z, inv_mass, generator)
     H0 = U + kinetic_energy(r0, inv_mass)
-    cur = torch.stack([z, r0, grad], 1)
-    cur_U = U
+    cur = torch.stack([z, r0, grad], 1)  # [B, 3, D] = (z, r, grad)
+    cur_U, cur_H = U, H0
     diverging = torch.zeros(B, dtype=torch.bool, device=dev)
     n_taken = torch.zeros(B, dtype=torch.long, device=dev)
     for k in range(max_steps):
-        stepping = ~diverging & (steps > k)
+        stepping = ~diverging & (steps > k) if per_chain_steps else ~diverging
         zn, rn, Un, gn = leapfrog(potential_and_grad, cur[:, 0], cur[:, 1], cur[:, 2], eps,
                                   inv_mass)
-        Un, gn = Un.detach(), gn.detach()
-        _, delta = _energy_error(zn, rn, Un, gn, inv_mass, H0)
-        bad = stepping & (delta > max_energy_error)
-        advance = stepping & ~bad
-        cur = torch.where(advance[:, None, None], torch.stack([zn, rn, gn], 1), cur)
+        Un = Un.detach()
+        new = torch.stack([zn, rn, gn.detach()], 1)
+        H = Un + kinetic_energy(rn, inv_mass)
+        # NaN compares False: a non-finite energy or state is a divergence
+        fine = (H - H0 <= max_energy_error) & torch.isfinite(H) \
+            & torch.isfinite(new.flatten(1)).all(1)
+        advance = stepping & fine
+        cur = torch.where(advance[:, None, None], new, cur)
         cur_U = torch.where(advance, Un, cur_U)
-        diverging = diverging | bad
+        cur_H = torch.where(advance, H, cur_H)
+        diverging = diverging | (stepping & ~fine)
         n_taken = n_taken + stepping
-    _, delta = _energy_error(cur[:, 0], cur[:, 1], cur_U, cur[:, 2], inv_mass, H0)
-    accept_prob = torch.where(diverging, 0.0, torch.exp(-delta).clamp(max=1.0))
+    # a diverged chain is frozen at its last finite state and rejected
+    accept_prob = torch.where(diverging, 0.0, torch.exp(H0 - cur_H).clamp(max=1.0))
     accept = torch.rand(B, generator=generator, dtype=dt, device=dev) < accept_prob
     z = torch.where(accept[:, None], cur[:, 0], z)
     grad = torch.where(accept[:, None], cur[:, 2], grad)
