@@ -44,7 +44,7 @@ def log_likelihood_group(fit) -> tuple[dict, dict]:
     for name, lp in pointwise.items():
         out[name] = _np(lp.reshape(c, n, *lp.shape[1:]))
         info = model.structure.sites[name]
-        if name in density.missing:
+        if tuple(lp.shape[1:]) != tuple(info.batch_shape):  # missing or masked entries dropped
             dims[name] = [f"{name}_observed_dim_0"]
         else:
             dims[name] = info.dim_names()[: len(info.batch_shape)]

@@ -317,13 +317,34 @@ class JointDensity:
                 lp = lp.unsqueeze(0)
             target_shape = (n,) + (1,) * (k - b) + tuple(s.batch_shape)
             lp = lp.expand(target_shape).reshape(n, *s.batch_shape)
-            if s.name in self.missing:
-                keep = ~self.missing[s.name]
-                keep = keep.reshape(*keep.shape[: keep.dim() - s.event_dim], -1).all(-1) \
-                    if s.event_dim else keep
+            keep = self._observation_mask(tr.nodes[s.name], s)
+            if keep is not None:
                 lp = lp[:, keep]
             out[s.name] = lp
         return out
+
+    def _observation_mask(self, node, site):
+        """Which batch elements of an observed site are observations: not missing (NaN)
+        and not masked out by ``poutine.mask`` / ``.mask()`` (padding). None = all."""
+        keep = None
+        if site.name in self.missing:
+            keep = ~self.missing[site.name]
+            if site.event_dim:
+                keep = keep.reshape(*keep.shape[: keep.dim() - site.event_dim], -1).all(-1)
+        masks = [node.get("mask")]
+        fn = node["fn"]
+        while hasattr(fn, "base_dist"):
+            masks.append(getattr(fn, "_mask", None))
+            fn = fn.base_dist
+        for m in masks:
+            if torch.is_tensor(m) and m.dtype == torch.bool:
+                b = len(site.batch_shape)
+                m = m.reshape(-1, *m.shape[-b:]) if b and m.dim() >= b else m.reshape(1, *m.shape)
+                m = m[0].expand(site.batch_shape) if b else m.reshape(())
+                keep = m if keep is None else keep & m
+        if keep is not None and bool(keep.all()):
+            return None
+        return keep
 
     # ------------------------------------------------------------------ prior draws
     def sample_prior(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
