@@ -1,0 +1,41 @@
+"""genprog.pk: population pharmacokinetics on NONMEM-style data.
+
+>>> from genprog import pk
+>>> data = pk.read_nonmem(pk.dataset_path("theo_sd"))
+>>> data.n_subjects
+12
+"""
+
+from importlib import resources
+
+from .data import describe, read_nonmem
+from .dataset import Dataset
+from .population import CovariateEffect, PopulationModel, initial_estimates
+from .structural import (
+    Compartments,
+    OneCompartment,
+    ThreeCompartment,
+    TwoCompartment,
+    one_compartment_bolus,
+    one_compartment_infusion,
+    one_compartment_oral,
+    two_compartment_bolus,
+    two_compartment_infusion,
+    two_compartment_oral,
+)
+
+
+def dataset_path(name: str) -> str:
+    """Path of a bundled public data set: ``"theo_sd"``, ``"warfarin"`` or ``"pheno_sd"``."""
+    names = ("theo_sd", "warfarin", "pheno_sd")
+    if name not in names:
+        raise ValueError(f"dataset_path: unknown data set {name!r}; bundled: {names}")
+    return str(resources.files("genprog.pk") / "datasets" / f"{name}.csv")
+
+
+__all__ = [
+    "Dataset", "read_nonmem", "describe", "dataset_path", "PopulationModel", "CovariateEffect",
+    "initial_estimates", "Compartments", "OneCompartment", "TwoCompartment", "ThreeCompartment",
+    "one_compartment_bolus", "one_compartment_infusion", "one_compartment_oral",
+    "two_compartment_bolus", "two_compartment_infusion", "two_compartment_oral",
+]

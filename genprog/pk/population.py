@@ -1,0 +1,402 @@
+"""``PopulationModel``: a nonlinear mixed-effects (NLME) PK model as a genprog Model.
+
+The generative story, for subjects ``i = 1..S`` and PK parameters ``p`` (e.g. ka, cl, v):
+
+* typical values ``tv_p ~ LogNormal(log guess_p, 1)`` (sites named ``"ka"``, ``"cl"``, ...;
+  ``guess_p`` from a quick non-compartmental look at the data unless given);
+* inter-individual variability on the log scale: ``eta_i ~ MVN(0, Omega)`` with
+  ``Omega = diag(omega) R diag(omega)``, ``omega ~ HalfNormal(1)`` (site ``"omega"``,
+  one SD per random effect) and, with ``omega="block"``, ``R = L L^T``,
+  ``L ~ LKJCholesky(P, 2)`` (site ``"omega_corr"``); written non-centred
+  (``eta_raw ~ N(0, I)``, ``eta = diag(omega) L eta_raw``);
+* covariate effects on typical values: power ``(cov/median)^beta`` (allometric when the
+  exponent is fixed to 0.75 for clearances, 1 for volumes), linear ``1 + beta (cov -
+  median)``, categorical ``exp(beta_k)`` (sites ``"beta_{param}_{cov}"``);
+* individual parameters ``p_i = tv_p * covariate effects * exp(eta_ip)``;
+* predicted concentrations by a structural model (closed form or ODE);
+* residual error: additive ``sd = sigma_add``, proportional ``sd = sigma_prop * c``,
+  combined ``sd = sqrt(sigma_add^2 + (sigma_prop c)^2)``, or exponential
+  (``log DV ~ Normal(log c, sigma_exp)``); the observed site is ``"dv"`` ``[S, T]``, padding
+  masked out; BLQ observations by the M3 likelihood ``log Phi((LLOQ - c) / sd)``.
+
+``model(data)`` returns a :class:`genprog.Model` conditioned on the data, so sample,
+log_prob, log_marginal, fit and to_arviz all apply.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import pyro
+import pyro.distributions as dist
+import torch
+
+from ..model import Model
+from .dataset import Dataset
+
+ERROR_MODELS = ("additive", "proportional", "combined", "exponential")
+COVARIATE_KINDS = ("power", "allometric", "linear", "categorical")
+_ALLOMETRIC = {"cl": 0.75, "q": 0.75, "q3": 0.75, "v": 1.0, "v1": 1.0, "v2": 1.0, "v3": 1.0}
+
+
+@dataclass(frozen=True)
+class CovariateEffect:
+    """One covariate effect on a typical value.
+
+    Attributes
+    ----------
+    param : str
+        The PK parameter it acts on.
+    covariate : str
+        The data set's covariate name (as in ``Dataset.covariates``, case-insensitive).
+    kind : str
+        ``"power"`` (estimated exponent), ``"allometric"`` (fixed exponent 0.75 for
+        clearances, 1 for volumes), ``"linear"``, or ``"categorical"``.
+    """
+
+    param: str
+    covariate: str
+    kind: str = "power"
+
+    @property
+    def site(self) -> str:
+        return f"beta_{self.param}_{self.covariate.lower()}"
+
+
+def _covariate_effects(covariates) -> tuple:
+    effects = []
+    for param, spec in (covariates or {}).items():
+        specs = spec if isinstance(spec, list) else [spec]
+        for one in specs:
+            if isinstance(one, CovariateEffect):
+                effects.append(one)
+            elif isinstance(one, str):
+                effects.append(CovariateEffect(param, one))
+            elif isinstance(one, tuple) and len(one) == 2:
+                effects.append(CovariateEffect(param, one[0], one[1]))
+            else:
+                raise TypeError(
+                    f"covariates[{param!r}]: expected a covariate name, (name, kind) or "
+                    f"CovariateEffect, got {one!r}"
+                )
+    for e in effects:
+        if e.kind not in COVARIATE_KINDS:
+            raise ValueError(f"covariate effect {e.site}: unknown kind {e.kind!r}; choose from {COVARIATE_KINDS}")
+    return tuple(effects)
+
+
+def _draws(value, event_dim: int):
+    """Drop the two plate slots (subject, time) from a global site's value traced under
+    genprog's particle plate: ``[N, 1, 1, *event] -> [N, *event]``; unbatched values pass."""
+    batch = value.shape[: value.dim() - event_dim]
+    if len(batch) >= 3:
+        return value.reshape(*batch[:-2], *value.shape[value.dim() - event_dim:])
+    return value
+
+
+def initial_estimates(data: Dataset, parameters) -> dict:
+    """Rough typical values from the data (a non-compartmental look), used to centre the
+    default priors and start optimisers: CL = dose / AUC, k from the terminal log-linear
+    slope, V = CL / k, ka = 3 k, peripheral volumes = V, Q = CL, F = 1, tlag = small."""
+    t, c, m = data.obs_time, data.obs_dv, data.obs_mask & ~data.obs_blq & (data.obs_dv > 0)
+    dose = (data.dose_amt * data.dose_mask).sum(-1)
+    guesses = {}
+    cl_s, k_s, tmax_s = [], [], []
+    for i in range(data.n_subjects):
+        ti, ci = t[i][m[i]].double(), c[i][m[i]].double()
+        if ti.numel() < 3 or float(dose[i]) <= 0:
+            continue
+        auc = torch.trapezoid(ci, ti)
+        tail = min(3, ti.numel())
+        slope = -torch.linalg.lstsq(torch.stack([torch.ones(tail, dtype=ti.dtype), ti[-tail:]], -1),
+                                    ci[-tail:].log()[:, None]).solution[1, 0]
+        k = float(slope) if float(slope) > 1e-4 else 0.1
+        auc_inf = float(auc) + float(ci[-1]) / k
+        if auc_inf > 0:
+            cl_s.append(float(dose[i]) / auc_inf)
+            k_s.append(k)
+            tmax_s.append(float(ti[ci.argmax()] - data.dose_time[i][data.dose_mask[i]].min()))
+    cl = float(torch.tensor(cl_s).median()) if cl_s else 1.0
+    k = float(torch.tensor(k_s).median()) if k_s else 0.1
+    v = cl / k
+    # ka from the median time of the peak: tmax = log(ka/k) / (ka - k), solved by bisection
+    tmax = float(torch.tensor(tmax_s).median()) if tmax_s else 0.0
+    ka = 3 * k
+    if tmax > 0:
+        lo, hi = 1.0001 * k, 1000.0 * k
+        for _ in range(100):
+            mid = math.sqrt(lo * hi)
+            lo, hi = (mid, hi) if math.log(mid / k) / (mid - k) > tmax else (lo, mid)
+        ka = math.sqrt(lo * hi)
+    for p in parameters:
+        guesses[p] = {"cl": cl, "v": v, "v1": v, "v2": v, "v3": v, "q": cl, "q3": cl,
+                      "ka": ka, "f": 1.0, "tlag": 0.1}.get(p, 1.0)
+    return guesses
+
+
+@dataclass(frozen=True)
+class PopulationModel:
+    """A population PK model (see the module docstring for the generative story).
+
+    Parameters
+    ----------
+    structure : genprog.pk.structural.Compartments or ODE model
+        The structural model; it provides ``.parameters`` and ``.concentration(params, data)``.
+    random_effects : sequence of str
+        PK parameters with log-normal inter-individual variability.
+    error : {"additive", "proportional", "combined", "exponential"}
+    covariates : dict
+        ``{param: "WT"}`` (power), ``{param: ("WT", "allometric")}``, or lists of these /
+        :class:`CovariateEffect`.
+    omega : {"diagonal", "block"}
+        Independent etas, or a full omega block with an LKJ(2) prior on correlations.
+    priors : dict
+        Site name -> distribution, replacing a default prior.
+    initial : dict
+        PK parameter -> typical value used to centre the default prior (default: data).
+    dvid : str or int, optional
+        For data sets with several observation types, which one the model describes.
+    ka_above_k : bool
+        Parameterise ``ka = k + exp(...)`` so ka > k = CL/V always (removes the flip-flop
+        mode); the site ``"ka_minus_k"`` replaces ``"ka"`` and ``ka`` is deterministic.
+    """
+
+    structure: object
+    random_effects: tuple = ()
+    error: str = "combined"
+    covariates: dict = field(default_factory=dict)
+    omega: str = "diagonal"
+    priors: dict = field(default_factory=dict)
+    initial: dict = field(default_factory=dict)
+    dvid: object = None
+    ka_above_k: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "random_effects", tuple(self.random_effects))
+        params = tuple(self.structure.parameters)
+        if self.error not in ERROR_MODELS:
+            raise ValueError(f"PopulationModel: unknown error model {self.error!r}; choose from {ERROR_MODELS}")
+        if self.omega not in ("diagonal", "block"):
+            raise ValueError(f"PopulationModel: omega must be 'diagonal' or 'block', got {self.omega!r}")
+        unknown = [p for p in self.random_effects if p not in params]
+        if unknown:
+            raise ValueError(f"PopulationModel: random effects on unknown parameter(s) {unknown}; "
+                             f"the structure has {list(params)}")
+        effects = _covariate_effects(self.covariates)
+        bad = [e.param for e in effects if e.param not in params]
+        if bad:
+            raise ValueError(f"PopulationModel: covariate effects on unknown parameter(s) {bad}")
+        if self.ka_above_k and "ka" not in params:
+            raise ValueError("PopulationModel: ka_above_k needs a first-order absorption structure")
+        object.__setattr__(self, "_effects", effects)
+
+    # ------------------------------------------------------------------ pieces
+    @property
+    def parameters(self) -> tuple:
+        return tuple(self.structure.parameters)
+
+    @property
+    def covariate_effects(self) -> tuple:
+        return self._effects
+
+    def observation_mask(self, data: Dataset) -> torch.Tensor:
+        """``[S, T]`` True for observations this model describes (not padding, right DVID)."""
+        mask = data.obs_mask
+        if self.dvid is not None:
+            code = self.dvid if isinstance(self.dvid, int) else data.dvid_names.index(self.dvid)
+            mask = mask & (data.obs_dvid == code)
+        elif len(data.dvid_names) > 1:
+            raise ValueError(
+                f"PopulationModel: the data set has observation types {data.dvid_names}; "
+                "choose one with dvid=..."
+            )
+        return mask
+
+    def check_data(self, data: Dataset) -> None:
+        """Errors naming what the model needs and the data set lacks."""
+        if not isinstance(data, Dataset):
+            raise TypeError(f"PopulationModel: expected a pk.Dataset, got {type(data).__name__}")
+        names = {k.lower(): k for k in data.covariates}
+        for e in self._effects:
+            if e.covariate.lower() not in names:
+                raise ValueError(f"PopulationModel: covariate {e.covariate!r} not in the data set "
+                                 f"(it has {sorted(data.covariates)})")
+        if hasattr(self.structure, "check_dataset"):
+            self.structure.check_dataset(data)
+        if not bool(self.observation_mask(data).any()):
+            raise ValueError("PopulationModel: the data set has no observations for this model")
+
+    def covariate_factor(self, param: str, betas: dict, data: Dataset) -> torch.Tensor | float:
+        """Product of covariate effects on ``param``'s typical value, ``[..., S]``."""
+        names = {k.lower(): k for k in data.covariates}
+        factor = 1.0
+        for e in self._effects:
+            if e.param != param:
+                continue
+            x = data.covariates[names[e.covariate.lower()]]
+            if e.kind in ("power", "allometric"):
+                ref = x.median()
+                beta = _ALLOMETRIC.get(param, 0.75) if e.kind == "allometric" else betas[e.site]
+                factor = factor * torch.exp(beta * torch.log(x / ref))
+            elif e.kind == "linear":
+                factor = factor * (1 + betas[e.site] * (x - x.median()))
+            else:
+                codes = x.long()
+                b = torch.cat([torch.zeros_like(betas[e.site][..., :1]), betas[e.site]], -1)
+                factor = factor * torch.exp(b[..., codes])
+        return factor
+
+    def individual_parameters(self, typical: dict, betas: dict, eta, data: Dataset) -> dict:
+        """Individual PK parameters ``{p: [..., S]}`` from typical values ``{p: [...]}``,
+        covariate coefficients and etas ``[..., S, P]`` (None: typical subject)."""
+        out = {}
+        for p in self.parameters:
+            if p == "ka" and self.ka_above_k:
+                continue
+            value = typical[p][..., None] * self.covariate_factor(p, betas, data)
+            if eta is not None and p in self.random_effects:
+                value = value * torch.exp(eta[..., self.random_effects.index(p)])
+            out[p] = value
+        if self.ka_above_k:
+            v = out["v"] if "v" in out else out["v1"]
+            k = out["cl"] / v
+            delta = typical["ka_minus_k"][..., None]
+            if eta is not None and "ka" in self.random_effects:
+                delta = delta * torch.exp(eta[..., self.random_effects.index("ka")])
+            out["ka"] = k + delta
+        return out
+
+    def residual_sd(self, pred: torch.Tensor, sigma: dict) -> torch.Tensor:
+        if self.error == "additive":
+            return sigma["sigma_add"] + 0 * pred
+        if self.error == "proportional":
+            return sigma["sigma_prop"] * pred.clamp_min(1e-12)
+        if self.error == "combined":
+            return torch.sqrt(sigma["sigma_add"] ** 2 + (sigma["sigma_prop"] * pred) ** 2)
+        return sigma["sigma_exp"] + 0 * pred
+
+    def sigma_sites(self) -> tuple:
+        return {"additive": ("sigma_add",), "proportional": ("sigma_prop",),
+                "combined": ("sigma_add", "sigma_prop"), "exponential": ("sigma_exp",)}[self.error]
+
+    def default_priors(self, data: Dataset) -> dict:
+        guess = {**initial_estimates(data, self.parameters), **self.initial}
+        dv = data.obs_dv[self.observation_mask(data) & ~data.obs_blq]
+        dv_scale = float(dv.abs().median()) if dv.numel() else 1.0
+        priors = {}
+        for p in self.parameters:
+            if p == "ka" and self.ka_above_k:
+                v = guess.get("v", guess.get("v1"))
+                delta = max(guess["ka"] - guess["cl"] / v, 1e-3)
+                priors["ka_minus_k"] = dist.LogNormal(math.log(delta), 1.0)
+            else:
+                priors[p] = dist.LogNormal(math.log(guess[p]), 1.0)
+        p_eta = len(self.random_effects)
+        if p_eta:
+            priors["omega"] = dist.HalfNormal(torch.ones(p_eta)).to_event(1)
+            if self.omega == "block" and p_eta > 1:
+                priors["omega_corr"] = dist.LKJCholesky(p_eta, 2.0)
+        for e in self._effects:
+            if e.kind == "power":
+                priors[e.site] = dist.Normal(_ALLOMETRIC.get(e.param, 0.0), 0.5)
+            elif e.kind == "linear":
+                priors[e.site] = dist.Normal(0.0, 0.1)
+            elif e.kind == "categorical":
+                names = {k.lower(): k for k in data.covariates}
+                k = int(data.covariates[names[e.covariate.lower()]].max()) + 1
+                priors[e.site] = dist.Normal(torch.zeros(max(k - 1, 1)), 0.5).to_event(1)
+        scales = {"sigma_add": 0.5 * dv_scale, "sigma_prop": 0.5, "sigma_exp": 0.5}
+        for s in self.sigma_sites():
+            priors[s] = dist.HalfNormal(scales[s])
+        return priors
+
+    def priors_for(self, data: Dataset) -> dict:
+        priors = self.default_priors(data)
+        unknown = set(self.priors) - set(priors)
+        if unknown:
+            raise ValueError(f"PopulationModel: priors for unknown site(s) {sorted(unknown)}; "
+                             f"sites: {sorted(priors)}")
+        priors.update(self.priors)
+        return priors
+
+    # ------------------------------------------------------------------ the Pyro model
+    def program(self, data: Dataset, dv=None, priors=None):
+        """The generative story as a Pyro model function of the data set."""
+        priors = priors or self.priors_for(data)
+        typical = {name: _draws(pyro.sample(name, priors[name]), 0) for name in
+                   [p for p in self.parameters if not (p == "ka" and self.ka_above_k)]
+                   + (["ka_minus_k"] if self.ka_above_k else [])}
+        betas = {e.site: _draws(pyro.sample(e.site, priors[e.site]), priors[e.site].event_dim)
+                 for e in self._effects if e.kind != "allometric"}
+        sigma = {s: pyro.sample(s, priors[s]) for s in self.sigma_sites()}  # [..., 1, 1]
+        p_eta = len(self.random_effects)
+        S, T = data.obs_dv.shape
+        eta = None
+        if p_eta:
+            omega = _draws(pyro.sample("omega", priors["omega"]), 1)  # [..., P]
+            scale_tril = torch.diag_embed(omega)
+            if "omega_corr" in priors:
+                corr = _draws(pyro.sample("omega_corr", priors["omega_corr"]), 2)
+                scale_tril = omega[..., :, None] * corr
+        if self.ka_above_k:
+            v = typical["v" if "v" in typical else "v1"]
+            pyro.deterministic("ka", typical["ka_minus_k"] + typical["cl"] / v)
+        with pyro.plate("subject", S, dim=-2):
+            if p_eta:
+                eta_raw = pyro.sample("eta_raw", dist.Normal(0.0, 1.0).expand([p_eta]).to_event(1))
+                # eta_raw [..., S, 1, P] -> eta [..., S, P] = (diag(omega) L) eta_raw
+                eta = (scale_tril[..., None, :, :] @ eta_raw.squeeze(-2)[..., None]).squeeze(-1)
+            ind = self.individual_parameters(typical, betas, eta, data)  # {p: [..., S]}
+            pred = self.structure.concentration(ind, data)  # [..., S, T]
+            with pyro.plate("time", T, dim=-1):
+                return self._observe(pred, sigma, data, dv)
+
+    def _observe(self, pred, sigma, data, dv):
+        mask = self.observation_mask(data)
+        observed = mask & ~data.obs_blq
+        sd = self.residual_sd(pred, sigma).clamp_min(1e-9)
+        if self.error == "exponential":
+            d = dist.LogNormal(torch.log(pred.clamp_min(1e-30)), sd)
+        else:
+            d = dist.Normal(pred, sd)
+        if dv is not None:
+            safe = torch.where(observed, dv, torch.ones_like(dv) if self.error == "exponential" else pred.detach())
+        else:
+            safe = None
+        y = pyro.sample("dv", d.mask(observed), obs=safe)
+        if bool(data.obs_blq.any()):
+            blq = mask & data.obs_blq
+            lloq = torch.nan_to_num(data.obs_lloq, nan=0.0)
+            if self.error == "exponential":
+                z = (torch.log(lloq.clamp_min(1e-30)) - torch.log(pred.clamp_min(1e-30))) / sd
+            else:
+                z = (lloq - pred) / sd
+            log_cdf = torch.special.log_ndtr(z)
+            pyro.factor("blq_m3", torch.where(blq, log_cdf, torch.zeros_like(log_cdf)))
+        return y
+
+    def __call__(self, data: Dataset) -> Model:
+        """The model conditioned on the data set's observations (a :class:`genprog.Model`)."""
+        self.check_data(data)
+        priors = self.priors_for(data)
+        dv = torch.where(data.obs_mask, data.obs_dv, torch.zeros_like(data.obs_dv)).nan_to_num(0.0)
+        pk = self
+
+        def population_pk(data, dv=None):
+            return pk.program(data, dv, priors)
+
+        m = Model(population_pk, data, dv=dv)
+        m.population = self
+        m.dataset = data
+        return m
+
+    def fit(self, data: Dataset, method: str = "nuts", **options):
+        """``model(data).fit(method, ...)``; ``method="mle"`` is population maximum
+        likelihood with the etas integrated out per subject by a Laplace approximation
+        (see :func:`genprog.pk.estimation.fit_mle`)."""
+        if method == "mle":
+            from .estimation import fit_mle
+
+            return fit_mle(self, data, **options)
+        return self(data).fit(method, **options)
