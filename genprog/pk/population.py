@@ -32,6 +32,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 
+from ..fit import Fit
 from ..model import Model
 from .dataset import Dataset
 
@@ -237,10 +238,10 @@ class PopulationModel:
             x = data.covariates[names[e.covariate.lower()]]
             if e.kind in ("power", "allometric"):
                 ref = x.median()
-                beta = _ALLOMETRIC.get(param, 0.75) if e.kind == "allometric" else betas[e.site]
+                beta = _ALLOMETRIC.get(param, 0.75) if e.kind == "allometric" else betas[e.site][..., None]
                 factor = factor * torch.exp(beta * torch.log(x / ref))
             elif e.kind == "linear":
-                factor = factor * (1 + betas[e.site] * (x - x.median()))
+                factor = factor * (1 + betas[e.site][..., None] * (x - x.median()))
             else:
                 codes = x.long()
                 b = torch.cat([torch.zeros_like(betas[e.site][..., :1]), betas[e.site]], -1)
@@ -399,4 +400,29 @@ class PopulationModel:
             from .estimation import fit_mle
 
             return fit_mle(self, data, **options)
-        return self(data).fit(method, **options)
+        return PopulationBayesFit.wrap(self(data).fit(method, **options), self, data)
+
+
+class PopulationBayesFit(Fit):
+    """A :class:`genprog.Fit` of a population model whose ``summary()`` speaks
+    pharmacometrics (see :func:`genprog.pk.summary.bayesian_summary`); the ArviZ table is
+    ``summary(kind="arviz")``."""
+
+    population = None
+    dataset = None
+
+    @classmethod
+    def wrap(cls, fit: Fit, population, data) -> "PopulationBayesFit":
+        new = cls(fit.method, fit.model, fit.draws, fit.sample_stats, fit.seed, fit.info)
+        new.population = population
+        new.dataset = data
+        return new
+
+    def summary(self, kind: str = "pk", prob: float = 0.95, **arviz_options):
+        if kind == "arviz":
+            return super().summary(**arviz_options)
+        if kind != "pk":
+            raise ValueError(f"summary: kind must be 'pk' or 'arviz', got {kind!r}")
+        from .summary import bayesian_summary
+
+        return bayesian_summary(self, self.population, prob=prob)

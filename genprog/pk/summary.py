@@ -1,0 +1,122 @@
+"""Parameter tables in pharmacometric terms, for point (ML) and Bayesian population fits.
+
+One row per parameter: typical values on the natural scale, covariate coefficients, IIV as
+omega (SD of eta on the log scale) with %CV = 100 sqrt(exp(omega^2) - 1) and eta shrinkage
+= 100 (1 - SD(EBE or posterior mean eta) / omega), correlations of a block, residual error.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import torch
+
+COLUMNS = ["estimate", "se", "rse_pct", "ci_low", "ci_high", "cv_pct", "shrinkage_pct"]
+
+
+def cv_percent(omega):
+    """%CV of a log-normal with log-scale SD ``omega``: ``100 sqrt(exp(omega^2) - 1)``."""
+    return 100.0 * np.sqrt(np.expm1(np.asarray(omega, dtype=float) ** 2))
+
+
+def _scalars(pop, values: dict, batched: bool = False) -> dict:
+    """Natural-scale scalars by row name (``omega_cl``, ``corr_ka_cl``, ``beta_cl_sex[1]``);
+    with ``batched`` every value carries a leading draw dim."""
+    rows = {}
+    lead = 1 if batched else 0
+    for name, v in values.items():
+        v = torch.as_tensor(v)
+        if name == "omega":
+            for j, p in enumerate(pop.random_effects):
+                rows[f"omega_{p}"] = v[..., j]
+        elif name == "omega_corr":
+            corr = v @ v.transpose(-1, -2)
+            effects = pop.random_effects
+            for a in range(len(effects)):
+                for b in range(a):
+                    rows[f"corr_{effects[b]}_{effects[a]}"] = corr[..., a, b]
+        elif v.dim() - lead == 1:
+            for j in range(v.shape[-1]):
+                rows[f"{name}[{j + 1}]"] = v[..., j]
+        else:
+            rows[name] = v
+    return rows
+
+
+def _shrinkage(pop, eta: torch.Tensor, omega: torch.Tensor) -> dict:
+    if eta is None or eta.shape[-1] == 0:
+        return {}
+    sd = eta.double().std(0, unbiased=True)
+    return {f"omega_{p}": float(100.0 * (1 - sd[j] / omega[j])) for j, p in enumerate(pop.random_effects)}
+
+
+def population_summary(fit) -> pd.DataFrame:
+    """Table for a :class:`~genprog.pk.estimation.PopulationFit` (ML): estimates with
+    asymptotic SEs (delta method), 95% Wald intervals (log-scale for positive
+    parameters), %CV and shrinkage. ``attrs`` hold -2LL, OFV, AIC, BIC."""
+    pop = fit.population
+    layout_obj = _objective(fit)
+    phi = fit.phi.detach()
+
+    def natural(x):
+        vals = layout_obj.unpack(x)
+        return torch.stack([v.reshape(()) for v in _scalars(pop, vals).values()])
+
+    names = list(_scalars(pop, layout_obj.unpack(phi)).keys())
+    est = natural(phi)
+    se = torch.full_like(est, float("nan"))
+    if fit.covariance is not None:
+        J = torch.autograd.functional.jacobian(natural, phi)
+        se = torch.sqrt(torch.clamp(torch.einsum("ik,kl,il->i", J, fit.covariance, J), min=0))
+    df = pd.DataFrame(index=pd.Index(names, name="parameter"), columns=COLUMNS, dtype=float)
+    omega = fit.estimates.get("omega")
+    shrink = _shrinkage(pop, fit.eta, omega) if omega is not None else {}
+    for i, n in enumerate(names):
+        e, s = float(est[i]), float(se[i])
+        positive = not (n.startswith("beta_") or n.startswith("corr_"))
+        if positive and e > 0 and math.isfinite(s):
+            lo, hi = e * math.exp(-1.96 * s / e), e * math.exp(1.96 * s / e)
+        else:
+            lo, hi = e - 1.96 * s, e + 1.96 * s
+        df.loc[n] = [e, s, 100 * s / abs(e) if e else float("nan"), lo, hi,
+                     float(cv_percent(e)) if n.startswith("omega_") else float("nan"),
+                     shrink.get(n, float("nan"))]
+    df.attrs.update({"-2LL": fit.minus2ll, "OFV": fit.ofv, "AIC": fit.aic, "BIC": fit.bic,
+                     "n_obs": fit.n_obs, "n_params": fit.n_params, "method": fit.method})
+    return df
+
+
+def _objective(fit):
+    from .estimation import LaplaceObjective
+
+    return LaplaceObjective(fit.population, fit.data, fit.population.priors_for(fit.data)).layout
+
+
+def bayesian_summary(fit, pop, prob: float = 0.95) -> pd.DataFrame:
+    """Table for a Bayesian population fit (a :class:`genprog.Fit`): posterior mean, SD,
+    median and central ``prob`` interval per parameter; %CV of omegas (posterior mean of
+    the %CV); shrinkage from the posterior-mean etas. ``attrs`` hold LOO (elpd, se)."""
+    draws = {k: v.detach().double().reshape(-1, *v.shape[2:]) for k, v in fit.draws.items()}
+    sites = [n for n in pop.default_priors(fit.model.dataset)] + (["ka"] if pop.ka_above_k else [])
+    values = {k: draws[k] for k in sites if k in draws}
+    rows = _scalars(pop, values, batched=True)
+    q = (1 - prob) / 2
+    df = pd.DataFrame(index=pd.Index(list(rows), name="parameter"),
+                      columns=["mean", "sd", "median", "ci_low", "ci_high", "cv_pct", "shrinkage_pct"],
+                      dtype=float)
+    shrink = {}
+    if "omega" in values and "eta_raw" in draws:
+        omega = values["omega"]
+        L = torch.diag_embed(omega)
+        if "omega_corr" in values:
+            L = omega[..., :, None] * values["omega_corr"]
+        eta = (L[:, None] @ draws["eta_raw"].squeeze(-2)[..., None]).squeeze(-1)  # [n, S, P]
+        shrink = _shrinkage(pop, eta.mean(0), omega.mean(0))
+    for n, v in rows.items():
+        v = v.reshape(-1)
+        cv = cv_percent(v.numpy()).mean() if n.startswith("omega_") else float("nan")
+        df.loc[n] = [float(v.mean()), float(v.std()), float(v.median()), float(v.quantile(q)),
+                     float(v.quantile(1 - q)), cv, shrink.get(n, float("nan"))]
+    return df
