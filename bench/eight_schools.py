@@ -5,17 +5,18 @@ settings (chains, warmup, draws, target acceptance 0.8, maximum tree depth 10):
 
 a. ``genprog``: ``Model.fit("nuts")`` with the default backend (chains as a batch
    dimension, advancing in lockstep);
-b. ``pyro``: ``pyro.infer.MCMC(NUTS(model, jit_compile=False), num_chains=1)``, one
+b. ``raw Pyro``: ``pyro.infer.MCMC(NUTS(model, jit_compile=False), num_chains=1)``, one
    chain after another (Pyro's multiprocessing chains are slow and unreliable here);
-c. ``pyro-jit``: as (b) with ``jit_compile=True, ignore_jit_warnings=True`` (recorded
-   as failed, with the error, if it does not run);
-d. ``genprog-pyro``: ``Model.fit("nuts", backend="pyro")``.
+c. ``raw Pyro, jit_compile=True``: as (b) with ``jit_compile=True,
+   ignore_jit_warnings=True`` (recorded as failed, with the error, if it does not run);
+d. ``genprog backend='pyro'``: ``Model.fit("nuts", backend="pyro")``.
 
-Each run reports wall time, potential+gradient evaluations, the minimum bulk ESS over
-``mu``, ``tau`` and every ``eta[i]`` (ArviZ, draws grouped by chain), ESS per second,
-the maximum R-hat, post-warmup divergences and the posterior means of ``mu`` and
-``tau`` with their Monte Carlo standard errors. Results are printed as a markdown
-table followed by the ESS/s ratio of genprog to raw Pyro.
+Each run reports wall and process-CPU time, potential+gradient evaluations, the minimum
+bulk ESS over ``mu``, ``tau`` and every ``eta[i]`` (ArviZ, draws grouped by chain), ESS
+per wall and per CPU second, the maximum R-hat, post-warmup divergences and the
+posterior means of ``mu`` and ``tau`` with their Monte Carlo standard errors. Results
+are printed as a markdown table followed by the ratios of genprog's ESS/s to raw Pyro's
+(b and c); ``bench/README.md`` keeps measured tables.
 
 Usage (from the repository root)::
 
@@ -30,6 +31,7 @@ import datetime
 import math
 import os
 import platform
+import subprocess
 import time
 import traceback
 import warnings
@@ -81,7 +83,8 @@ class RunResult:
         Row label.
     wall_time_s : float
         Seconds from the call that starts sampling to its return (all chains, warmup
-        and draws; genprog's includes its own convergence check).
+        and draws; genprog's includes building the density, its initialisation and its
+        own convergence check).
     cpu_time_s : float
         Process CPU seconds over the same span (all threads of this process).
     load_avg : float
@@ -100,8 +103,9 @@ class RunResult:
         ``site -> (posterior mean, MCSE of the mean)`` for ``mu`` and ``tau``.
     error : str or None
         Why the run failed (then every number is NaN).
-    notes : list[str]
-        Warnings raised during the run.
+    notes : tuple[str, ...]
+        Warnings raised during the run (and, for the batched sampler, how full its
+        lockstep batches were).
     """
 
     name: str
@@ -176,8 +180,8 @@ def run_genprog(s: Settings, backend: str = "genprog") -> RunResult:
                 mock.patch.object(pyro.infer, "NUTS", _CountingNUTS):
             warnings.simplefilter("always")
             with _Clock() as clock:
-                fit = model.fit("nuts", chains=s.chains, warmup=s.warmup, draws=s.draws, seed=s.seed,
-                                target_accept=s.target_accept,
+                fit = model.fit("nuts", chains=s.chains, warmup=s.warmup, draws=s.draws,
+                                seed=s.seed, target_accept=s.target_accept,
                                 max_tree_depth=s.max_tree_depth, backend=backend, progress=False)
     except Exception as e:  # noqa: BLE001 - a benchmark records failures and goes on
         return RunResult(name, error=f"{type(e).__name__}: {e}")
@@ -205,7 +209,8 @@ def _lockstep_note(n_steps: np.ndarray) -> str:
     return (f"lockstep: after warmup, {int(n_steps.sum())} leapfrog steps of the chains' own "
             f"trajectories filled {int(slots)} chain-evaluation slots "
             f"({100 * n_steps.sum() / slots:.0f}% used); mean steps per draw "
-            f"{n_steps.mean():.1f}, mean of the per-draw max over chains {n_steps.max(0).mean():.1f}")
+            f"{n_steps.mean():.1f}, mean of the per-draw max over chains "
+            f"{n_steps.max(0).mean():.1f}")
 
 
 class _CountingNUTS(NUTS):
@@ -265,7 +270,8 @@ def _fmt(x, spec):
 def table(results: list[RunResult]) -> str:
     """Markdown table of the runs."""
     head = ("| run | wall (s) | CPU (s) | load | grad evals | ms / grad eval | min bulk ESS "
-            "| ESS/s | ESS/CPU-s | max R-hat | divergences | mean mu (± MCSE) | mean tau (± MCSE) |")
+            "| ESS/s | ESS/CPU-s | max R-hat | divergences | mean mu (± MCSE) "
+            "| mean tau (± MCSE) |")
     ncol = head.count("|") - 1
     lines = [head, "|" + "---|" * ncol]
     for r in results:
@@ -293,11 +299,26 @@ def _cpu() -> str:
         return platform.machine()
 
 
+def _genprog_revision() -> str:
+    """Where genprog was imported from, and its git commit when that is a checkout."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(gp.__file__)))
+    try:
+        def git(*args):
+            return subprocess.run(["git", "-C", root, *args], capture_output=True, text=True,
+                                  timeout=10, check=True).stdout.strip()
+
+        head = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--", "genprog")
+    except (OSError, subprocess.SubprocessError):
+        return f"from {root} (not a git checkout)"
+    return f"from {root} at {head}" + (" + uncommitted changes in genprog/" if dirty else "")
+
+
 def environment() -> str:
     return (f"{datetime.date.today().isoformat()}; {_cpu()}, {torch.get_num_threads()} torch "
             f"threads; Python {platform.python_version()}, "
             f"torch {torch.__version__}, pyro-ppl {pyro.__version__}, arviz {az.__version__}, "
-            f"numpy {np.__version__}, genprog {gp.__version__}")
+            f"numpy {np.__version__}, genprog {gp.__version__} {_genprog_revision()}")
 
 
 def main(argv=None) -> list[RunResult]:

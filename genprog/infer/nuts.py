@@ -25,9 +25,11 @@ appendix A; Stan's ``base_nuts.hpp`` and ``windowed_adaptation.hpp``; NumPyro's
 from __future__ import annotations
 
 import math
+import operator
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -170,8 +172,8 @@ def _is_turning(inv_mass: Tensor, r_left: Tensor, r_right: Tensor, r_sum: Tensor
     included; the ends count half, as in NumPyro. Returns True where either end's
     velocity points against the summed momentum.
     """
-    rho = r_sum - 0.5 * (r_left + r_right)
-    return ((inv_mass * r_left * rho).sum(-1) <= 0) | ((inv_mass * r_right * rho).sum(-1) <= 0)
+    v_rho = inv_mass * (r_sum - 0.5 * (r_left + r_right))
+    return torch.minimum((v_rho * r_left).sum(-1), (v_rho * r_right).sum(-1)) <= 0
 
 
 # ------------------------------------------------------------------ step size search
@@ -271,7 +273,7 @@ def find_reasonable_step_size(
 
 
 def _popcount(n: int) -> int:
-    return bin(n).count("1")
+    return n.bit_count()
 
 
 def _trailing_ones(n: int) -> int:
@@ -301,13 +303,15 @@ def _nuts_transition(
 
     A chain stops at a turning or diverging subtree (which is never sampled from), at a
     turning tree, or at ``max_tree_depth``; its state is then frozen and the results of
-    further batched evaluations are discarded for it.
+    further batched evaluations are discarded for it. The per-step work is kept to a
+    few dozen small tensor operations, since on small problems their dispatch overhead,
+    not arithmetic, is the cost.
     """
-    B, D = z.shape
+    B = z.shape[0]
     dev, dt = z.device, z.dtype
     r0 = sample_momentum(z, inv_mass, generator)
     H0 = U + kinetic_energy(r0, inv_mass)
-    inf = torch.full_like(H0, math.inf)
+    inf = math.inf
 
     # Phase-space states are stacked as [B, 3, D] = (z, r, grad).
     left = right = proposal = torch.stack([z, r0, grad], 1)
@@ -315,46 +319,49 @@ def _nuts_transition(
     tree_weight = torch.zeros_like(H0)  # log sum over states of exp(-(H - H0)); start: 0
     tree_r_sum = r0
     depth = torch.zeros(B, dtype=torch.long, device=dev)
-    n_steps = torch.zeros(B, dtype=torch.long, device=dev)
-    sum_accept = torch.zeros_like(H0)
     diverging = torch.zeros(B, dtype=torch.bool, device=dev)
     done = torch.zeros(B, dtype=torch.bool, device=dev)
-    # Checkpoints of (leaf momentum, running momentum sum of the subtree).
-    r_ckpts = torch.zeros(B, max(max_tree_depth, 1), D, dtype=dt, device=dev)
-    r_sum_ckpts = torch.zeros_like(r_ckpts)
-    inv_mass_k = inv_mass.unsqueeze(1)
+    active_log: list[Tensor] = []  # per step: which chains took it
+    delta_log: list[Tensor] = []  # per step: energy error of the new state (+inf if bad)
+    # Checkpoints at even leaf indices, one slot per level: the leaf momentum and
+    # 0.5 * r - (running momentum sum), so that the momentum sum of the span from the
+    # checkpoint to leaf n, minus half its end momenta, is sub_r_sum - 0.5 * r_n + c.
+    ck_r: list[Tensor | None] = [None] * max(max_tree_depth, 1)
+    ck_c: list[Tensor | None] = [None] * max(max_tree_depth, 1)
 
-    ticks = 0
     for tree_depth in range(max_tree_depth):
         # ---- double the trajectory: a subtree of 2**tree_depth leaves in a random direction
         active = ~done
         depth = depth + active
-        going_right = torch.rand(B, generator=generator, dtype=dt, device=dev) < 0.5
-        front = torch.where(going_right[:, None, None], right, left)
+        # uniforms for the subtree: direction, one per added leaf, the final jump
+        u = torch.rand(2**tree_depth + 1, B, generator=generator, dtype=dt, device=dev).unbind(0)
+        going_right = u[0] < 0.5
+        front = torch.where(going_right.view(-1, 1, 1), right, left)
         eps = torch.where(going_right, step_size, -step_size)
         sub_weight = sub_proposal = sub_U = sub_r_sum = None
         for n in range(2**tree_depth):
-            zn, rn, Un, gn = leapfrog(potential_and_grad, front[:, 0], front[:, 1], front[:, 2],
-                                      eps, inv_mass)
-            Un, gn = Un.detach(), gn.detach()
-            ticks += 1
-            new = torch.stack([zn, rn, gn], 1)
+            zf, rf, gf = front.unbind(1)
+            zn, rn, Un, gn = leapfrog(potential_and_grad, zf, rf, gf, eps, inv_mass)
+            new = torch.stack([zn, rn, gn], 1).detach()
+            Un = Un.detach()
             H = Un + kinetic_energy(rn, inv_mass)
-            ok = torch.isfinite(H) & torch.isfinite(new.flatten(1)).all(1)
-            delta = torch.where(ok, H - H0, inf)  # non-finite anywhere -> +inf
-            leaf_weight = -delta
-            n_steps = n_steps + active
-            sum_accept = sum_accept + torch.exp(leaf_weight).clamp(max=1.0) * active
-            leaf_div = active & (delta > max_energy_error)
+            # energy error, +inf where anything (H, z, r, grad) is not finite: the sum
+            # turns any inf/NaN entry into a non-finite value (or overflows, ~1e38)
+            delta = torch.nan_to_num(H - H0 + 0.0 * new.sum((1, 2)), nan=inf, posinf=inf,
+                                     neginf=inf)
+            fine = delta <= max_energy_error
+            leaf_div = active & ~fine
+            active_log.append(active)
+            delta_log.append(delta)
 
             # multinomial (uniform progressive) sampling inside the subtree
+            leaf_weight = -delta
             if n == 0:
                 sub_weight, sub_proposal, sub_U, sub_r_sum = leaf_weight, new, Un, rn
             else:
                 new_weight = torch.logaddexp(sub_weight, leaf_weight)
-                u = torch.rand(B, generator=generator, dtype=dt, device=dev)
-                take = u < torch.exp(leaf_weight - new_weight)
-                sub_proposal = torch.where(take[:, None, None], new, sub_proposal)
+                take = u[n] < torch.exp(leaf_weight - new_weight)
+                sub_proposal = torch.where(take.view(-1, 1, 1), new, sub_proposal)
                 sub_U = torch.where(take, Un, sub_U)
                 sub_weight = new_weight
                 sub_r_sum = sub_r_sum + rn
@@ -362,18 +369,29 @@ def _nuts_transition(
             # iterative U-turn check against the checkpoints
             idx_max = _popcount(n >> 1)
             if n % 2 == 0:
-                r_ckpts[:, idx_max] = rn
-                r_sum_ckpts[:, idx_max] = sub_r_sum
+                ck_r[idx_max] = rn
+                ck_c[idx_max] = 0.5 * rn - sub_r_sum
                 stop = leaf_div
             else:
                 idx_min = idx_max - _trailing_ones(n) + 1
-                rc = r_ckpts[:, idx_min:idx_max + 1]
-                span_r_sum = sub_r_sum.unsqueeze(1) - r_sum_ckpts[:, idx_min:idx_max + 1] + rc
-                turning = _is_turning(inv_mass_k, rc, rn.unsqueeze(1), span_r_sum).any(1)
+                base = sub_r_sum - 0.5 * rn
+                if idx_min == idx_max:
+                    r_ck = ck_r[idx_max]
+                    rho = inv_mass * (base + ck_c[idx_max])
+                else:
+                    r_ck = torch.stack(ck_r[idx_min:idx_max + 1], 1)
+                    rho = inv_mass.unsqueeze(1) * (
+                        base.unsqueeze(1) + torch.stack(ck_c[idx_min:idx_max + 1], 1))
+                    rn_k = rn.unsqueeze(1)
+                turning = torch.minimum((rho * r_ck).sum(-1),
+                                        (rho * (rn if idx_min == idx_max else rn_k)).sum(-1)) <= 0
+                if idx_min != idx_max:
+                    turning = turning.any(1)
                 stop = leaf_div | (active & turning)
 
-            # the new leaf is the moving end; a finished chain keeps a finite dummy front
-            front = torch.where((active & ~leaf_div)[:, None, None], new, front)
+            # the new leaf is the moving end; a bad leaf is never stepped from (a finished
+            # chain keeps integrating harmlessly from finite states, its results unused)
+            front = torch.where(fine.view(-1, 1, 1), new, front)
             diverging = diverging | leaf_div
             done = done | stop
             active = ~done
@@ -381,22 +399,25 @@ def _nuts_transition(
                 break
 
         # ---- merge the completed subtree (chains still active): biased progressive sampling
-        left = torch.where((active & ~going_right)[:, None, None], front, left)
-        right = torch.where((active & going_right)[:, None, None], front, right)
-        u = torch.rand(B, generator=generator, dtype=dt, device=dev)
-        jump = active & (u < torch.exp(sub_weight - tree_weight))
-        proposal = torch.where(jump[:, None, None], sub_proposal, proposal)
+        left = torch.where((active & ~going_right).view(-1, 1, 1), front, left)
+        right = torch.where((active & going_right).view(-1, 1, 1), front, right)
+        jump = active & (u[-1] < torch.exp(sub_weight - tree_weight))
+        proposal = torch.where(jump.view(-1, 1, 1), sub_proposal, proposal)
         proposal_U = torch.where(jump, sub_U, proposal_U)
         tree_weight = torch.where(active, torch.logaddexp(tree_weight, sub_weight), tree_weight)
-        tree_r_sum = torch.where(active[:, None], tree_r_sum + sub_r_sum, tree_r_sum)
+        tree_r_sum = torch.where(active.view(-1, 1), tree_r_sum + sub_r_sum, tree_r_sum)
         turning = _is_turning(inv_mass, left[:, 1], right[:, 1], tree_r_sum)
         done = done | (active & turning)
         if bool(done.all()):
             break
 
+    took = torch.stack(active_log)  # [steps, B]
+    n_steps = took.sum(0)
+    # mean over the chain's own leapfrog states of min(1, exp(-delta))
+    sum_accept = (torch.exp(-torch.stack(delta_log).clamp(min=0.0)) * took).sum(0)
     accept_prob = sum_accept / n_steps.clamp(min=1)
     return _Transition(proposal[:, 0], proposal_U, proposal[:, 2], accept_prob, diverging, H0,
-                       depth, n_steps, ticks)
+                       depth, n_steps, len(delta_log))
 
 
 # ------------------------------------------------------------------------------- HMC
@@ -413,7 +434,7 @@ def _hmc_transition(
     generator: torch.Generator | None,
     max_energy_error: float,
 ) -> _Transition:
-    B, D = z.shape
+    B = z.shape[0]
     dev, dt = z.device, z.dtype
     inv_mass = _full_inv_mass(inv_mass, z)
     eps = _per_chain(step_size, z, "step_size")
@@ -426,27 +447,28 @@ def _hmc_transition(
     r0 = sample_momentum(z, inv_mass, generator)
     H0 = U + kinetic_energy(r0, inv_mass)
     cur = torch.stack([z, r0, grad], 1)  # [B, 3, D] = (z, r, grad)
-    cur_U, cur_H = U, H0
+    cur_U, cur_delta = U, torch.zeros_like(H0)
     diverging = torch.zeros(B, dtype=torch.bool, device=dev)
     n_taken = torch.zeros(B, dtype=torch.long, device=dev)
+    inf = math.inf
     for k in range(max_steps):
         stepping = ~diverging & (steps > k) if per_chain_steps else ~diverging
-        zn, rn, Un, gn = leapfrog(potential_and_grad, cur[:, 0], cur[:, 1], cur[:, 2], eps,
-                                  inv_mass)
+        zf, rf, gf = cur.unbind(1)
+        zn, rn, Un, gn = leapfrog(potential_and_grad, zf, rf, gf, eps, inv_mass)
+        new = torch.stack([zn, rn, gn], 1).detach()
         Un = Un.detach()
-        new = torch.stack([zn, rn, gn.detach()], 1)
-        H = Un + kinetic_energy(rn, inv_mass)
-        # NaN compares False: a non-finite energy or state is a divergence
-        fine = (H - H0 <= max_energy_error) & torch.isfinite(H) \
-            & torch.isfinite(new.flatten(1)).all(1)
+        # energy error, +inf where anything is not finite (see _nuts_transition)
+        delta = torch.nan_to_num(Un + kinetic_energy(rn, inv_mass) - H0 + 0.0 * new.sum((1, 2)),
+                                 nan=inf, posinf=inf, neginf=inf)
+        fine = delta <= max_energy_error
         advance = stepping & fine
-        cur = torch.where(advance[:, None, None], new, cur)
+        cur = torch.where(advance.view(-1, 1, 1), new, cur)
         cur_U = torch.where(advance, Un, cur_U)
-        cur_H = torch.where(advance, H, cur_H)
+        cur_delta = torch.where(advance, delta, cur_delta)
         diverging = diverging | (stepping & ~fine)
         n_taken = n_taken + stepping
     # a diverged chain is frozen at its last finite state and rejected
-    accept_prob = torch.where(diverging, 0.0, torch.exp(H0 - cur_H).clamp(max=1.0))
+    accept_prob = torch.where(diverging, 0.0, torch.exp(-cur_delta).clamp(max=1.0))
     accept = torch.rand(B, generator=generator, dtype=dt, device=dev) < accept_prob
     z = torch.where(accept[:, None], cur[:, 0], z)
     grad = torch.where(accept[:, None], cur[:, 2], grad)
@@ -574,15 +596,25 @@ _StepFn = Callable[
 ]
 
 
-def _validate_common(init, warmup, draws, target_accept, max_energy_error) -> None:
+def _count(name: str, v, minimum: int = 0) -> int:
+    """An integer argument (Python or NumPy int, not bool) ``>= minimum``, as ``int``."""
+    try:
+        if isinstance(v, bool):
+            raise TypeError
+        v = operator.index(v)
+    except TypeError:
+        raise ValueError(f"{name} must be an int, got {v!r}") from None
+    if v < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {v}")
+    return v
+
+
+def _validate_common(init, target_accept, max_energy_error) -> None:
     if not torch.is_tensor(init) or init.dim() != 2 or not init.is_floating_point():
         raise ValueError("init must be a floating-point tensor of shape [chains, D]")
     if init.shape[0] < 1 or init.shape[1] < 1:
         raise ValueError(f"init must have at least one chain and one dimension, got "
                          f"{tuple(init.shape)}")
-    for name, v in (("warmup", warmup), ("draws", draws)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise ValueError(f"{name} must be a non-negative int, got {v!r}")
     if not 0.0 < float(target_accept) < 1.0:
         raise ValueError(f"target_accept must be in (0, 1), got {target_accept!r}")
     if not float(max_energy_error) > 0:
@@ -619,14 +651,16 @@ def _run(
         raise ValueError(f"potential or gradient is not finite at init for chains "
                          f"{torch.nonzero(bad).flatten().tolist()}")
     inv_mass = torch.ones_like(z)
+    if init_step_size is not None:
+        init_step_size = _per_chain(init_step_size, z, "init_step_size")
+        if not bool((torch.isfinite(init_step_size) & (init_step_size > 0)).all()):
+            raise ValueError("init_step_size must be positive and finite")
     if init_step_size is not None and warmup == 0:
-        eps = _per_chain(init_step_size, z, "init_step_size")
+        eps = init_step_size
     else:
         eps, k = _find_reasonable_step_size(potential_and_grad, z, U, grad, inv_mass, generator,
                                             step_size=init_step_size)
         n_grad += k
-    if not bool((eps > 0).all()):
-        raise ValueError("init_step_size must be positive")
 
     windows = _mass_matrix_windows(warmup) if adapt_mass else []
     window_ends = {last for _, last in windows}
@@ -766,10 +800,11 @@ def sample_nuts(
     >>> res.samples.shape, res.tree_depth.shape
     (torch.Size([4, 20, 2]), torch.Size([4, 20]))
     """
-    _validate_common(init, warmup, draws, target_accept, max_energy_error)
-    if isinstance(max_tree_depth, bool) or not isinstance(max_tree_depth, int) \
-            or not 1 <= max_tree_depth <= 30:
-        raise ValueError(f"max_tree_depth must be an int in [1, 30], got {max_tree_depth!r}")
+    _validate_common(init, target_accept, max_energy_error)
+    warmup, draws = _count("warmup", warmup), _count("draws", draws)
+    max_tree_depth = _count("max_tree_depth", max_tree_depth, minimum=1)
+    if max_tree_depth > 30:
+        raise ValueError(f"max_tree_depth must be <= 30, got {max_tree_depth}")
 
     def step(pg, z, U, grad, eps, inv_mass, gen):
         return _nuts_transition(pg, z, U, grad, eps, inv_mass, gen, max_tree_depth,
@@ -831,14 +866,13 @@ def sample_hmc(
     >>> res.samples.shape
     torch.Size([4, 20, 2])
     """
-    _validate_common(init, warmup, draws, target_accept, max_energy_error)
+    _validate_common(init, target_accept, max_energy_error)
+    warmup, draws = _count("warmup", warmup), _count("draws", draws)
     if num_steps is not None and trajectory_length is not None:
         raise ValueError("give num_steps or trajectory_length, not both")
     if trajectory_length is None:
-        if num_steps is None:
-            num_steps = _DEFAULT_HMC_STEPS
-        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-            raise ValueError(f"num_steps must be a positive int, got {num_steps!r}")
+        num_steps = _count("num_steps", _DEFAULT_HMC_STEPS if num_steps is None else num_steps,
+                           minimum=1)
     elif not float(trajectory_length) > 0:
         raise ValueError(f"trajectory_length must be positive, got {trajectory_length!r}")
     if not 0.0 <= float(step_size_jitter) < 1.0:
