@@ -51,14 +51,21 @@ class Fit:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_unconstrained(cls, model, method, z, sample_stats=None, seed=None, info=None):
-        """Build a Fit from unconstrained draws ``z [chain, draw, D]`` of ``model``."""
+    def from_unconstrained(cls, model, method, z, sample_stats=None, seed=None, info=None,
+                           point=None):
+        """Build a Fit from unconstrained draws ``z [chain, draw, D]`` of ``model``.
+        ``point`` holds sites point-estimated inside the fit (held fixed in ``model``); they
+        appear in ``draws`` as constants and in ``info["point"]``."""
         density = model.density()
         c, n, d = z.shape
         with torch.no_grad():
             values, _ = density.constrain(z.reshape(c * n, d))
             draws = {k: v.reshape(c, n, *v.shape[1:]) for k, v in values.items()}
             draws.update(deterministic_sites(model, values, c * n, (c, n)))
+            for k, v in (point or {}).items():
+                draws[k] = v.detach().expand(c, n, *v.shape).clone()
+        if point:
+            info = {**(info or {}), "point": {k: v.detach() for k, v in point.items()}}
         bad = [k for k, v in draws.items() if v.is_floating_point() and not torch.isfinite(v).all()]
         if bad:
             warnings.warn(f"{method}: non-finite values in the draws of site(s) {bad}",

@@ -60,9 +60,15 @@ def maximize(objective, z0: torch.Tensor, max_iters: int = 1000, grad_tol: float
 
     def closure():
         opt.zero_grad()
-        loss = -objective(z[None])[0]
-        if not torch.isfinite(loss):
-            loss = loss.detach().new_tensor(float("inf")).requires_grad_(True) + 0 * z.sum()
+        try:
+            loss = -objective(z[None])[0]
+        except ValueError as e:  # a distribution rejected a parameter (e.g. a scale of 0)
+            if "Expected parameter" not in str(e) and "constraint" not in str(e):
+                raise
+            loss = None
+        if loss is None or not torch.isfinite(loss):
+            # a large finite loss with no gradient sends the line search back
+            loss = z.new_tensor(1e30) + 0 * z.sum()
         loss.backward()
         return loss
 
@@ -70,13 +76,21 @@ def maximize(objective, z0: torch.Tensor, max_iters: int = 1000, grad_tol: float
     grad_norm, value = float("inf"), float("nan")
     while iters < max_iters:
         before = z.detach().clone()
-        opt.step(closure)
+        try:
+            opt.step(closure)
+        except ValueError as e:
+            if "Expected parameter" not in str(e) and "constraint" not in str(e):
+                raise
+            with torch.no_grad():
+                z.copy_(before)
+            break
+        if not torch.isfinite(z).all():
+            with torch.no_grad():
+                z.copy_(before)
+            break
         state = opt.state[opt._params[0]]
         iters = int(state.get("n_iter", iters + 50))
-        with torch.enable_grad():
-            zz = z.detach().clone().requires_grad_(True)
-            val = objective(zz[None])[0]
-            g, = torch.autograd.grad(val, zz)
+        val, g = _value_and_grad(objective, z)
         value = float(val.detach())
         grad_norm = float(g.abs().max()) if g.numel() else 0.0
         trace.append(value)
@@ -88,7 +102,24 @@ def maximize(objective, z0: torch.Tensor, max_iters: int = 1000, grad_tol: float
         if torch.equal(before, z.detach()):
             converged = grad_norm <= 1e-3 * (1 + abs(value))
             break
+    if not converged:
+        val, g = _value_and_grad(objective, z)
+        value = float(val.detach())
+        grad_norm = float(g.abs().max()) if g.numel() else 0.0
     return OptimizationResult(z.detach(), value, grad_norm, iters, converged, tuple(trace))
+
+
+def _value_and_grad(objective, z):
+    with torch.enable_grad():
+        zz = z.detach().clone().requires_grad_(True)
+        try:
+            val = objective(zz[None])[0]
+        except ValueError:
+            return zz.new_tensor(float("-inf")), torch.full_like(zz, float("nan"))
+        if not val.requires_grad:
+            return val, torch.zeros_like(zz)
+        g, = torch.autograd.grad(val, zz)
+    return val, g
 
 
 def _warn_unconverged(what: str, res: OptimizationResult):
@@ -185,8 +216,9 @@ def fit_laplace(model, *, draws: int = 1000, seed: int = 0, max_iters: int = 100
     from ..fit import Fit
 
     start = time.perf_counter()
+    held = {}
     if point:
-        model = _hold_at_map(model, point, seed, max_iters)
+        model, held = _hold_at_map(model, point, seed, max_iters)
     density = model.density()
     g = make_generator(seed, model.device)
     z0 = initial_points(density, 1, init, g, jitter=0.0)[0]
@@ -197,11 +229,11 @@ def fit_laplace(model, *, draws: int = 1000, seed: int = 0, max_iters: int = 100
     info = {"mode": res.z, "hessian": hess, "covariance": cov, "log_density": res.value,
             "converged": res.converged, "num_iters": res.num_iters,
             "wall_time_s": time.perf_counter() - start}
-    return Fit.from_unconstrained(model, "laplace", z[None], seed=seed, info=info)
+    return Fit.from_unconstrained(model, "laplace", z[None], seed=seed, info=info, point=held)
 
 
 def _hold_at_map(model, point, seed, max_iters):
-    """The model with ``point`` sites fixed at the joint MAP estimate."""
+    """The model with ``point`` sites fixed at the joint MAP estimate, and those values."""
     fit = fit_map(model, seed=seed, max_iters=max_iters)
     values = {k: fit.draws[k][0, 0] for k in point}
-    return model._replace(fixed={**model.fixed, **values})
+    return model._replace(fixed={**model.fixed, **values}), values

@@ -34,7 +34,7 @@ def _check_counts(chains, warmup, draws):
 
 def _hold_point_sites(model, point, seed):
     if not point:
-        return model
+        return model, {}
     from .map import _hold_at_map
 
     return _hold_at_map(model, point, seed, 1000)
@@ -47,7 +47,7 @@ def _run(model, kernel, *, chains, warmup, draws, seed, init, point, backend, pr
     if backend not in BACKENDS:
         raise ValueError(f"fit: unknown backend {backend!r}; choose from {BACKENDS}")
     start = time.perf_counter()
-    model = _hold_point_sites(model, point, seed)
+    model, held = _hold_point_sites(model, point, seed)
     density = model.density()
     if density.dim == 0:
         raise ValueError(f"fit({kernel!r}): the model has no continuous latent sites to sample")
@@ -77,7 +77,7 @@ def _run(model, kernel, *, chains, warmup, draws, seed, init, point, backend, pr
                  "num_grad_evals": res.num_grad_evals}
     info = {"backend": backend, "kernel": kernel, "chains": chains, "warmup": warmup, "draws": draws,
             "wall_time_s": time.perf_counter() - start, **extra}
-    fit = Fit.from_unconstrained(model, kernel, z, sample_stats=stats, seed=seed, info=info)
+    fit = Fit.from_unconstrained(model, kernel, z, sample_stats=stats, seed=seed, info=info, point=held)
     fit.info["diagnostics"] = check_convergence(fit)
     return fit
 
@@ -153,7 +153,7 @@ def _run_pyro(model, density, kernel, z0, warmup, draws, seed, options):
     from pyro.infer import HMC, MCMC, NUTS
 
     chains = z0.shape[0]
-    samples, diverging, accept = [], [], []
+    samples, diverging, step_sizes = [], [], []
     for c in range(chains):
         init_values = {k: v[0] for k, v in density.constrain(z0[c:c + 1])[0].items()}
         kwargs = dict(max_plate_nesting=density.max_plate_nesting, jit_compile=False,
@@ -168,10 +168,18 @@ def _run_pyro(model, density, kernel, z0, warmup, draws, seed, options):
             if options.get("num_steps"):
                 kwargs["num_steps"] = options["num_steps"]
             k = HMC(model.program, **kwargs)
+        steps = []
+
+        def record(kernel, samples, stage, i, steps=steps):
+            if stage == "Sample":
+                steps.append(float(kernel.step_size))
+
         with torch.random.fork_rng(devices=[]):
             pyro.set_rng_seed(seed + c)
-            mcmc = MCMC(k, num_samples=draws, warmup_steps=warmup, num_chains=1, disable_progbar=True)
+            mcmc = MCMC(k, num_samples=draws, warmup_steps=warmup, num_chains=1,
+                        disable_progbar=True, hook_fn=record)
             mcmc.run(*model.args, **model.kwargs)
+        step_sizes.append(np.asarray(steps[-draws:], dtype=float))
         got = mcmc.get_samples()
         samples.append(density.unconstrain({s.name: got[s.name] for s in density.sites}))
         div = np.zeros(draws, dtype=bool)
@@ -179,8 +187,13 @@ def _run_pyro(model, density, kernel, z0, warmup, draws, seed, options):
         div[np.asarray(idx, dtype=int)] = True
         diverging.append(div)
     z = torch.stack(samples)
-    stats = {"diverging": np.stack(diverging)}
-    return z, stats, {}
+    with torch.no_grad():
+        lp = -density.potential_and_grad(z.reshape(-1, z.shape[-1]))[0].reshape(chains, draws)
+    # Pyro's kernels do not expose per-transition acceptance, energy or tree depth; those
+    # statistics come from the genprog backend only.
+    stats = {"diverging": np.stack(diverging), "lp": lp.cpu().numpy(),
+             "step_size": np.stack(step_sizes)}
+    return z, stats, {"step_size": [float(s[-1]) for s in step_sizes]}
 
 
 def fit_nuts(model, *, chains: int = 4, warmup: int = 1000, draws: int = 1000, seed: int = 0,
@@ -214,8 +227,7 @@ def fit_nuts(model, *, chains: int = 4, warmup: int = 1000, draws: int = 1000, s
     """
     return _run(model, "nuts", chains=chains, warmup=warmup, draws=draws, seed=seed, init=init,
                 point=point, backend=backend, progress=progress,
-                options={"target_accept": target_accept, "max_tree_depth": max_tree_depth}
-                if backend == "genprog" else {"target_accept": target_accept, "max_tree_depth": max_tree_depth})
+                options={"target_accept": target_accept, "max_tree_depth": max_tree_depth})
 
 
 def fit_hmc(model, *, chains: int = 4, warmup: int = 1000, draws: int = 1000, seed: int = 0,

@@ -206,7 +206,7 @@ def fit_vi(model, *, guide: str = "normal", draws: int = 1000, seed: int = 0,
             loss_fn, params, max_steps=max_steps, learning_rate=learning_rate, window=window,
             tol=tol, progress=progress, desc=f"vi[{guide}]",
         )
-        fitted = model
+        fitted, point_values = model, {}
         if point:
             delta = full_guide[0]
             with torch.no_grad():
@@ -226,4 +226,4 @@ def fit_vi(model, *, guide: str = "normal", draws: int = 1000, seed: int = 0,
     info = {"elbo_trace": [-v for v in losses], "converged": converged, "num_steps": steps,
             "guide": guide, "proposal": proposal, "final_elbo": -sum(losses[-window:]) / min(window, len(losses)),
             "wall_time_s": time.perf_counter() - start}
-    return Fit.from_unconstrained(fitted, "vi", z[None], seed=seed, info=info)
+    return Fit.from_unconstrained(fitted, "vi", z[None], seed=seed, info=info, point=point_values)
