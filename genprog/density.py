@@ -51,6 +51,22 @@ def run_vectorized(program, args, kwargs, n: int, max_plate_nesting: int):
         raise
 
 
+def _site_log_prob(site) -> torch.Tensor:
+    """``log p`` of one trace site with its mask and scale applied (what
+    ``Trace.compute_log_prob`` stores, without its per-site bookkeeping)."""
+    lp = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
+    mask = site["mask"]
+    if mask is not None:
+        if mask is False:
+            return torch.zeros_like(lp)
+        if mask is not True:
+            lp = torch.where(mask, lp, torch.zeros_like(lp))
+    scale = site["scale"]
+    if not (isinstance(scale, (int, float)) and scale == 1.0):
+        lp = scale * lp
+    return lp
+
+
 def particle_dims_to_front(value: torch.Tensor, n: int, site_ndim: int) -> torch.Tensor:
     """Reshape a value traced under the particle plate to ``[n, *site_shape]``.
 
@@ -175,18 +191,17 @@ class JointDensity:
         rest (observed and discrete sites) has discrete latents summed out."""
         latent_names = {s.name for s in self.sites}
         if not self.has_enumeration:
-            tr.compute_log_prob()
-            prior = torch.zeros(n, dtype=self._dtype(tr), device=self._device(tr))
-            lik = prior.clone()
+            prior = lik = 0.0
             for name, site in tr.nodes.items():
                 if not is_model_site(site):
                     continue
-                term = self._sum_to_particles(site["log_prob"], n)
+                term = self._sum_to_particles(_site_log_prob(site), n)
                 if name in latent_names:
                     prior = prior + term
                 else:
                     lik = lik + term
-            return prior, lik
+            zero = torch.zeros(n, dtype=self._dtype(tr), device=self._device(tr))
+            return zero + prior, zero + lik
         tr.compute_log_prob()
         tr.pack_tensors()
         particle = tr.plate_to_symbol[PARTICLE_PLATE]
