@@ -50,8 +50,8 @@ supported yet (``ValueError``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torchdiffeq import odeint
@@ -270,7 +270,7 @@ class ODEModel:
         if dose_time.dim() != 2 or obs_time.dim() != 2:
             raise ValueError(f"dose tensors must be [S, D] and obs_time [S, T], got "
                              f"{tuple(dose_time.shape)} and {tuple(obs_time.shape)}")
-        S, D = dose_time.shape
+        S = dose_time.shape[0]
         T = obs_time.shape[-1]
         batch = torch.broadcast_shapes(*(v.shape for v in p.values()), (S,))
         if batch[-1] != S:
@@ -332,7 +332,6 @@ class ODEModel:
 
         x = torch.zeros(batch + (n,), dtype=dtype, device=device)
         r = torch.zeros_like(x)
-        u = torch.tensor([0.0, 1.0], dtype=dtype, device=device)
         central = self.central_cmt - 1
         volume = p[self.volume]
         conc = []

@@ -426,3 +426,23 @@ class PopulationBayesFit(Fit):
         from .summary import bayesian_summary
 
         return bayesian_summary(self, self.population, prob=prob)
+
+    def individual_parameters(self):
+        """Posterior means of each subject's PK parameters (DataFrame, one row per ID)."""
+        import pandas as pd
+
+        pop, data = self.population, self.dataset
+        flat = {k: v.detach().reshape(-1, *v.shape[2:]) for k, v in self.draws.items()}
+        typical = {k: flat[k] for k in list(pop.parameters) + ["ka_minus_k"] if k in flat and
+                   not (k == "ka" and pop.ka_above_k)}
+        betas = {e.site: flat[e.site] for e in pop.covariate_effects if e.kind != "allometric"}
+        eta = None
+        if pop.random_effects:
+            omega = flat["omega"]
+            L = torch.diag_embed(omega)
+            if "omega_corr" in flat:
+                L = omega[..., :, None] * flat["omega_corr"]
+            eta = (L[:, None] @ flat["eta_raw"].squeeze(-2)[..., None]).squeeze(-1)
+        ind = pop.individual_parameters(typical, betas, eta, data)
+        return pd.DataFrame({k: v.mean(0).cpu().numpy() for k, v in ind.items()},
+                            index=pd.Index(data.ids, name="ID"))

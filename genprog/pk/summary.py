@@ -119,4 +119,15 @@ def bayesian_summary(fit, pop, prob: float = 0.95) -> pd.DataFrame:
         cv = cv_percent(v.numpy()).mean() if n.startswith("omega_") else float("nan")
         df.loc[n] = [float(v.mean()), float(v.std()), float(v.median()), float(v.quantile(q)),
                      float(v.quantile(1 - q)), cv, shrink.get(n, float("nan"))]
+    df.attrs["method"] = fit.method
+    if fit.num_draws > 1:
+        import warnings
+
+        import arviz as az
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loo = az.loo(fit.to_arviz())
+        df.attrs.update({"elpd_loo": float(loo.elpd_loo), "elpd_loo_se": float(loo.se),
+                         "p_loo": float(loo.p_loo)})
     return df

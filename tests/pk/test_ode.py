@@ -72,7 +72,7 @@ def make_dataset(subjects, dtype=DT, ss=None, epochs=None):
         obs[i, :len(times)] = times
         obs[i, len(times):] = times[-1]
         omask[i, :len(times)] = True
-    t = lambda x, d=dtype: torch.tensor(x, dtype=d)  # noqa: E731
+    t = lambda x, d=dtype: torch.tensor(x, dtype=d)
     cmt = np.where(dmask, np.nan_to_num(dose[..., 3]), 0)
     return Dataset(
         ids=list(range(1, S + 1)), dose_time=t(dose[..., 0]), dose_amt=t(dose[..., 1]),
