@@ -131,8 +131,11 @@ def initial_estimates(data: Dataset, parameters) -> dict:
             lo, hi = (mid, hi) if math.log(mid / k) / (mid - k) > tmax else (lo, mid)
         ka = math.sqrt(lo * hi)
     for p in parameters:
+        # Michaelis-Menten: km at the typical concentration, vmax so that vmax/km = CL
+        c_typ = float(c[m].median()) if bool(m.any()) else 1.0
         guesses[p] = {"cl": cl, "v": v, "v1": v, "v2": v, "v3": v, "q": cl, "q3": cl,
-                      "ka": ka, "f": 1.0, "tlag": 0.1}.get(p, 1.0)
+                      "ka": ka, "f": 1.0, "tlag": 0.1, "km": c_typ, "vmax": cl * c_typ,
+                      "d1": 1.0}.get(p, 1.0)
     return guesses
 
 

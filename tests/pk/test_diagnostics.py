@@ -1,0 +1,334 @@
+"""Diagnostics of population fits (residuals, GOF, VPC, shrinkage) and the command line.
+
+Oracles: the one-compartment oral closed form written out in NumPy on the raw CSV (read
+with pandas, not the reader), finite-difference Jacobians and SciPy's ``sqrtm`` for
+CWRES, an independent NumPy re-simulation for the VPC, and the summary table's own
+shrinkage column. One module-scoped ML fit of theo_sd is shared (~6-30 s).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.linalg
+import torch
+
+import genprog as gp
+from genprog import pk
+from genprog.pk import diagnostics as dg
+from genprog.pk.cli import main
+from genprog.pk.population import PopulationBayesFit
+
+THEO = Path(pk.dataset_path("theo_sd"))
+
+
+@pytest.fixture(scope="module")
+def data():
+    return pk.read_nonmem(THEO)
+
+
+@pytest.fixture(scope="module")
+def fit(data):
+    model = pk.PopulationModel(structure=pk.OneCompartment(), random_effects=["ka", "cl", "v"],
+                               error="combined")
+    return model.fit(data, "mle")
+
+
+@pytest.fixture(scope="module")
+def raw():
+    """theo_sd from pandas: per subject (dose, times [11], DV [11]) in file order."""
+    df = pd.read_csv(THEO)
+    out = []
+    for _, g in df.groupby("ID", sort=False):
+        obs = g[g.EVID == 0]
+        out.append((float(g.loc[g.EVID == 1, "AMT"].iloc[0]), obs.TIME.to_numpy(float),
+                    obs.DV.to_numpy(float)))
+    return out
+
+
+def oral_1cmt(dose, t, cl, v, ka):
+    """C(t) after an oral dose at t = 0, one compartment, first-order absorption."""
+    k = cl / v
+    return dose * ka / (v * (ka - k)) * (np.exp(-k * t) - np.exp(-ka * t))
+
+
+def estimates(fit):
+    e = {k: v.detach().double().numpy() for k, v in fit.estimates.items()}
+    return e["ka"], e["cl"], e["v"], e["omega"], e["sigma_add"], e["sigma_prop"]
+
+
+# ---- residuals ------------------------------------------------------------------------
+
+
+def test_residual_table(fit, data, raw):
+    table = dg.residuals(fit)
+    assert list(table.columns) == ["ID", "TIME", "DV", "PRED", "IPRED", "RES", "IRES", "IWRES", "CWRES"]
+    assert len(table) == 132 == data.n_observations
+    np.testing.assert_array_equal(table.IRES.to_numpy(), table.DV.to_numpy() - table.IPRED.to_numpy())
+    np.testing.assert_array_equal(table.RES.to_numpy(), table.DV.to_numpy() - table.PRED.to_numpy())
+    # rows in data order; times and DV as in the file (float32 storage)
+    np.testing.assert_allclose(table.TIME, np.concatenate([t for _, t, _ in raw]), rtol=1e-6)
+    np.testing.assert_allclose(table.DV, np.concatenate([y for _, _, y in raw]), rtol=1e-6)
+    assert table.ID.tolist() == [i for i in data.ids for _ in range(11)]
+    pred, ipred = fit.predictions()
+    np.testing.assert_allclose(table.PRED, pred[data.obs_mask].numpy(), rtol=1e-12)
+    np.testing.assert_allclose(table.IPRED, ipred[data.obs_mask].numpy(), rtol=1e-12)
+
+
+def test_predictions_match_closed_form(fit, raw):
+    """PRED / IPRED against the closed form in NumPy at eta = 0 / the EBEs."""
+    ka, cl, v, *_ = estimates(fit)
+    eta = fit.eta.numpy()  # columns ka, cl, v
+    table = dg.residuals(fit)
+    pred = np.concatenate([oral_1cmt(d, t, cl, v, ka) for d, t, _ in raw])
+    ipred = np.concatenate([oral_1cmt(d, t, cl * np.exp(eta[i, 1]), v * np.exp(eta[i, 2]),
+                                      ka * np.exp(eta[i, 0])) for i, (d, t, _) in enumerate(raw)])
+    np.testing.assert_allclose(table.PRED, pred, rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(table.IPRED, ipred, rtol=1e-5, atol=1e-9)
+
+
+def test_iwres(fit):
+    table = dg.residuals(fit)
+    _, _, _, _, sa, sp = estimates(fit)
+    ref = (table.DV - table.IPRED) / np.sqrt(sa ** 2 + (sp * table.IPRED) ** 2)
+    np.testing.assert_allclose(table.IWRES, ref, rtol=1e-10)
+    # roughly standard for a model that fits
+    assert abs(table.IWRES.mean()) < 0.5 and 0.5 < table.IWRES.std() < 1.5
+    assert abs(table.CWRES.mean()) < 0.5 and 0.5 < table.CWRES.std() < 1.5
+
+
+def test_cwres_against_finite_differences(fit, raw):
+    """CWRES (interaction form) from a NumPy linearisation: central-difference Jacobian
+    of the closed form in eta at the EBEs and SciPy's matrix square root."""
+    ka, cl, v, omega, sa, sp = estimates(fit)
+    eta_hat = fit.eta.numpy()
+    table = dg.residuals(fit)
+    Omega = np.diag(omega ** 2)
+    got = table.CWRES.to_numpy().reshape(12, 11)
+
+    def f(i, eta):
+        d, t, _ = raw[i]
+        return oral_1cmt(d, t, cl * np.exp(eta[1]), v * np.exp(eta[2]), ka * np.exp(eta[0]))
+
+    for i in (0, 5, 11):
+        e, h = eta_hat[i], 1e-6
+        J = np.stack([(f(i, e + h * np.eye(3)[p]) - f(i, e - h * np.eye(3)[p])) / (2 * h)
+                      for p in range(3)], -1)
+        fi = f(i, e)
+        cov = J @ Omega @ J.T + np.diag(sa ** 2 + (sp * fi) ** 2)
+        y = raw[i][2]
+        ref = np.real(scipy.linalg.sqrtm(np.linalg.inv(cov))) @ (y - fi + J @ e)
+        np.testing.assert_allclose(got[i], ref, rtol=1e-5, atol=1e-6)
+
+
+def test_shrinkage(fit):
+    s = dg.shrinkage(fit)
+    assert list(s.index) == ["omega_ka", "omega_cl", "omega_v"]
+    np.testing.assert_allclose(s.to_numpy(), fit.summary().loc[s.index, "shrinkage_pct"].to_numpy())
+    _, _, _, omega, _, _ = estimates(fit)
+    ref = 100 * (1 - fit.eta.numpy().std(0, ddof=1) / omega)
+    np.testing.assert_allclose(s.to_numpy(), ref, rtol=1e-10)
+
+
+def _constant_bayes_fit(fit, data, n=4):
+    """A PopulationBayesFit whose every draw is the ML estimate (etas at the EBEs)."""
+    model = fit.population(data)
+    draws = {k: v.detach().double().expand(1, n, *v.shape).clone() for k, v in fit.estimates.items()}
+    L = torch.diag_embed(fit.estimates["omega"].double())
+    eta_raw = torch.linalg.solve_triangular(L, fit.eta.double().T, upper=False).T  # [S, P]
+    draws["eta_raw"] = eta_raw[:, None, :].expand(1, n, *eta_raw[:, None, :].shape).clone()
+    return PopulationBayesFit.wrap(gp.Fit("nuts", model, draws), fit.population, data)
+
+
+def test_bayesian_fit_is_summarised_at_its_point(fit, data):
+    """Residuals and shrinkage of a Bayesian fit whose draws all equal the ML point are
+    the ML fit's."""
+    bayes = _constant_bayes_fit(fit, data)
+    a, b = dg.residuals(fit), dg.residuals(bayes)
+    pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=1e-9, atol=1e-9)
+    pd.testing.assert_series_equal(dg.shrinkage(bayes), dg.shrinkage(fit), check_exact=False, rtol=1e-9)
+    np.testing.assert_allclose(dg.shrinkage(bayes).to_numpy(),
+                               bayes.summary().loc[["omega_ka", "omega_cl", "omega_v"], "shrinkage_pct"])
+    assert len(dg.plot_gof(bayes).axes) == 4
+    with pytest.raises(TypeError, match="point fit"):
+        dg.simulate(bayes, 10)
+
+
+# ---- simulation and VPC -------------------------------------------------------------
+
+
+def _numpy_simulation(fit, raw, n_sim, seed):
+    """Independent replicates: NumPy's generator and the closed form."""
+    ka, cl, v, omega, sa, sp = estimates(fit)
+    rng = np.random.default_rng(seed)
+    eta = rng.standard_normal((n_sim, 12, 3)) * omega
+    out = np.empty((n_sim, 12, 11))
+    for i, (d, t, _) in enumerate(raw):
+        c = oral_1cmt(d, t[None, :], cl * np.exp(eta[:, i, 1:2]), v * np.exp(eta[:, i, 2:3]),
+                      ka * np.exp(eta[:, i, 0:1]))
+        out[:, i] = c + np.sqrt(sa ** 2 + (sp * c) ** 2) * rng.standard_normal(c.shape)
+    return out
+
+
+def test_simulate_shape_seed(fit):
+    a, b, c = dg.simulate(fit, 30, seed=1), dg.simulate(fit, 30, seed=1), dg.simulate(fit, 30, seed=2)
+    assert a.shape == (30, 12, 11) and a.dtype == torch.float64 and torch.isfinite(a).all()
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    with pytest.raises(ValueError, match="n_sim"):
+        dg.simulate(fit, 0)
+
+
+def test_simulation_matches_independent_numpy(fit, raw):
+    """Per-slot medians and 5th/95th percentiles of 4000 replicates agree with an
+    independent NumPy simulation within Monte Carlo error (z = 4), and the simulated
+    median is near the typical-subject prediction in log space once absorbed."""
+    n = 4000
+    ours = dg.simulate(fit, n, seed=3).numpy()
+    ref = _numpy_simulation(fit, raw, n, seed=4)
+    for q in (0.05, 0.5, 0.95):
+        a, b = np.quantile(ours, q, axis=0), np.quantile(ref, q, axis=0)
+        # standard error of a sample quantile: sqrt(q(1-q)/n) / density; density from the
+        # spread of the reference sample (normal approximation, generous)
+        sd = ref.std(0)
+        dens = np.exp(-0.5 * scipy.stats.norm.ppf(q) ** 2) / (np.sqrt(2 * np.pi) * sd)
+        se = np.sqrt(q * (1 - q) / n) / dens
+        assert np.all(np.abs(a - b) <= 4 * np.sqrt(2) * se + 1e-9), q
+    pred, _ = fit.predictions()
+    med = np.median(ours, 0)
+    late = pred.numpy() > 1.0
+    assert np.abs(np.log(med[late]) - np.log(pred.numpy()[late])).max() < 0.2
+
+
+def test_vpc_table(fit, data):
+    table = dg.vpc_table(fit, n_sim=300, seed=0)
+    assert table.n_obs.sum() == 132
+    # default bins keep the 11 nominal sampling times of each subject together
+    assert (table.n_obs % 12 == 0).all() and len(table) >= 8
+    obs_t = data.obs_time[data.obs_mask].double().numpy()
+    for e in table.attrs["edges"][1:-1]:
+        assert not np.isclose(obs_t, e).any()
+    for kind in ("obs", "sim"):
+        p5, p50, p95 = (table[f"{kind}_{lab}"] for lab in ("p5", "p50", "p95"))
+        assert (p5 <= p50).all() and (p50 <= p95).all()
+    for lab in ("p5", "p50", "p95"):
+        assert (table[f"sim_{lab}_low"] <= table[f"sim_{lab}"]).all()
+        assert (table[f"sim_{lab}"] <= table[f"sim_{lab}_high"]).all()
+    # coverage of the 90% prediction interval, recomputed from the data and the table
+    dv = data.obs_dv[data.obs_mask].double().numpy()
+    edges = np.asarray(table.attrs["edges"])
+    b = np.clip(np.searchsorted(edges, obs_t, side="right") - 1, 0, len(edges) - 2)
+    lo = table.set_index("bin").loc[b, "sim_p5"].to_numpy()
+    hi = table.set_index("bin").loc[b, "sim_p95"].to_numpy()
+    inside = (dv >= lo) & (dv <= hi)
+    assert 0.7 <= inside.mean() <= 1.0
+    assert table.n_below.sum() == (dv < lo).sum() and table.n_above.sum() == (dv > hi).sum()
+
+
+def test_vpc_bins_and_validation(fit):
+    t = dg.vpc_table(fit, n_sim=20, bins=[0, 1, 5, 25])
+    assert t.time_low.tolist() == [0, 1, 5] and t.n_obs.sum() == 132
+    assert len(dg.vpc_table(fit, n_sim=20, bins=4)) <= 4
+    pc = dg.vpc_table(fit, n_sim=20, prediction_corrected=True)
+    assert pc.n_obs.sum() == 120  # the 12 pre-dose observations have PRED = 0
+    with pytest.raises(ValueError, match="bins"):
+        dg.vpc_table(fit, n_sim=5, bins=[3, 1])
+    with pytest.raises(ValueError, match="pi"):
+        dg.vpc_table(fit, n_sim=5, pi=(0.5, 0.05))
+    with pytest.raises(ValueError, match="ci"):
+        dg.vpc_table(fit, n_sim=5, ci=1.5)
+
+
+# ---- figures ----------------------------------------------------------------------------
+
+
+def _is_png(path):
+    return path.exists() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("log", [False, True], ids=["linear", "log"])
+def test_figures(fit, tmp_path, log):
+    gof = dg.plot_gof(fit, log=log)
+    axes = gof.axes
+    assert len(axes) == 4
+    assert [a.get_title() for a in axes] == ["DV vs PRED", "DV vs IPRED", "IWRES vs TIME", "IWRES vs IPRED"]
+    assert all(a.get_xlabel() and a.get_ylabel() for a in axes)
+    assert axes[0].get_xscale() == ("log" if log else "linear")
+    gof.savefig(tmp_path / "gof.png")
+    fig = dg.vpc(fit, n_sim=50, log=log, prediction_corrected=log)
+    assert len(fig.axes) == 1 and fig.axes[0].get_title()
+    assert len(fig.vpc_table) >= 8
+    fig.savefig(tmp_path / "vpc.png")
+    assert _is_png(tmp_path / "gof.png") and _is_png(tmp_path / "vpc.png")
+
+
+# ---- command line -----------------------------------------------------------------------
+
+
+def test_cli_fit_mle(fit, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["fit", str(THEO), "--structure", "one", "--absorption", "first_order",
+               "--iiv", "ka,cl,v", "--error", "combined", "--method", "mle",
+               "--n-sim", "50", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    for name in ("summary.csv", "individual.csv", "residuals.csv", "gof.png", "vpc.png"):
+        assert (out / name).exists(), name
+    assert _is_png(out / "gof.png") and _is_png(out / "vpc.png")
+    assert "12 subjects" in captured.out and "OFV" in captured.out and "AIC" in captured.out
+    summary = pd.read_csv(out / "summary.csv", index_col="parameter")
+    np.testing.assert_allclose(summary.loc[["ka", "cl", "v"], "estimate"],
+                               [float(fit.estimates[p]) for p in ("ka", "cl", "v")], rtol=1e-6)
+    individual = pd.read_csv(out / "individual.csv", index_col="ID")
+    assert individual.shape == (12, 6) and list(individual.columns[3:]) == ["eta_ka", "eta_cl", "eta_v"]
+    assert len(pd.read_csv(out / "residuals.csv")) == 132
+
+
+def test_cli_covariate_and_errors(tmp_path, capsys):
+    bad = tmp_path / "bad.csv"
+    text = THEO.read_text().splitlines()
+    text[1] = text[1].replace("319.992", "-319.992")
+    bad.write_text("\n".join(text) + "\n")
+    assert main(["fit", str(bad), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "row" in err and "AMT" in err and "Traceback" not in err
+
+    cases = [
+        (["fit", str(tmp_path / "missing.csv"), "--out", str(tmp_path)], "missing.csv"),
+        (["fit", str(THEO), "--iiv", "cl,q", "--out", str(tmp_path)], "'q'"),
+        (["fit", str(THEO), "--covariate", "cl=AGE", "--out", str(tmp_path)], "AGE"),
+        (["fit", str(THEO), "--covariate", "clWT", "--out", str(tmp_path)], "PARAM=COV"),
+        (["fit", str(THEO), "--dvid", "cp", "--out", str(tmp_path)], "cp"),
+    ]
+    for argv, word in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and word in err and "Traceback" not in err
+    assert main(["fit", str(THEO), "--method", "bogus", "--out", str(tmp_path)]) == 2
+    assert "invalid choice" in capsys.readouterr().err
+    assert main(["describe", str(THEO)]) == 0
+    assert capsys.readouterr().out.startswith("12 subjects")
+
+
+def test_python_m_entry_point():
+    r = subprocess.run([sys.executable, "-m", "genprog.pk", "describe", str(THEO)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.startswith("12 subjects")
+
+
+@pytest.mark.slow
+def test_cli_fit_vi(tmp_path, capsys):
+    out = tmp_path / "vi"
+    rc = main(["fit", str(THEO), "--iiv", "ka,cl,v", "--method", "vi", "--draws", "100",
+               "--out", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    for name in ("summary.csv", "residuals.csv", "gof.png", "posterior.nc"):
+        assert (out / name).exists(), name
+    assert not (out / "vpc.png").exists() and not (out / "individual.csv").exists()
+    loaded = gp.load(out / "posterior.nc")
+    assert loaded.draws["cl"].shape == (1, 100)
