@@ -10,6 +10,7 @@ from importlib import resources
 
 from .data import describe, read_nonmem
 from .dataset import Dataset
+from .diagnostics import plot_gof, residuals, shrinkage, simulate, vpc, vpc_table
 from .ode import ODEModel, linear_compartments, michaelis_menten
 from .population import CovariateEffect, PopulationModel, initial_estimates
 from .structural import (
@@ -36,7 +37,7 @@ def dataset_path(name: str) -> str:
 
 __all__ = [
     "Dataset", "read_nonmem", "describe", "dataset_path", "PopulationModel", "CovariateEffect",
-    "initial_estimates", "ODEModel", "michaelis_menten", "linear_compartments", "Compartments", "OneCompartment", "TwoCompartment", "ThreeCompartment",
+    "initial_estimates", "plot_gof", "residuals", "shrinkage", "simulate", "vpc", "vpc_table", "ODEModel", "michaelis_menten", "linear_compartments", "Compartments", "OneCompartment", "TwoCompartment", "ThreeCompartment",
     "one_compartment_bolus", "one_compartment_infusion", "one_compartment_oral",
     "two_compartment_bolus", "two_compartment_infusion", "two_compartment_oral",
 ]

@@ -7,8 +7,9 @@
 
 prints the data summary (:func:`genprog.pk.describe`), the parameter table and, for
 ``--method mle``, -2LL/OFV/AIC/BIC, and writes into ``--out``: ``summary.csv``,
-``residuals.csv``, ``gof.png``; for ``mle`` also ``individual.csv`` (individual
-parameters and etas) and ``vpc.png``; for ``vi``/``nuts`` ``posterior.nc`` (ArviZ netCDF).
+``individual.csv`` (individual parameters: at the EBEs, with the etas, for ``mle``;
+posterior means for ``vi``/``nuts``), ``residuals.csv``, ``gof.png``; for ``mle`` also
+``vpc.png``; for ``vi``/``nuts`` ``posterior.nc`` (ArviZ netCDF, :func:`genprog.load`).
 
 ``describe`` prints the data summary only. Problems with the input (a malformed file, a
 parameter the structure lacks, a covariate the file lacks) are one ``error: ...`` line on
@@ -162,11 +163,15 @@ def _run_fit(args, model, data, outdir, out, err) -> int:
         print(f"\n-2LL {fit.minus2ll:.3f}   OFV {fit.ofv:.3f}   AIC {fit.aic:.3f}   "
               f"BIC {fit.bic:.3f}   (n_obs {fit.n_obs}, n_params {fit.n_params}, "
               f"converged {fit.converged})", file=out)
-        individual = fit.individual_parameters()
+    elif "elpd_loo" in table.attrs:
+        print(f"\nelpd_loo {table.attrs['elpd_loo']:.3f} (se {table.attrs['elpd_loo_se']:.3f}, "
+              f"p_loo {table.attrs['p_loo']:.2f})", file=out)
+    individual = fit.individual_parameters()
+    if args.method == "mle":
         for j, p in enumerate(model.random_effects):
             individual[f"eta_{p}"] = fit.eta[:, j].cpu().numpy()
-        individual.to_csv(outdir / "individual.csv", float_format="%.8g")
-        written.append("individual.csv")
+    individual.to_csv(outdir / "individual.csv", float_format="%.8g")
+    written.append("individual.csv")
     residuals(fit).to_csv(outdir / "residuals.csv", index=False, float_format="%.8g")
     written.append("residuals.csv")
     plot_gof(fit).savefig(outdir / "gof.png", dpi=110)

@@ -24,11 +24,14 @@ Residuals (one row per observation the model describes; BLQ observations are lef
   ``J = df/deta`` at ``eta_hat``, and ``CWRES = Cov^{-1/2} (y - E[y])`` with the
   symmetric inverse square root (so the values do not depend on the order of a subject's
   observations). Exponential error: the same on the log scale.
+
+Where the model's residual SD is zero (proportional error at a zero prediction, e.g. a
+pre-dose sample of an oral model) the weighted residuals ``IWRES`` and ``CWRES`` are
+undefined and reported as NaN; so are they for ``DV <= 0`` under the exponential error
+model.
 """
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import pandas as pd
@@ -37,10 +40,13 @@ import torch
 from .estimation import LaplaceObjective, PopulationFit
 from .summary import _shrinkage
 
-__all__ = ["residuals", "plot_gof", "simulate", "vpc_table", "vpc", "shrinkage"]
+__all__ = ["plot_gof", "residuals", "shrinkage", "simulate", "vpc", "vpc_table"]
 
 
 # ----------------------------------------------------------------------------- point values
+
+
+_SD_FLOOR = 1e-9  # the likelihood's floor on the residual SD (estimation.LaplaceObjective)
 
 
 def _is_bayes(fit) -> bool:
@@ -94,7 +100,8 @@ def _point(fit):
             else:
                 values[s] = draws[s].median(0).values
         eta = _bayes_eta(pop, draws)
-        eta = eta.mean(0) if eta is not None else torch.zeros(data.n_subjects, 0, dtype=torch.float64)
+        eta = eta.mean(0) if eta is not None else torch.zeros(
+            data.n_subjects, 0, dtype=torch.float64, device=data.obs_dv.device)
         return pop, data, values, eta
     raise TypeError(f"expected a population fit (pk.PopulationModel(...).fit(data, method)), "
                     f"got {type(fit).__name__}")
@@ -128,13 +135,13 @@ def _cwres(obj: LaplaceObjective, values, eta, observed, dv, log_scale: bool) ->
             J = torch.stack([torch.autograd.grad(h[:, t].sum(), e, retain_graph=True)[0]
                              for t in range(T)], 1)  # [S, T, P]
         else:
-            J = torch.zeros(S, T, 0, dtype=dv.dtype)
+            J = torch.zeros(S, T, 0, dtype=dv.dtype, device=dv.device)
     h, f = h.detach(), f.detach()
-    var = obj.pop.residual_sd(f, sigma).clamp_min(1e-9) ** 2
+    var = obj.pop.residual_sd(f, sigma).clamp_min(_SD_FLOOR) ** 2
     y = torch.log(dv.clamp_min(1e-300)) if log_scale else dv
     m = observed.to(dv.dtype)
     mean = h - (J @ eta[..., None]).squeeze(-1) if obj.P else h
-    L = obj.scale_tril(values) if obj.P else torch.zeros(0, 0, dtype=dv.dtype)
+    L = obj.scale_tril(values) if obj.P else torch.zeros(0, 0, dtype=dv.dtype, device=dv.device)
     JL = J @ L  # [S, T, P]
     cov = JL @ JL.transpose(-1, -2) + torch.diag_embed(var)
     # unobserved slots: decoupled unit-variance entries with zero residual
@@ -176,14 +183,22 @@ def residuals(fit) -> pd.DataFrame:
     with torch.no_grad():
         _, pred = obj.conditional(values, torch.zeros_like(eta) if obj.P else None)
         _, ipred = obj.conditional(values, eta if obj.P else None)
-        sd_i = pop.residual_sd(ipred, sigma).clamp_min(1e-9)
+        sd_i = pop.residual_sd(ipred, sigma)
+    # where the model's residual SD vanishes (proportional error at a zero prediction,
+    # e.g. a pre-dose sample) a weighted residual is undefined: NaN, and the observation
+    # is left out of its subject's CWRES decorrelation
+    defined = sd_i >= _SD_FLOOR
+    sd_i = sd_i.clamp_min(_SD_FLOOR)
     dv = data.obs_dv
     log_scale = pop.error == "exponential"
     if log_scale:
-        iwres = (torch.log(dv) - torch.log(ipred)) / sd_i  # NaN where DV <= 0
+        defined = defined & (dv > 0) & (ipred > 0)  # log DV undefined
+        iwres = (torch.log(dv.clamp_min(1e-300)) - torch.log(ipred.clamp_min(1e-300))) / sd_i
     else:
         iwres = (dv - ipred) / sd_i
-    cwres = _cwres(obj, values, eta, observed, dv, log_scale)
+    iwres = torch.where(defined, iwres, torch.full_like(iwres, float("nan")))
+    cwres = _cwres(obj, values, eta, observed & defined, dv, log_scale)
+    cwres = torch.where(defined, cwres, torch.full_like(cwres, float("nan")))
     S, T = dv.shape
     ids = np.repeat(np.asarray(data.ids, dtype=object), T).reshape(S, T)
     keep = observed.cpu().numpy()
@@ -255,7 +270,7 @@ def plot_gof(fit, log: bool = False, figsize=(9.0, 8.0)):
     axes = fig.subplots(2, 2)
     dv, pred, ipred = table["DV"].to_numpy(), table["PRED"].to_numpy(), table["IPRED"].to_numpy()
     t, iwres = table["TIME"].to_numpy(), table["IWRES"].to_numpy()
-    point = dict(s=14, alpha=0.6, color="tab:blue", edgecolors="none")
+    point = {"s": 14, "alpha": 0.6, "color": "tab:blue", "edgecolors": "none"}
     for ax, x, name in ((axes[0, 0], pred, "PRED"), (axes[0, 1], ipred, "IPRED")):
         keep = (x > 0) & (dv > 0) if log else np.isfinite(x) & np.isfinite(dv)
         ax.scatter(x[keep], dv[keep], **point)

@@ -27,6 +27,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 
+import pyro
 import pyro.distributions as dist
 import torch
 from pyro.distributions.transforms import biject_to
@@ -154,12 +155,21 @@ class LaplaceObjective:
         H = torch.stack(rows, -2)
         return h, g, 0.5 * (H + H.transpose(-1, -2))
 
+    def _finite(self, h, g, H):
+        """Subjects whose density is not finite at a point get h = -inf and a harmless
+        gradient/Hessian, so a Newton step there is simply rejected."""
+        bad = ~torch.isfinite(h) | ~torch.isfinite(g).all(-1) | ~torch.isfinite(H).flatten(-2).all(-1)
+        eye = torch.eye(self.P, dtype=H.dtype, device=H.device).expand_as(H)
+        return (torch.where(bad, torch.full_like(h, float("-inf")), h),
+                torch.where(bad[:, None], torch.zeros_like(g), g),
+                torch.where(bad[:, None, None], -eye, H))
+
     def ebe(self, values, eta0, iters=50, tol=1e-7):
         """Empirical Bayes estimates by batched damped Newton, ``[S, P]``."""
         eta = eta0.detach().clone()
         values = {k: v.detach() for k, v in values.items()}
         lam = torch.full((eta.shape[0],), 1e-3, dtype=eta.dtype)
-        h, g, H = self.grad_hess(values, eta)
+        h, g, H = self._finite(*self.grad_hess(values, eta))
         for _ in range(iters):
             eye = torch.eye(self.P, dtype=eta.dtype)
             A = -H + lam[:, None, None] * eye
@@ -167,7 +177,7 @@ class LaplaceObjective:
                 -torch.linalg.eigvalsh(A)[:, :1, None] + 1e-3)
             step = torch.linalg.solve(A, g.detach()[..., None]).squeeze(-1)
             cand = eta + step
-            h_new, g_new, H_new = self.grad_hess(values, cand)
+            h_new, g_new, H_new = self._finite(*self.grad_hess(values, cand))
             better = h_new.detach() >= h.detach() - 1e-12
             eta = torch.where(better[:, None], cand, eta)
             h = torch.where(better, h_new.detach(), h.detach())
@@ -273,7 +283,8 @@ class PopulationFit:
                             index=pd.Index(self.data.ids, name="ID"))
 
 
-def fit_mle(pop, data, *, max_iters: int = 200, seed: int = 0, init: dict | None = None,
+def fit_mle(pop, data, *, max_iters: int = 200, max_rounds: int = 5, seed: int = 0,
+            init: dict | None = None,
             standard_errors: bool = True, dtype=torch.float64) -> PopulationFit:
     """Population maximum likelihood with the etas integrated out by per-subject Laplace.
 
@@ -282,7 +293,9 @@ def fit_mle(pop, data, *, max_iters: int = 200, seed: int = 0, init: dict | None
     pop : PopulationModel
     data : Dataset
     max_iters : int
-        Outer L-BFGS iterations.
+        Outer L-BFGS iterations per round.
+    max_rounds : int
+        L-BFGS restarts allowed when a round stops short of convergence.
     seed : int
         Unused by the deterministic algorithm; recorded.
     init : dict, optional
@@ -301,6 +314,9 @@ def fit_mle(pop, data, *, max_iters: int = 200, seed: int = 0, init: dict | None
     data = data.to(dtype=dtype)
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
+    # out-of-range trial points give NaN densities (rejected), not validation errors
+    validation = pyro.validation_enabled(False)
+    validation.__enter__()
     try:
         priors = pop.priors_for(data)
         obj = LaplaceObjective(pop, data, priors)
@@ -310,7 +326,7 @@ def fit_mle(pop, data, *, max_iters: int = 200, seed: int = 0, init: dict | None
             raise ValueError(f"fit_mle: init for unknown site(s) {sorted(unknown)}; sites: {sorted(priors)}")
         phi = obj.layout.pack({k: torch.as_tensor(v, dtype=dtype) for k, v in start.items()}).detach()
         eta = torch.zeros(data.n_subjects, obj.P, dtype=dtype)
-        state = {"eta": eta}
+        state = {"eta": eta, "best": (float("inf"), phi.clone(), eta)}
         phi = phi.clone().requires_grad_(True)
         opt = torch.optim.LBFGS([phi], lr=1.0, max_iter=max_iters, history_size=20,
                                 tolerance_grad=1e-6, tolerance_change=1e-10,
@@ -325,15 +341,31 @@ def fit_mle(pop, data, *, max_iters: int = 200, seed: int = 0, init: dict | None
                 loss = loss.detach().new_tensor(1e30).requires_grad_(True) + 0 * phi.sum()
             else:
                 state["eta"] = eta_hat
+                if float(loss.detach()) < state["best"][0]:
+                    state["best"] = (float(loss), phi.detach().clone(), eta_hat)
             loss.backward()
             trace.append(float(loss.detach()))
             return loss
 
-        opt.step(closure)
-        with torch.enable_grad():
-            ll, eta_hat = obj.log_likelihood(phi, state["eta"])
-            grad, = torch.autograd.grad(ll, phi)
-        grad_norm = float(grad.abs().max())
+        # L-BFGS rounds: a line search that fails on a rejected (non-finite) trial point
+        # ends a round; a fresh round (new curvature history) usually gets past it.
+        for _ in range(max_rounds):
+            try:
+                opt.step(closure)
+            except (IndexError, RuntimeError):  # torch's line search on a degenerate bracket
+                pass
+            with torch.no_grad():  # continue from the best point seen
+                _, best_phi, state["eta"] = state["best"]
+                phi.copy_(best_phi)
+            with torch.enable_grad():
+                ll, eta_hat = obj.log_likelihood(phi, state["eta"])
+                grad, = torch.autograd.grad(ll, phi)
+            grad_norm = float(grad.abs().max())
+            if grad_norm < 1e-3 * (1 + abs(float(ll))) or len(trace) >= max_iters * max_rounds:
+                break
+            opt = torch.optim.LBFGS([phi], lr=1.0, max_iter=max_iters, history_size=20,
+                                    tolerance_grad=1e-6, tolerance_change=1e-10,
+                                    line_search_fn="strong_wolfe")
         ll = ll.detach()
         converged = bool(torch.isfinite(ll)) and grad_norm < 1e-3 * (1 + abs(float(ll)))
         if not converged:
@@ -355,6 +387,7 @@ def fit_mle(pop, data, *, max_iters: int = 200, seed: int = 0, init: dict | None
         minus2ll = -2 * float(ll)
         n_params = int(phi.numel())
     finally:
+        validation.__exit__(None, None, None)
         torch.set_default_dtype(old)
     return PopulationFit(
         population=pop, data=data, estimates=values, phi=phi, covariance=covariance,

@@ -126,6 +126,23 @@ def test_cwres_against_finite_differences(fit, raw):
         np.testing.assert_allclose(got[i], ref, rtol=1e-5, atol=1e-6)
 
 
+def test_proportional_error_without_iiv(data):
+    """Without random effects CWRES is IWRES; under proportional error the weighted
+    residuals of the pre-dose samples (PRED = 0, residual SD 0) are undefined (NaN)."""
+    model = pk.PopulationModel(structure=pk.OneCompartment(), random_effects=[], error="proportional")
+    fit0 = model.fit(data, "mle", standard_errors=False)
+    table = dg.residuals(fit0)
+    pre = (table.TIME == 0).to_numpy()
+    assert pre.sum() == 12 and (table.IPRED[pre] == 0).all()
+    assert table.IWRES[pre].isna().all() and table.CWRES[pre].isna().all()
+    assert np.isfinite(table.IWRES[~pre]).all()
+    np.testing.assert_allclose(table.CWRES[~pre], table.IWRES[~pre], rtol=1e-12)
+    sp = float(fit0.estimates["sigma_prop"])
+    np.testing.assert_allclose(table.IWRES[~pre], (table.DV - table.IPRED)[~pre] / (sp * table.IPRED[~pre]))
+    assert dg.shrinkage(fit0).empty
+    assert dg.simulate(fit0, 5).shape == (5, 12, 11)
+
+
 def test_shrinkage(fit):
     s = dg.shrinkage(fit)
     assert list(s.index) == ["omega_ka", "omega_cl", "omega_v"]
@@ -184,20 +201,22 @@ def test_simulate_shape_seed(fit):
 
 
 def test_simulation_matches_independent_numpy(fit, raw):
-    """Per-slot medians and 5th/95th percentiles of 4000 replicates agree with an
-    independent NumPy simulation within Monte Carlo error (z = 4), and the simulated
-    median is near the typical-subject prediction in log space once absorbed."""
+    """Per-slot 5th/50th/95th percentiles of 4000 replicates agree with an independent
+    NumPy simulation within Monte Carlo error (|z| < 4.5 over the 396 comparisons, mean
+    |z| near E|N(0,1)| = 0.8), and the simulated median is near the typical-subject
+    prediction in log space once the drug is absorbed."""
     n = 4000
     ours = dg.simulate(fit, n, seed=3).numpy()
     ref = _numpy_simulation(fit, raw, n, seed=4)
+    pooled = np.concatenate([ours, ref])
     for q in (0.05, 0.5, 0.95):
         a, b = np.quantile(ours, q, axis=0), np.quantile(ref, q, axis=0)
-        # standard error of a sample quantile: sqrt(q(1-q)/n) / density; density from the
-        # spread of the reference sample (normal approximation, generous)
-        sd = ref.std(0)
-        dens = np.exp(-0.5 * scipy.stats.norm.ppf(q) ** 2) / (np.sqrt(2 * np.pi) * sd)
-        se = np.sqrt(q * (1 - q) / n) / dens
-        assert np.all(np.abs(a - b) <= 4 * np.sqrt(2) * se + 1e-9), q
+        # standard error of a sample quantile, sqrt(q(1-q)/n) / density, with the
+        # sparsity 1/density estimated from the pooled sample's quantiles
+        d = 0.025
+        sparsity = (np.quantile(pooled, q + d, axis=0) - np.quantile(pooled, q - d, axis=0)) / (2 * d)
+        z = np.abs(a - b) / (np.sqrt(2 * q * (1 - q) / n) * sparsity + 1e-12)
+        assert z.max() < 4.5 and 0.5 < z.mean() < 1.1, (q, z.max(), z.mean())
     pred, _ = fit.predictions()
     med = np.median(ours, 0)
     late = pred.numpy() > 1.0
@@ -316,7 +335,7 @@ def test_cli_covariate_and_errors(tmp_path, capsys):
 
 def test_python_m_entry_point():
     r = subprocess.run([sys.executable, "-m", "genprog.pk", "describe", str(THEO)],
-                       capture_output=True, text=True, timeout=120)
+                       check=False, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.startswith("12 subjects")
 
 
@@ -329,6 +348,7 @@ def test_cli_fit_vi(tmp_path, capsys):
     assert rc == 0, captured.err
     for name in ("summary.csv", "residuals.csv", "gof.png", "posterior.nc"):
         assert (out / name).exists(), name
-    assert not (out / "vpc.png").exists() and not (out / "individual.csv").exists()
+    assert not (out / "vpc.png").exists()
+    assert pd.read_csv(out / "individual.csv", index_col="ID").shape == (12, 3)
     loaded = gp.load(out / "posterior.nc")
     assert loaded.draws["cl"].shape == (1, 100)
