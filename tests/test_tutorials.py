@@ -8,7 +8,8 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-TUTORIALS = ["eight_schools.py"]
+TUTORIALS = ["eight_schools.py", "theophylline.py"]
+EXPECTED = {"eight_schools.py": "saved and reloaded", "theophylline.py": "done: outputs in"}
 
 
 def test_every_tutorial_is_registered():
@@ -22,4 +23,4 @@ def test_tutorial_runs(name, tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "tutorials" / name)], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "saved and reloaded" in proc.stdout
+    assert EXPECTED[name] in proc.stdout

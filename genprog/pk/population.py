@@ -384,13 +384,15 @@ class PopulationModel:
         """The model conditioned on the data set's observations (a :class:`genprog.Model`)."""
         self.check_data(data)
         priors = self.priors_for(data)
-        dv = torch.where(data.obs_mask, data.obs_dv, torch.zeros_like(data.obs_dv)).nan_to_num(0.0)
+        observed = self.observation_mask(data) & ~data.obs_blq
+        pad = 1.0 if self.error == "exponential" else 0.0  # masked entries: any in-support value
+        dv = torch.where(observed, data.obs_dv, torch.full_like(data.obs_dv, pad)).nan_to_num(pad)
         pk = self
 
         def population_pk(data, dv=None):
             return pk.program(data, dv, priors)
 
-        m = Model(population_pk, data, dv=dv)
+        m = Model(population_pk, data).condition(dv=dv).with_coords(subject=list(data.ids))
         m.population = self
         m.dataset = data
         return m
