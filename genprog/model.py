@@ -18,7 +18,6 @@ import inspect
 import time
 
 import pyro
-import pyro.poutine as poutine
 import torch
 
 from .density import JointDensity, particle_dims_to_front, run_vectorized

@@ -31,7 +31,6 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro.distributions.transforms import biject_to
-from pyro.distributions import constraints
 
 from ..errors import ConvergenceWarning
 
