@@ -172,8 +172,10 @@ class LaplaceObjective:
         for _ in range(iters):
             eye = torch.eye(self.P, dtype=eta.dtype)
             A = -H + lam[:, None, None] * eye
-            A = A + torch.where(torch.linalg.eigvalsh(A)[:, :1] <= 0, 1.0, 0.0)[:, :, None] * eye * (
-                -torch.linalg.eigvalsh(A)[:, :1, None] + 1e-3)
+            # indefinite curvature (far from the mode): shift the spectrum so the smallest
+            # eigenvalue is 1, i.e. a gradient step of unit scale in eta (etas are O(omega))
+            low = torch.linalg.eigvalsh(A)[:, :1, None]
+            A = A + torch.where(low <= 0, 1.0 - low, torch.zeros_like(low)) * eye
             step = torch.linalg.solve(A, g.detach()[..., None]).squeeze(-1)
             cand = eta + step
             h_new, g_new, H_new = self._finite(*self.grad_hess(values, cand))
@@ -341,7 +343,7 @@ def fit_mle(pop, data, *, max_iters: int = 200, max_rounds: int = 5, seed: int =
             else:
                 state["eta"] = eta_hat
                 if float(loss.detach()) < state["best"][0]:
-                    state["best"] = (float(loss), phi.detach().clone(), eta_hat)
+                    state["best"] = (float(loss.detach()), phi.detach().clone(), eta_hat)
             loss.backward()
             trace.append(float(loss.detach()))
             return loss
@@ -360,7 +362,7 @@ def fit_mle(pop, data, *, max_iters: int = 200, max_rounds: int = 5, seed: int =
                 ll, eta_hat = obj.log_likelihood(phi, state["eta"])
                 grad, = torch.autograd.grad(ll, phi)
             grad_norm = float(grad.abs().max())
-            if grad_norm < 1e-3 * (1 + abs(float(ll))) or len(trace) >= max_iters * max_rounds:
+            if grad_norm < 1e-3 * (1 + abs(float(ll.detach()))) or len(trace) >= max_iters * max_rounds:
                 break
             opt = torch.optim.LBFGS([phi], lr=1.0, max_iter=max_iters, history_size=20,
                                     tolerance_grad=1e-6, tolerance_change=1e-10,
