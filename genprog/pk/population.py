@@ -208,6 +208,9 @@ class PopulationModel:
         """``[S, T]`` True for observations this model describes (not padding, right DVID)."""
         mask = data.obs_mask
         if self.dvid is not None:
+            if not isinstance(self.dvid, int) and self.dvid not in data.dvid_names:
+                raise ValueError(f"PopulationModel: dvid {self.dvid!r} is not in the data set; "
+                                 f"its observation types are {data.dvid_names}")
             code = self.dvid if isinstance(self.dvid, int) else data.dvid_names.index(self.dvid)
             mask = mask & (data.obs_dvid == code)
         elif len(data.dvid_names) > 1:
@@ -228,8 +231,17 @@ class PopulationModel:
                                  f"(it has {sorted(data.covariates)})")
         if hasattr(self.structure, "check_dataset"):
             self.structure.check_dataset(data)
-        if not bool(self.observation_mask(data).any()):
+        mask = self.observation_mask(data)
+        if not bool(mask.any()):
             raise ValueError("PopulationModel: the data set has no observations for this model")
+        if self.error == "exponential":
+            bad = mask & ~data.obs_blq & (data.obs_dv <= 0)
+            if bool(bad.any()):
+                where = [(data.ids[i], float(data.obs_time[i, j])) for i, j in bad.nonzero().tolist()[:5]]
+                raise ValueError(
+                    f"PopulationModel: error='exponential' needs DV > 0, but {int(bad.sum())} "
+                    f"observation(s) have DV <= 0 (ID, TIME: {where}); drop them, mark them BLQ, "
+                    "or use another error model")
 
     def covariate_factor(self, param: str, betas: dict, data: Dataset) -> torch.Tensor | float:
         """Product of covariate effects on ``param``'s typical value, ``[..., S]``."""
@@ -240,11 +252,12 @@ class PopulationModel:
                 continue
             x = data.covariates[names[e.covariate.lower()]]
             if e.kind in ("power", "allometric"):
-                ref = x.median()
+                ref = torch.quantile(x.to(torch.float64), 0.5).to(x.dtype)
                 beta = _ALLOMETRIC.get(param, 0.75) if e.kind == "allometric" else betas[e.site][..., None]
                 factor = factor * torch.exp(beta * torch.log(x / ref))
             elif e.kind == "linear":
-                factor = factor * (1 + betas[e.site][..., None] * (x - x.median()))
+                ref = torch.quantile(x.to(torch.float64), 0.5).to(x.dtype)
+                factor = factor * (1 + betas[e.site][..., None] * (x - ref))
             else:
                 codes = x.long()
                 b = torch.cat([torch.zeros_like(betas[e.site][..., :1]), betas[e.site]], -1)

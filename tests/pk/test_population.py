@@ -65,7 +65,8 @@ class default_dtype:
 def oral_1cmt(t, dose, ka, cl, v):
     """NumPy closed form: single oral dose at time 0 into a depot, first-order absorption,
     one compartment, F = 1. Broadcasts; 0 before the dose."""
-    t, dose, ka, cl, v = np.broadcast_arrays(*(np.asarray(x, dtype=float) for x in (t, dose, ka, cl, v)))
+    t, dose, ka, cl, v = np.broadcast_arrays(
+        *(np.asarray(x, dtype=float) for x in (t, dose, ka, cl, v)))
     k = cl / v
     c = dose * ka / (v * (ka - k)) * (np.exp(-k * t) - np.exp(-ka * t))
     return np.where(t >= 0, c, 0.0)
@@ -114,17 +115,19 @@ def simulate_population(n=40, seed=2024, error="combined"):
         eta = rng.standard_normal(3) * [TRUE_OMEGA["ka"], TRUE_OMEGA["cl"], TRUE_OMEGA["v"]]
         etas.append(eta)
         ka, cl, v = (TRUE[p] * math.exp(e) for p, e in zip(("ka", "cl", "v"), eta))
-        rows.append(dict(ID=i, TIME=0.0, AMT=dose, DV=0.0, EVID=1, MDV=1, CMT=1))
+        rows.append({"ID": i, "TIME": 0.0, "AMT": dose, "DV": 0.0, "EVID": 1, "MDV": 1, "CMT": 1})
         c = oral_1cmt(np.array(SIM_TIMES), dose, ka, cl, v)
         eps = rng.standard_normal(len(SIM_TIMES))
         if error == "combined":
-            y = c + np.sqrt(TRUE_SIGMA["sigma_add"] ** 2 + (TRUE_SIGMA["sigma_prop"] * c) ** 2) * eps
+            sd = np.sqrt(TRUE_SIGMA["sigma_add"] ** 2 + (TRUE_SIGMA["sigma_prop"] * c) ** 2)
+            y = c + sd * eps
         elif error == "proportional":
             y = c * (1 + TRUE_SIGMA["sigma_prop"] * eps)
         else:
             raise ValueError(error)
         for t, yi in zip(SIM_TIMES, y):
-            rows.append(dict(ID=i, TIME=t, AMT=0.0, DV=float(yi), EVID=0, MDV=0, CMT=2))
+            rows.append({"ID": i, "TIME": t, "AMT": 0.0, "DV": float(yi), "EVID": 0, "MDV": 0,
+                         "CMT": 2})
     return pd.DataFrame(rows), np.array(etas)
 
 
@@ -194,15 +197,17 @@ def test_laplace_matches_quadrature_and_ebe_matches_scalar_argmax():
         for i in range(3):
             e_hat = float(eta_hat[i, 0])
             peak = h_i(i, e_hat)
-            val, err = integrate.quad(lambda e: math.exp(h_i(i, e) - peak), e_hat - 3.0, e_hat + 3.0,
-                                      points=[e_hat], epsabs=1e-14, epsrel=1e-12, limit=200)
+            val, err = integrate.quad(lambda e, i=i, peak=peak: math.exp(h_i(i, e) - peak),
+                                      e_hat - 3.0, e_hat + 3.0, points=[e_hat],
+                                      epsabs=1e-14, epsrel=1e-12, limit=200)
             assert err / val < 1e-10
             # the integrand is < exp(-30) outside +-3 of the mode (omega 0.3, 11 observations)
             assert h_i(i, e_hat - 3.0) - peak < -30 and h_i(i, e_hat + 3.0) - peak < -30
             exact = math.log(val) + peak
             assert abs(float(laplace[i]) - exact) < 0.02, (i, float(laplace[i]), exact)
 
-            best = optimize.minimize_scalar(lambda e: -h_i(i, e), bracket=(-1.0, 1.0), tol=1e-12)
+            best = optimize.minimize_scalar(lambda e, i=i: -h_i(i, e), bracket=(-1.0, 1.0),
+                                            tol=1e-12)
             assert abs(best.x - e_hat) < 1e-5, (i, best.x, e_hat)
 
 
@@ -236,10 +241,8 @@ def test_outer_gradient_matches_finite_differences_of_the_objective(theo_fit):
     """The Laplace objective's autograd gradient (implicit differentiation through the
     EBEs, including the log-determinant's dependence on eta_hat) vs central differences of
     its values (step 1e-5 on the unconstrained scale), on theo_sd away from the optimum
-    (every unconstrained coordinate moved by +0.1): rtol 1e-4.
-
-    The inner search is warm-started at the ML fit's EBEs (a start at eta = 0 can hit the
-    EBE bug tested in test_ebe_survives_an_indefinite_start)."""
+    (every unconstrained coordinate moved by +0.1): rtol 1e-4. The inner search is
+    warm-started at the ML fit's EBEs, as the estimator does between outer iterations."""
     fit = theo_fit
     with default_dtype(F64):
         obj = LaplaceObjective(fit.population, fit.data, fit.population.priors_for(fit.data))
@@ -287,7 +290,8 @@ def test_theo_mle_objective_values_are_consistent(theo_fit):
     assert fit.aic == pytest.approx(fit.minus2ll + 2 * k, abs=1e-9)
     assert fit.bic == pytest.approx(fit.minus2ll + k * math.log(n_obs), abs=1e-9)
     table = fit.summary()
-    for key, value in {"-2LL": fit.minus2ll, "OFV": fit.ofv, "AIC": fit.aic, "BIC": fit.bic}.items():
+    expected = {"-2LL": fit.minus2ll, "OFV": fit.ofv, "AIC": fit.aic, "BIC": fit.bic}
+    for key, value in expected.items():
         assert table.attrs[key] == pytest.approx(value, abs=1e-9)
 
 
@@ -331,21 +335,26 @@ def test_theo_mle_table(theo_fit):
     table = fit.summary()
     rows = ["cl", "v", "ka", "omega_ka", "omega_cl", "omega_v", "sigma_add", "sigma_prop"]
     assert list(table.index) == rows
-    assert list(table.columns) == ["estimate", "se", "rse_pct", "ci_low", "ci_high", "cv_pct", "shrinkage_pct"]
+    assert list(table.columns) == [
+        "estimate", "se", "rse_pct", "ci_low", "ci_high", "cv_pct", "shrinkage_pct"]
     om = fit.estimates["omega"].numpy()
     for j, p in enumerate(["ka", "cl", "v"]):
         assert table.loc[f"omega_{p}", "estimate"] == pytest.approx(om[j], rel=1e-12)
-        assert table.loc[f"omega_{p}", "cv_pct"] == pytest.approx(100 * math.sqrt(math.exp(om[j] ** 2) - 1), rel=1e-10)
+        cv = 100 * math.sqrt(math.exp(om[j] ** 2) - 1)
+        assert table.loc[f"omega_{p}", "cv_pct"] == pytest.approx(cv, rel=1e-10)
         # shrinkage recomputed from the EBEs: 100 (1 - SD(EBE) / omega), SD with ddof 1
         sd = np.std(fit.eta[:, j].numpy(), ddof=1)
-        assert table.loc[f"omega_{p}", "shrinkage_pct"] == pytest.approx(100 * (1 - sd / om[j]), abs=1e-8)
+        shrink = 100 * (1 - sd / om[j])
+        assert table.loc[f"omega_{p}", "shrinkage_pct"] == pytest.approx(shrink, abs=1e-8)
     for p in ["cl", "v", "ka", "sigma_add", "sigma_prop"]:
         assert table.loc[p, "estimate"] == pytest.approx(float(fit.estimates[p]), rel=1e-12)
         assert np.isnan(table.loc[p, "cv_pct"]) and np.isnan(table.loc[p, "shrinkage_pct"])
     se = table["se"].to_numpy()
     assert np.isfinite(se).all() and (se > 0).all()
-    np.testing.assert_allclose(table["rse_pct"], 100 * table["se"] / table["estimate"].abs(), rtol=1e-12)
-    assert (table["ci_low"] < table["estimate"]).all() and (table["estimate"] < table["ci_high"]).all()
+    np.testing.assert_allclose(table["rse_pct"], 100 * table["se"] / table["estimate"].abs(),
+                               rtol=1e-12)
+    assert (table["ci_low"] < table["estimate"]).all()
+    assert (table["estimate"] < table["ci_high"]).all()
     # positive parameters: 95% Wald interval on the log scale, e * exp(+-1.96 se / e)
     e = table["estimate"].to_numpy()
     np.testing.assert_allclose(table["ci_low"], e * np.exp(-1.96 * se / e), rtol=1e-12)
@@ -374,11 +383,13 @@ def test_theo_mle_standard_errors_match_finite_difference_information(theo_fit):
         for a in range(k):
             hess[a, a] = (f(phi + unit[a]) - 2 * f0 + f(phi - unit[a])) / h ** 2
             for b in range(a):
-                hess[a, b] = hess[b, a] = (f(phi + unit[a] + unit[b]) - f(phi + unit[a] - unit[b])
-                                           - f(phi - unit[a] + unit[b]) + f(phi - unit[a] - unit[b])) / (4 * h * h)
+                pp, pm = f(phi + unit[a] + unit[b]), f(phi + unit[a] - unit[b])
+                mp, mm = f(phi - unit[a] + unit[b]), f(phi - unit[a] - unit[b])
+                hess[a, b] = hess[b, a] = (pp - pm - mp + mm) / (4 * h * h)
     cov = np.linalg.inv(-hess)
     assert fit.covariance is not None
-    np.testing.assert_allclose(np.sqrt(np.diag(fit.covariance.numpy())), np.sqrt(np.diag(cov)), rtol=0.03)
+    np.testing.assert_allclose(np.sqrt(np.diag(fit.covariance.numpy())), np.sqrt(np.diag(cov)),
+                               rtol=0.03)
     table = fit.summary()
     np.testing.assert_allclose(table["se"], table["estimate"] * np.sqrt(np.diag(cov)), rtol=0.03)
 
@@ -389,13 +400,14 @@ def test_theo_mle_individual_parameters_and_predictions(theo_fit, theo):
     assert isinstance(ind, pd.DataFrame) and ind.shape == (12, 3)
     assert list(ind.index) == list(theo_frame().ID.unique())
     for j, p in enumerate(["ka", "cl", "v"]):
-        np.testing.assert_allclose(ind[p], float(fit.estimates[p]) * np.exp(fit.eta[:, j].numpy()), rtol=1e-10)
+        np.testing.assert_allclose(ind[p], float(fit.estimates[p]) * np.exp(fit.eta[:, j].numpy()),
+                                   rtol=1e-10)
     pred, ipred = fit.predictions()
     dose, t, dv, mask = theo_arrays(theo)
     est = {p: float(fit.estimates[p]) for p in ("ka", "cl", "v")}
     ref_pred = oral_1cmt(t, dose[:, None], est["ka"], est["cl"], est["v"])
-    ref_ipred = oral_1cmt(t, dose[:, None], ind["ka"].to_numpy()[:, None], ind["cl"].to_numpy()[:, None],
-                          ind["v"].to_numpy()[:, None])
+    ref_ipred = oral_1cmt(t, dose[:, None],
+                          *(ind[p].to_numpy()[:, None] for p in ("ka", "cl", "v")))
     np.testing.assert_allclose(pred.numpy()[mask], ref_pred[mask], rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(ipred.numpy()[mask], ref_ipred[mask], rtol=1e-9, atol=1e-12)
     ss_pred = ((dv - pred.numpy())[mask] ** 2).sum()
@@ -406,12 +418,7 @@ def test_theo_mle_individual_parameters_and_predictions(theo_fit, theo):
 # =========================================================================== 3. recovery
 
 
-@pytest.mark.parametrize("seed", [
-    pytest.param(2024, id="seed2024"),
-    pytest.param(2021, id="seed2021", marks=pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-        "BUG: the EBE step bug of test_ebe_survives_an_indefinite_start also stops the default "
-        "combined-error fit on 7 of the 10 simulated data sets with seeds 2020-2029"))),
-])
+@pytest.mark.parametrize("seed", [2024, 2021])
 def test_simulation_recovery_combined_error(seed):
     """40 subjects x 8 times simulated in NumPy from TRUE, fit by ML with the
     data-generating model: every typical value and sigma within 3 SE of the truth (SE:
@@ -419,9 +426,9 @@ def test_simulation_recovery_combined_error(seed):
     SD of the realised etas (which removes the sampling noise of 40 subjects from the
     reference) within 3 SE, and with the truth within 40%.
 
-    Seed 2024 was the first one tried; seed 2021 (and 2022, 2023, 2025-2027, 2029) stop
-    with the EBE bug; once fixed, seed 2021 recovers the truth as well (checked with
-    argument validation switched off)."""
+    Seed 2024 was the first one tried. Seed 2021 is a regression case: before b40c73b the
+    EBE search stopped with a ValueError on it (and on 6 more of seeds 2020-2029).
+    """
     df, etas = simulate_population(40, seed=seed, error="combined")
     data = pk.read_nonmem(df)
     assert data.n_subjects == 40 and data.n_observations == 320
@@ -448,18 +455,12 @@ def test_simulation_recovery_combined_error(seed):
 
 # =========================================================================== 4. error models
 
-_BUG_EBE = ("BUG: estimation.py LaplaceObjective.ebe lines 165-167: when -H + lam I is "
-            "indefinite its spectrum is shifted so the smallest eigenvalue is exactly 1e-3, so "
-            "the Newton step along that direction is ~1000 x gradient (etas of 1e3-1e4); the "
-            "candidate's predictions are NaN and dist.Normal(pred, sd) in conditional() (line 131) "
-            "raises ValueError under argument validation instead of the step being rejected")
-
-
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=_BUG_EBE)
 def test_ebe_survives_an_indefinite_start():
     """At the default starting values on theo_sd with additive error, some subjects' h_i
     is not concave at eta = 0. The damped Newton EBE search must still return finite
-    modes with h at least as large as at the start."""
+    modes with h at least as large as at the start (called directly, with argument
+    validation on). Regression: before b40c73b the indefinite case shifted the spectrum
+    to 1e-3, so steps were ~1000 x gradient, predictions NaN and dist.Normal raised."""
     with default_dtype(F64):
         data = pk.read_nonmem(THEO).to(dtype=F64)
         pop = pk.PopulationModel(structure=ORAL, random_effects=["ka", "cl", "v"], error="additive")
@@ -478,14 +479,7 @@ def test_ebe_survives_an_indefinite_start():
 
 # references: combined is the module fit; additive on full theo_sd (pred = 0 at t = 0
 # is fine for an additive error), the others without the pre-dose observations.
-ERROR_CASES = [
-    pytest.param("additive", marks=pytest.mark.xfail(strict=True, raises=ValueError, reason=_BUG_EBE),
-                 id="additive"),
-    pytest.param("proportional", marks=pytest.mark.xfail(strict=True, raises=ValueError, reason=_BUG_EBE),
-                 id="proportional"),
-    pytest.param("exponential", marks=pytest.mark.xfail(strict=True, raises=ValueError, reason=_BUG_EBE),
-                 id="exponential"),
-]
+ERROR_CASES = ["additive", "proportional", "exponential"]
 
 
 @pytest.mark.parametrize("error", ERROR_CASES)
@@ -495,18 +489,18 @@ def test_error_model_fits_theo(error):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fit = pop.fit(data, "mle")
-    sigma = {"additive": "sigma_add", "proportional": "sigma_prop", "exponential": "sigma_exp"}[error]
+    sigma = {"additive": "sigma_add", "proportional": "sigma_prop",
+             "exponential": "sigma_exp"}[error]
     assert fit.converged and math.isfinite(fit.minus2ll)
     assert set(fit.estimates) == {"cl", "v", "ka", "omega", sigma}
     assert 2.7 <= float(fit.estimates["cl"]) <= 2.9 and 30.0 <= float(fit.estimates["v"]) <= 33.0
-    if error == "additive":  # nlmixr2 FOCEi theo_sd: ka 1.59, add.sd 0.695
+    if error == "additive":  # additive-error theo_sd fits (e.g. nlmixr2's): add.sd ~ 0.7 mg/L
         assert 1.4 <= float(fit.estimates["ka"]) <= 1.7
         assert 0.6 <= float(fit.estimates["sigma_add"]) <= 0.8
     else:
         assert 0.05 <= float(fit.estimates[sigma]) <= 0.3
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=_BUG_EBE)
 def test_exponential_and_proportional_error_agree_on_cl():
     """On log scale, LogNormal(log c, s) and Normal(c, s c) agree to first order in s,
     so the two fits must give CL within 10%."""
@@ -515,16 +509,11 @@ def test_exponential_and_proportional_error_agree_on_cl():
     for error in ("exponential", "proportional"):
         pop = pk.PopulationModel(structure=ORAL, random_effects=["ka", "cl", "v"], error=error)
         fits[error] = pop.fit(data, "mle")
-    cl_e, cl_p = float(fits["exponential"].estimates["cl"]), float(fits["proportional"].estimates["cl"])
+    cl_e = float(fits["exponential"].estimates["cl"])
+    cl_p = float(fits["proportional"].estimates["cl"])
     assert abs(cl_e - cl_p) < 0.1 * cl_p
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: estimation.py LaplaceObjective.conditional line 127 replaces DV <= 0 by 1e-30 for the "
-    "exponential error model (log DV = -69), so on theo_sd (nine DV = 0 pre-dose rows) the ML fit "
-    "'converges' to sigma_exp ~ 10 and omegas ~ 1e-7 without a word, while model(data).log_prob "
-    "rejects the same data (LogNormal support). Fix: check_data should raise a ValueError naming "
-    "the observations with DV <= 0 when error='exponential'"))
 def test_exponential_error_rejects_nonpositive_dv():
     pop = pk.PopulationModel(structure=ORAL, random_effects=["ka", "cl", "v"], error="exponential")
     with pytest.raises(ValueError, match="DV"):
@@ -559,7 +548,8 @@ def test_data_errors(theo):
     with pytest.raises(TypeError, match="Dataset"):
         pk.PopulationModel(structure=ORAL)(theo_frame())
     with pytest.raises(ValueError, match="nope"):
-        pk.PopulationModel(structure=ORAL, random_effects=["cl"]).fit(theo, "mle", init={"nope": 1.0})
+        pop = pk.PopulationModel(structure=ORAL, random_effects=["cl"])
+        pop.fit(theo, "mle", init={"nope": 1.0})
 
 
 def test_warfarin_needs_dvid_and_masks_by_it():
@@ -579,11 +569,6 @@ def test_warfarin_needs_dvid_and_masks_by_it():
     assert draw["dv"].shape == (1, *data.obs_dv.shape)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (error message): population.py observation_mask line 216 calls "
-    "data.dvid_names.index(dvid), so an unknown dvid raises \"'pd' is not in list\" instead of "
-    "an error that names the model's dvid and the data set's observation types. Fix: check "
-    "membership and raise ValueError(f\"dvid {dvid!r} not in the data set's types {names}\")"))
 def test_unknown_dvid_error_lists_the_types():
     data = pk.read_nonmem(WARF)
     with pytest.raises(ValueError, match="cp"):
@@ -600,9 +585,11 @@ def _blq_frames():
     dv = {1: [2.0, 3.1, 3.6, 3.0, 1.9, 0.5, 0.5], 2: [1.2, 2.2, 2.9, 2.7, 1.6, 0.5, 0.5]}
     rows = []
     for i in (1, 2):
-        rows.append(dict(ID=i, TIME=0.0, AMT=100.0, DV=0.0, EVID=1, MDV=1, CMT=1, CENS=0))
+        rows.append({"ID": i, "TIME": 0.0, "AMT": 100.0, "DV": 0.0, "EVID": 1, "MDV": 1, "CMT": 1,
+                     "CENS": 0})
         for j, t in enumerate(times):
-            rows.append(dict(ID=i, TIME=t, AMT=0.0, DV=dv[i][j], EVID=0, MDV=0, CMT=2, CENS=int(j >= 5)))
+            rows.append({"ID": i, "TIME": t, "AMT": 0.0, "DV": dv[i][j], "EVID": 0, "MDV": 0,
+                         "CMT": 2, "CENS": int(j >= 5)})
     full = pd.DataFrame(rows)
     return full, full[full.CENS == 0].reset_index(drop=True), times
 
@@ -677,10 +664,12 @@ def test_log_joint_matches_scipy_with_covariates(theo):
                     "sigma_prop": dist.HalfNormal(0.5)})
         model = pop(data.to(dtype=F64))
         lp = float(model.log_prob(**{k: torch.tensor(v) for k, v in vals.items()},
-                                  omega=torch.from_numpy(omega), eta_raw=torch.from_numpy(eta_raw)[:, None, :]))
+                                  omega=torch.from_numpy(omega),
+                                  eta_raw=torch.from_numpy(eta_raw)[:, None, :]))
     ref = sum(stats.lognorm.logpdf(vals[p], 1.0, scale=initial[p]) for p in ("cl", "v", "ka"))
     ref += stats.halfnorm.logpdf(omega).sum() + stats.norm.logpdf(eta_raw).sum()
-    ref += stats.norm.logpdf(0.6, 0.75, 0.5) + stats.halfnorm.logpdf(0.3, scale=1.0) + stats.halfnorm.logpdf(0.1, scale=0.5)
+    ref += stats.norm.logpdf(0.6, 0.75, 0.5)
+    ref += stats.halfnorm.logpdf(0.3, scale=1.0) + stats.halfnorm.logpdf(0.1, scale=0.5)
     dose, t, dv, mask = theo_arrays(data)
     wt = data.covariates["WT"].double().numpy()
     ref_wt = np.median(wt)
@@ -694,20 +683,17 @@ def test_log_joint_matches_scipy_with_covariates(theo):
     assert lp == pytest.approx(ref, rel=1e-10, abs=1e-8)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (minor): population.py covariate_factor lines 244/248 use torch.Tensor.median(), which "
-    "for an even number of subjects returns the LOWER of the two middle values, not the median "
-    "the docs promise ((cov/median)^beta, 1 + beta (cov - median)); the typical value then "
-    "refers to a different reference subject than reported. Fix: torch.quantile(x, 0.5) or "
-    "x.nanmedian averaged with the upper middle value"))
 def test_covariate_reference_is_the_median_for_an_even_count():
     df = pd.DataFrame({"ID": [1, 1, 2, 2, 3, 3, 4, 4], "TIME": [0.0, 1.0] * 4,
                        "AMT": [100.0, 0.0] * 4, "EVID": [1, 0] * 4, "CMT": [1, 2] * 4,
-                       "DV": [0.0, 2.0] * 4, "WT": [50.0, 50.0, 60.0, 60.0, 80.0, 80.0, 100.0, 100.0]})
+                       "DV": [0.0, 2.0] * 4,
+                       "WT": [50.0, 50.0, 60.0, 60.0, 80.0, 80.0, 100.0, 100.0]})
     data = pk.read_nonmem(df)
     pop = pk.PopulationModel(structure=ORAL, covariates={"cl": "WT"})
     factor = pop.covariate_factor("cl", {"beta_cl_wt": torch.tensor(1.0)}, data)
-    np.testing.assert_allclose(factor.numpy(), np.array([50.0, 60.0, 80.0, 100.0]) / 70.0, rtol=1e-6)
+    median = np.median([50.0, 60.0, 80.0, 100.0])  # 70
+    np.testing.assert_allclose(factor.numpy(), np.array([50.0, 60.0, 80.0, 100.0]) / median,
+                               rtol=1e-6)
 
 
 def test_block_omega_samples(theo):
@@ -730,11 +716,11 @@ def test_block_omega_implies_the_stated_covariance(theo):
         data = theo.to(dtype=F64)
         pop = pk.PopulationModel(structure=ORAL, random_effects=["ka", "cl", "v"], omega="block")
         obj = LaplaceObjective(pop, data, pop.priors_for(data))
-        L = torch.linalg.cholesky(torch.tensor([[1.0, 0.3, 0.2], [0.3, 1.0, -0.4], [0.2, -0.4, 1.0]]))
+        corr = np.array([[1.0, 0.3, 0.2], [0.3, 1.0, -0.4], [0.2, -0.4, 1.0]])
+        L = torch.linalg.cholesky(torch.from_numpy(corr))
         omega = torch.tensor([0.5, 0.3, 0.1])
         S = obj.scale_tril({"omega": omega, "omega_corr": L})
         cov = (S @ S.T).numpy()
-        corr = np.array([[1.0, 0.3, 0.2], [0.3, 1.0, -0.4], [0.2, -0.4, 1.0]])
         np.testing.assert_allclose(cov, np.outer(omega, omega) * corr, rtol=1e-12, atol=1e-15)
 
 
@@ -755,7 +741,7 @@ def test_ka_above_k_prior_draws(theo):
 @pytest.mark.xfail(strict=True, reason=(
     "BUG (minor): summary.py population_summary (via _scalars) has no 'ka' row for a "
     "ka_above_k model, and PopulationFit.estimates has no 'ka', while bayesian_summary adds "
-    "the deterministic 'ka' row (summary.py line 101). Fix: add the typical ka = ka_minus_k + "
+    "the deterministic 'ka' row (summary.py line 102). Fix: add the typical ka = ka_minus_k + "
     "CL/V row (with its delta-method SE) to the ML table"))
 def test_ka_above_k_ml_table_has_ka_row(theo):
     with default_dtype(F64):
@@ -786,8 +772,10 @@ def test_vi_fit_pk_table(theo, theo_fit, theo_model):
         fit = theo_model.fit(theo, "vi", guide="normal", max_steps=1000, draws=400, seed=1)
     assert isinstance(fit, PopulationBayesFit)
     table = fit.summary()
-    assert list(table.index) == ["cl", "v", "ka", "omega_ka", "omega_cl", "omega_v", "sigma_add", "sigma_prop"]
-    assert list(table.columns) == ["mean", "sd", "median", "ci_low", "ci_high", "cv_pct", "shrinkage_pct"]
+    assert list(table.index) == [
+        "cl", "v", "ka", "omega_ka", "omega_cl", "omega_v", "sigma_add", "sigma_prop"]
+    assert list(table.columns) == [
+        "mean", "sd", "median", "ci_low", "ci_high", "cv_pct", "shrinkage_pct"]
     cl = fit.draws["cl"].double().reshape(-1).numpy()
     assert table.loc["cl", "mean"] == pytest.approx(cl.mean(), rel=1e-10)
     assert table.loc["cl", "sd"] == pytest.approx(cl.std(ddof=1), rel=1e-8)
@@ -795,7 +783,8 @@ def test_vi_fit_pk_table(theo, theo_fit, theo_model):
     assert table.loc["cl", "ci_low"] == pytest.approx(np.quantile(cl, 0.025), rel=1e-8)
     assert table.loc["cl", "ci_high"] == pytest.approx(np.quantile(cl, 0.975), rel=1e-8)
     omega = fit.draws["omega"].double().reshape(-1, 3).numpy()
-    eta_mean = (fit.draws["eta_raw"].double().reshape(-1, 12, 3).numpy() * omega[:, None, :]).mean(0)
+    eta_raw = fit.draws["eta_raw"].double().reshape(-1, 12, 3).numpy()
+    eta_mean = (eta_raw * omega[:, None, :]).mean(0)
     for j, p in enumerate(["ka", "cl", "v"]):
         assert table.loc[f"omega_{p}", "mean"] == pytest.approx(omega[:, j].mean(), rel=1e-10)
         assert table.loc[f"omega_{p}", "cv_pct"] == pytest.approx(
