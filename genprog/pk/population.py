@@ -120,7 +120,24 @@ def initial_estimates(data: Dataset, parameters) -> dict:
             tmax_s.append(float(ti[ci.argmax()] - data.dose_time[i][data.dose_mask[i]].min()))
     cl = float(torch.tensor(cl_s).median()) if cl_s else 1.0
     k = float(torch.tensor(k_s).median()) if k_s else 0.1
-    v = cl / k
+    # V from the first dose: its amount over the peak observed before the next dose (robust
+    # for sparse, repeated-dose data where the AUC and terminal slope are poorly defined)
+    v_s = []
+    for i in range(data.n_subjects):
+        doses = data.dose_time[i][data.dose_mask[i]]
+        if doses.numel() == 0:
+            continue
+        first = float(doses.min())
+        later = doses[doses > first]
+        end = float(later.min()) if later.numel() else float("inf")
+        window = m[i] & (t[i] > first) & (t[i] <= end)
+        if bool(window.any()):
+            amount = float(data.dose_amt[i][data.dose_mask[i]][doses == first].sum())
+            v_s.append(amount / float(c[i][window].max()))
+    v = float(torch.tensor(v_s).median()) if v_s else cl / k
+    if len(v_s) and not cl_s:
+        cl = v * k
+    k = cl / v
     # ka from the median time of the peak: tmax = log(ka/k) / (ka - k), solved by bisection
     tmax = float(torch.tensor(tmax_s).median()) if tmax_s else 0.0
     ka = 3 * k
