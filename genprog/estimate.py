@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,5 +46,4 @@ class Estimate:
 
     def __repr__(self) -> str:
         err = "exact" if self.stderr == 0 and self.method == "exact" else f"+/- {self.stderr:.4g}"
-        val = self.value if math.isfinite(self.value) else self.value
-        return f"Estimate({val:.6g} {err}, method={self.method!r}, n={self.num_samples})"
+        return f"Estimate({self.value:.6g} {err}, method={self.method!r}, n={self.num_samples})"

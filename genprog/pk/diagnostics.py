@@ -66,14 +66,9 @@ def _flat_draws(fit) -> dict:
 
 def _bayes_eta(pop, draws) -> torch.Tensor | None:
     """Etas per draw ``[n, S, P]`` from ``eta_raw`` (non-centred), as the model builds them."""
-    if not pop.random_effects or "eta_raw" not in draws:
-        return None
-    omega = draws["omega"]
-    L = torch.diag_embed(omega)
-    if "omega_corr" in draws:
-        L = omega[..., :, None] * draws["omega_corr"]
-    raw = draws["eta_raw"].squeeze(-2)  # [n, S, P]
-    return (L[:, None] @ raw[..., None]).squeeze(-1)
+    from .population import posterior_etas
+
+    return posterior_etas(pop, draws)
 
 
 def _point(fit):

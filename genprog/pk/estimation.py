@@ -110,11 +110,9 @@ class LaplaceObjective:
         return typical, betas, sigma
 
     def scale_tril(self, values):
-        omega = values["omega"]
-        L = torch.diag_embed(omega)
-        if "omega_corr" in values:
-            L = omega[:, None] * values["omega_corr"]
-        return L
+        from .population import omega_scale_tril
+
+        return omega_scale_tril(values["omega"], values.get("omega_corr"))
 
     def conditional(self, values, eta):
         """``log p(y_i | eta_i, phi)`` ``[S]`` and predictions ``[S, T]``."""

@@ -56,6 +56,8 @@ from dataclasses import dataclass, field
 import torch
 from torchdiffeq import odeint
 
+from .structural import _float_dtype
+
 __all__ = ["ODEModel", "linear_compartments", "michaelis_menten"]
 
 OPTIONAL_PARAMETERS = ("f", "tlag")
@@ -371,14 +373,6 @@ def _elementwise_norm(scaled_error):
     Detached: step sizes are not differentiated."""
     e = scaled_error.detach()
     return e.pow(2).mean(-1).sqrt().amax()
-
-
-def _float_dtype(tensors):
-    dtype = None
-    for x in tensors:
-        if x.is_floating_point():
-            dtype = x.dtype if dtype is None else torch.promote_types(dtype, x.dtype)
-    return dtype or torch.get_default_dtype()
 
 
 # --------------------------------------------------------------------------- ready-made systems

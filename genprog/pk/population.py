@@ -87,6 +87,28 @@ def _covariate_effects(covariates) -> tuple:
     return tuple(effects)
 
 
+def omega_scale_tril(omega, corr_cholesky=None):
+    """Cholesky factor of ``Omega = diag(omega) R diag(omega)``, i.e. ``diag(omega) L`` with
+    ``R = L L^T``: ``omega [..., P]`` (and ``L [..., P, P]``) -> ``[..., P, P]``."""
+    if corr_cholesky is None:
+        return torch.diag_embed(omega)
+    return omega[..., :, None] * corr_cholesky
+
+
+def etas_from_raw(scale_tril, eta_raw):
+    """Non-centred etas: ``scale_tril [..., P, P]`` times ``eta_raw [..., S, 1, P]`` (the
+    site's value) -> ``eta [..., S, P]``."""
+    return (scale_tril[..., None, :, :] @ eta_raw.squeeze(-2)[..., None]).squeeze(-1)
+
+
+def posterior_etas(pop, draws: dict):
+    """Etas per draw ``[n, S, P]`` from flattened draws ``{site: [n, ...]}`` (None without
+    random effects)."""
+    if not pop.random_effects or "eta_raw" not in draws:
+        return None
+    return etas_from_raw(omega_scale_tril(draws["omega"], draws.get("omega_corr")), draws["eta_raw"])
+
+
 def _draws(value, event_dim: int):
     """Drop the two plate slots (subject, time) from a global site's value traced under
     genprog's particle plate: ``[N, 1, 1, *event] -> [N, *event]``; unbatched values pass."""
@@ -369,18 +391,16 @@ class PopulationModel:
         eta = None
         if p_eta:
             omega = _draws(pyro.sample("omega", priors["omega"]), 1)  # [..., P]
-            scale_tril = torch.diag_embed(omega)
-            if "omega_corr" in priors:
-                corr = _draws(pyro.sample("omega_corr", priors["omega_corr"]), 2)
-                scale_tril = omega[..., :, None] * corr
+            corr = (_draws(pyro.sample("omega_corr", priors["omega_corr"]), 2)
+                    if "omega_corr" in priors else None)
+            scale_tril = omega_scale_tril(omega, corr)
         if self.ka_above_k:
             v = typical["v" if "v" in typical else "v1"]
             pyro.deterministic("ka", typical["ka_minus_k"] + typical["cl"] / v)
         with pyro.plate("subject", S, dim=-2):
             if p_eta:
                 eta_raw = pyro.sample("eta_raw", dist.Normal(0.0, 1.0).expand([p_eta]).to_event(1))
-                # eta_raw [..., S, 1, P] -> eta [..., S, P] = (diag(omega) L) eta_raw
-                eta = (scale_tril[..., None, :, :] @ eta_raw.squeeze(-2)[..., None]).squeeze(-1)
+                eta = etas_from_raw(scale_tril, eta_raw)  # [..., S, P]
             ind = self.individual_parameters(typical, betas, eta, data)  # {p: [..., S]}
             pred = self.structure.concentration(ind, data)  # [..., S, T]
             with pyro.plate("time", T, dim=-1):
@@ -471,13 +491,6 @@ class PopulationBayesFit(Fit):
         typical = {k: flat[k] for k in list(pop.parameters) + ["ka_minus_k"] if k in flat and
                    not (k == "ka" and pop.ka_above_k)}
         betas = {e.site: flat[e.site] for e in pop.covariate_effects if e.kind != "allometric"}
-        eta = None
-        if pop.random_effects:
-            omega = flat["omega"]
-            L = torch.diag_embed(omega)
-            if "omega_corr" in flat:
-                L = omega[..., :, None] * flat["omega_corr"]
-            eta = (L[:, None] @ flat["eta_raw"].squeeze(-2)[..., None]).squeeze(-1)
-        ind = pop.individual_parameters(typical, betas, eta, data)
+        ind = pop.individual_parameters(typical, betas, posterior_etas(pop, flat), data)
         return pd.DataFrame({k: v.mean(0).cpu().numpy() for k, v in ind.items()},
                             index=pd.Index(data.ids, name="ID"))

@@ -13,6 +13,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .population import posterior_etas
+
 COLUMNS = ["estimate", "se", "rse_pct", "ci_low", "ci_high", "cv_pct", "shrinkage_pct"]
 
 
@@ -107,13 +109,9 @@ def bayesian_summary(fit, pop, prob: float = 0.95) -> pd.DataFrame:
                       columns=["mean", "sd", "median", "ci_low", "ci_high", "cv_pct", "shrinkage_pct"],
                       dtype=float)
     shrink = {}
-    if "omega" in values and "eta_raw" in draws:
-        omega = values["omega"]
-        L = torch.diag_embed(omega)
-        if "omega_corr" in values:
-            L = omega[..., :, None] * values["omega_corr"]
-        eta = (L[:, None] @ draws["eta_raw"].squeeze(-2)[..., None]).squeeze(-1)  # [n, S, P]
-        shrink = _shrinkage(pop, eta.mean(0), omega.mean(0))
+    eta = posterior_etas(pop, draws)  # [n, S, P]
+    if eta is not None:
+        shrink = _shrinkage(pop, eta.mean(0), values["omega"].mean(0))
     for n, v in rows.items():
         v = v.reshape(-1)
         cv = cv_percent(v.numpy()).mean() if n.startswith("omega_") else float("nan")
