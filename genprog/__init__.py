@@ -10,6 +10,15 @@ from .estimate import Estimate
 from .fit import Fit, load
 from .model import Model, model
 
+
+def capabilities():
+    """Per zoo class and operation: exact, estimated, generic or unavailable (a DataFrame);
+    see :func:`genprog.models.capabilities`."""
+    from genprog.models import capabilities as table
+
+    return table()
+
+
 __version__ = "0.1.0"
 
-__all__ = ["Model", "model", "Fit", "load", "Estimate", "ConvergenceWarning", "__version__"]
+__all__ = ["Model", "model", "Fit", "load", "Estimate", "ConvergenceWarning", "capabilities", "__version__"]

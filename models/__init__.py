@@ -1,4 +1,11 @@
 """The genprog model zoo (installed as ``genprog.models``): classic and deep generative models
-whose operations override genprog's generic, inference-backed ones with exact forms."""
+whose operations override genprog's generic, inference-backed ones with exact forms.
 
-__all__: list[str] = []
+Every class is a :class:`genprog.Model` (see :mod:`genprog.models.base` for the
+conventions); :func:`capabilities` lists, per class and operation, what is exact, what is
+estimated and what is unavailable.
+"""
+
+from .base import REGISTRY, ZooModel, capabilities
+
+__all__: list[str] = ["ZooModel", "REGISTRY", "capabilities"]

@@ -1,0 +1,301 @@
+"""``ZooModel``: the base of the zoo classes — a :class:`genprog.Model` whose operations
+are overridden by exact forms where the model class allows them.
+
+A zoo class is a generative story written as a Pyro function of its parameters,
+``story(n=None, **params)``, whose observed variable is the site ``"y"``:
+
+* ``n=None`` (an unconditioned model): one draw of ``y`` with shape ``event_shape``, so
+  ``sample(k)["y"]`` is ``[k, *event_shape]``;
+* ``n`` an int (a model conditioned on a data set): ``y`` is ``[n, *event_shape]``, the
+  rows i.i.d. inside ``pyro.plate("data", n)``.
+
+Parameters given to the constructor are constants of the story; parameters left
+``None`` get the class's default priors inside the story, so the generic Bayesian route
+``Cls(...).condition(y=Y).fit("nuts" | "vi" | ...)`` works on every class. Exact operations
+need every parameter given (or learned by the classmethod ``mle``).
+
+A subclass provides exact operations by overriding hooks; :func:`capabilities` reads the
+overrides, so the table it prints cannot claim more than the code does:
+
+=====================  ==========================================================
+hook                   operation made exact
+=====================  ==========================================================
+``_log_prob_rows(y)``  ``log_prob(y=Y)`` (latents integrated out), one term per row
+                       ``[N]``; also ``log_marginal`` of a model conditioned on ``y``
+``_marginal(drop)``    ``marginalize(dims=...)``: the distribution of the other dims
+``_conditional(obs)``  ``condition(dims={i: value})``: the distribution of the others
+``posterior(y)``       the posterior over the latent variables given ``y``
+``mle(data, ...)``     classmethod: maximum likelihood (closed form, EM, ...)
+=====================  ==========================================================
+
+Estimated operations are declared with ``_log_prob_estimate(y, **options)`` returning a
+:class:`genprog.Estimate` (e.g. a VAE's importance-weighted bound). A class whose
+log density is not defined (a GAN) sets ``has_density = False``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from genprog.inputs import as_tensor
+from genprog.model import Model
+
+#: Every ZooModel subclass, in definition order (filled by ``__init_subclass__``).
+REGISTRY: dict[str, type] = {}
+
+OPERATIONS = ("sample", "log_prob", "log_marginal", "marginalize", "condition", "posterior",
+              "mle", "fit")
+
+
+class ZooModel(Model):
+    """Base class of the zoo; see the module docstring for the conventions.
+
+    Subclasses define ``story`` (a staticmethod Pyro function ``story(n=None, **params)``)
+    and ``event_shape`` and call ``super().__init__(**params)``.
+    """
+
+    #: Site name of the observed variable.
+    observed_site = "y"
+    #: Whether ``log_prob`` may take NaN entries in ``y`` (missing, integrated out exactly).
+    supports_missing = False
+    #: False for implicit models (GANs): log p is undefined, not just unavailable.
+    has_density = True
+    #: How ``mle`` fits, for the capability table ("closed form", "EM", "variational", ...).
+    mle_kind: str | None = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if not cls.__name__.startswith("_") and cls.__dict__.get("register", True):
+            REGISTRY[cls.__name__] = cls
+
+    def __init__(self, **params):
+        story = type(self).story
+        super().__init__(story, n=None, **params)
+
+    @staticmethod
+    def story(n=None, **params):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ parameters
+    @property
+    def params(self) -> dict:
+        """The story's parameters (``None`` for those given a prior)."""
+        return {k: v for k, v in self.kwargs.items() if k != "n"}
+
+    @property
+    def event_shape(self) -> tuple:
+        """Shape of one draw of ``y``."""
+        raise NotImplementedError
+
+    @property
+    def n_data(self) -> int | None:
+        return self.kwargs.get("n")
+
+    def missing_parameters(self) -> list[str]:
+        """Parameters without a value (they have priors in the story)."""
+        return [k for k, v in self.params.items() if v is None]
+
+    def _require_parameters(self, what: str) -> None:
+        missing = self.missing_parameters()
+        if missing:
+            raise ValueError(
+                f"{type(self).__name__}.{what} is exact only with every parameter given; "
+                f"{missing} are not (build with them, learn them with {type(self).__name__}.mle, "
+                "or use log_marginal / fit for the Bayesian route)"
+            )
+
+    def _with_params(self, **params) -> "ZooModel":
+        """A new unconditioned instance of the same class with ``params`` replaced."""
+        new = dict(self.params)
+        new.update(params)
+        return type(self)(**new)
+
+    def _rebind(self, **inputs) -> "ZooModel":
+        """This model with story inputs replaced (kept in raw inputs so ``to()`` is exact)."""
+        raw_args, raw_kwargs = self._raw_inputs
+        raw_kwargs = {**raw_kwargs, **inputs}
+        kwargs = {**self.kwargs, **{k: as_tensor(v, self.device, self.dtype) for k, v in inputs.items()}}
+        return self._replace(kwargs=kwargs, _raw_inputs=(raw_args, raw_kwargs))
+
+    # ------------------------------------------------------------------ data
+    def _as_data(self, y, what: str) -> tuple[torch.Tensor, bool]:
+        """``y`` as a float tensor ``[N, *event_shape]`` and whether it was a single row."""
+        t = as_tensor(y, self.device, self.dtype, name=f"{what}: y")
+        if not torch.is_tensor(t):
+            t = torch.as_tensor(t, device=self.device, dtype=self.dtype or torch.get_default_dtype())
+        if not t.is_floating_point():
+            t = t.to(self.dtype or torch.get_default_dtype())
+        ev = tuple(self.event_shape)
+        if tuple(t.shape) == ev:
+            single = True
+            t = t.unsqueeze(0)
+        elif tuple(t.shape[1:]) == ev:
+            single = False
+        else:
+            raise ValueError(
+                f"{what}: y must have shape {list(ev)} or [N, {', '.join(map(str, ev))}]; "
+                f"got {list(t.shape)}"
+            )
+        nan = torch.isnan(t)
+        if nan.any() and not self.supports_missing:
+            raise ValueError(f"{what}: y has NaN entries and {type(self).__name__} does not "
+                             "integrate missing entries out")
+        if torch.isinf(t).any():
+            raise ValueError(f"{what}: y has infinite entries")
+        return t, single
+
+    # ------------------------------------------------------------------ operations
+    def log_prob(self, pointwise: bool = False, **values):
+        """``log p(y)`` with every latent integrated out (exact where the class has a
+        closed form; NaN entries are missing and integrated out where
+        ``supports_missing``).
+
+        ``y`` is one row ``event_shape`` or a data set ``[N, *event_shape]``; the result is
+        the total log density (``pointwise=True``: one term per row, ``[N]``).
+        """
+        if set(values) == {self.observed_site} and self._has("_log_prob_rows"):
+            self._require_parameters("log_prob")
+            y, single = self._as_data(values[self.observed_site], "log_prob")
+            with self.context():
+                rows = self._log_prob_rows(y)
+            if single:
+                return rows[0]
+            return rows if pointwise else rows.sum()
+        if not self.has_density:
+            raise ValueError(f"{type(self).__name__} is an implicit model: log p is not defined")
+        return super().log_prob(pointwise=pointwise, **values)
+
+    def _exact_log_marginal(self):
+        y = self.observed.get(self.observed_site)
+        if y is None or not self._has("_log_prob_rows") or self.missing_parameters():
+            return None
+        if len(self.observed) > 1:
+            return None
+        return float(self._log_prob_rows(y.reshape(-1, *self.event_shape)).sum())
+
+    def condition(self, data=None, *, dims=None, **obs):
+        """Condition on observations, or — with ``dims={index: value}`` — on some
+        coordinates of ``y``, giving the exact distribution of the other coordinates.
+
+        ``condition(y=Y)`` with ``Y`` ``[N, *event_shape]`` observes a data set (NaN entries
+        are missing); the result's ``log_marginal()`` is exact where ``log_prob`` is, and
+        ``fit`` gives posteriors over parameters left ``None``.
+        """
+        if dims is not None:
+            if data is not None or obs:
+                raise ValueError("condition: give either dims={index: value} or observations, not both")
+            if not self._has("_conditional"):
+                raise ValueError(f"{type(self).__name__} has no exact conditional over dims")
+            self._require_parameters("condition(dims=...)")
+            return self._conditional(self._check_dims(dims, "condition"))
+        if data is not None:
+            if not isinstance(data, dict):
+                return super().condition(data, **obs)
+            obs = {**data, **obs}
+        if self.observed_site in obs:
+            y = obs[self.observed_site]
+            t = as_tensor(y, self.device, self.dtype, name=f"condition: {self.observed_site}")
+            t = torch.as_tensor(t)
+            ev = tuple(self.event_shape)
+            if t.dim() == len(ev) + 1 and tuple(t.shape[1:]) == ev:
+                model = self._rebind(n=int(t.shape[0]))
+            elif tuple(t.shape) == ev:
+                model = self
+            else:
+                raise ValueError(
+                    f"condition: {self.observed_site} must have shape {list(ev)} or "
+                    f"[N, {', '.join(map(str, ev))}]; got {list(t.shape)}"
+                )
+            return Model.condition(model, **obs)
+        return super().condition(**obs)
+
+    def _check_dims(self, dims, what: str):
+        ev = tuple(self.event_shape)
+        if len(ev) != 1:
+            raise ValueError(f"{what}(dims=...): {type(self).__name__} has event shape {list(ev)}; "
+                             "dims indexes a vector-valued y")
+        d = ev[0]
+        if isinstance(dims, dict):
+            idx = list(dims)
+        else:
+            idx = list(dims)
+        for i in idx:
+            if not isinstance(i, int) or not 0 <= i < d:
+                raise ValueError(f"{what}(dims=...): {i!r} is not a dimension index in [0, {d})")
+        if len(set(idx)) != len(idx):
+            raise ValueError(f"{what}(dims=...): repeated dimension index in {idx}")
+        if len(idx) >= d:
+            raise ValueError(f"{what}(dims=...): must leave at least one of the {d} dimensions")
+        if isinstance(dims, dict):
+            return {i: torch.as_tensor(dims[i], dtype=self.dtype or torch.get_default_dtype())
+                    for i in idx}
+        return idx
+
+    def marginalize(self, *sites: str, dims=None):
+        """Integrate out discrete latent ``sites`` (generic enumeration) or — with
+        ``dims=[...]`` — the listed coordinates of ``y``, giving the exact distribution of
+        the other coordinates."""
+        if dims is not None:
+            if sites:
+                raise ValueError("marginalize: give either sites or dims=, not both")
+            if not self._has("_marginal"):
+                raise ValueError(f"{type(self).__name__} has no exact marginal over dims")
+            self._require_parameters("marginalize(dims=...)")
+            return self._marginal(self._check_dims(dims, "marginalize"))
+        return super().marginalize(*sites)
+
+    # ------------------------------------------------------------------ capability table
+    @classmethod
+    def _has(cls, hook: str) -> bool:
+        """Whether ``cls`` overrides ``hook`` (defined below ZooModel in the MRO)."""
+        for klass in cls.__mro__:
+            if klass is ZooModel:
+                return False
+            if hook in klass.__dict__:
+                return True
+        return False
+
+    @classmethod
+    def capabilities(cls) -> dict[str, str]:
+        """Per operation: ``"exact"``, ``"estimated"``, ``"generic"`` (genprog's
+        inference-backed default) or ``"unavailable"`` — read from the hooks the class
+        overrides."""
+        exact_lp = cls._has("_log_prob_rows")
+        est_lp = cls._has("_log_prob_estimate")
+        if not cls.has_density:
+            lp = lm = "unavailable"
+        else:
+            lp = "exact" if exact_lp else "estimated" if est_lp else "generic"
+            lm = "exact" if exact_lp else "estimated"
+        return {
+            "sample": "exact",
+            "log_prob": lp,
+            "log_marginal": lm,
+            "marginalize": "exact" if cls._has("_marginal") else
+                           "estimated" if cls._has("_marginal_estimate") else "unavailable",
+            "condition": "exact" if cls._has("_conditional") else
+                         "estimated" if cls._has("_conditional_estimate") else "generic",
+            "posterior": "exact" if cls._has("posterior") else
+                         "estimated" if cls._has("posterior_estimate") else "generic",
+            "mle": (cls.mle_kind or "yes") if cls._has("mle") else "unavailable",
+            "fit": "generic" if cls.has_density else "own objective",
+        }
+
+
+def capabilities():
+    """The capability table of every zoo class: a pandas DataFrame, one row per class,
+    one column per operation (see :meth:`ZooModel.capabilities`)."""
+    import importlib
+
+    import pandas as pd
+
+    importlib.import_module("genprog.models")  # registers every class
+    rows = {name: cls.capabilities() for name, cls in REGISTRY.items()}
+    generic = {
+        "sample": "exact", "log_prob": "exact (all latents given / enumerable)",
+        "log_marginal": "estimated (IS, AIS, Laplace; exact by enumeration)",
+        "marginalize": "exact (enumerable discrete sites)", "condition": "generic",
+        "posterior": "generic", "mle": "unavailable", "fit": "generic",
+    }
+    table = pd.DataFrame.from_dict({"Model (any Pyro story)": generic, **rows}, orient="index")
+    return table[list(OPERATIONS)]
