@@ -91,7 +91,8 @@ def _proposal_from_guide(guide, density) -> GuideProposal:
     return GuideProposal(posterior, order)
 
 
-def _elbo_loop(loss_fn, params, *, max_steps, learning_rate, window, tol, progress, desc):
+def _elbo_loop(loss_fn, params, *, max_steps, learning_rate, window, tol, progress, desc,
+               reduce=None):
     opt = torch.optim.Adam(params, lr=learning_rate)
     losses, means, cuts, converged = [], [], 0, False
     bar = tqdm(total=max_steps, desc=desc, disable=None if progress is None else not progress,
@@ -107,6 +108,8 @@ def _elbo_loop(loss_fn, params, *, max_steps, learning_rate, window, tol, progre
                     "support/priors or lower learning_rate"
                 )
             loss.backward()
+            if reduce is not None:  # data-parallel: average gradients and loss over ranks
+                loss = reduce(params, loss)
             opt.step()
             losses.append(float(loss.detach()))
             bar.update(1)
@@ -132,7 +135,9 @@ def _elbo_loop(loss_fn, params, *, max_steps, learning_rate, window, tol, progre
 def fit_vi(model, *, guide: str = "normal", draws: int = 1000, seed: int = 0,
            max_steps: int = 20000, learning_rate: float = 0.02, num_particles: int = 1,
            window: int = 200, tol: float = 1e-4, rank: int | None = None,
-           point: list | None = None, progress: bool | None = None):
+           point: list | None = None, progress: bool | None = None,
+           distributed: bool = False, total_size: int | None = None,
+           data_plate: str | None = None):
     """Variational inference with an autoguide.
 
     Parameters
@@ -152,6 +157,16 @@ def fit_vi(model, *, guide: str = "normal", draws: int = 1000, seed: int = 0,
         Sites given a point estimate (``AutoDelta``) inside the variational fit.
     progress : bool, optional
         Show a progress bar (default: when attached to a terminal).
+    distributed : bool
+        Data-parallel VI over the processes of an initialized ``torch.distributed``
+        group: this process's model is conditioned on its shard of the rows of
+        ``data_plate``; gradients are averaged across ranks every step (see
+        :mod:`genprog.infer.data_parallel`). Every rank returns the same fit.
+    total_size : int, optional
+        Rows in the whole data set (default: the sum of the shards' rows).
+    data_plate : str, optional
+        The plate holding the data rows (default: the one plate shared by all observed
+        sites).
 
     Returns
     -------
@@ -187,6 +202,15 @@ def fit_vi(model, *, guide: str = "normal", draws: int = 1000, seed: int = 0,
         guide_kwargs["rank"] = rank
     if guide == "flow":
         guide_kwargs = {"hidden_dim": [max(2 * density.dim, 8)] * 2, "init_loc_fn": init_loc_fn}
+    reduce = None
+    if distributed:
+        from . import data_parallel
+
+        plate, scale = data_parallel.data_plate_and_scale(model, total_size, data_plate)
+        program = data_parallel.ScaleDataPlate(plate, scale)(program)
+        reduce = data_parallel.average_gradients_and_loss
+    elif total_size is not None or data_plate is not None:
+        raise ValueError("fit('vi'): total_size/data_plate apply only with distributed=True")
     main = GUIDES[guide](poutine.block(program, expose=rest), **guide_kwargs)
     if point:
         full_guide = AutoGuideList(program)
@@ -198,13 +222,15 @@ def fit_vi(model, *, guide: str = "normal", draws: int = 1000, seed: int = 0,
         pyro.set_rng_seed(seed)
         full_guide(*model.args, **model.kwargs)  # create parameters
         params = list(full_guide.parameters())
+        if distributed:
+            data_parallel.broadcast_parameters(params)
 
         def loss_fn():
             return elbo.differentiable_loss(program, full_guide, *model.args, **model.kwargs)
 
         losses, converged, steps = _elbo_loop(
             loss_fn, params, max_steps=max_steps, learning_rate=learning_rate, window=window,
-            tol=tol, progress=progress, desc=f"vi[{guide}]",
+            tol=tol, progress=progress, desc=f"vi[{guide}]", reduce=reduce,
         )
         fitted, point_values = model, {}
         if point:
