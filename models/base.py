@@ -25,17 +25,24 @@ hook                   operation made exact
 ``_marginal(drop)``    ``marginalize(dims=...)``: the distribution of the other dims
 ``_conditional(obs)``  ``condition(dims={i: value})``: the distribution of the others
 ``posterior(y)``       the posterior over the latent variables given ``y``
+                       (``posterior_estimate``: estimated, e.g. an encoder)
 ``mle(data, ...)``     classmethod: maximum likelihood (closed form, EM, ...)
 =====================  ==========================================================
 
 Estimated operations are declared with ``_log_prob_estimate(y, **options)`` returning a
-:class:`genprog.Estimate` (e.g. a VAE's importance-weighted bound). A class whose
+:class:`genprog.Estimate` (e.g. a VAE's importance-weighted bound), and with
+``_conditional_estimate(obs)`` / ``_marginal_estimate(drop)``; a class with an exact,
+differentiable log density over a real vector gets both from inference by pointing
+them at :func:`conditional_by_inference` and :class:`EstimatedMarginal`. A class whose
 log density is not defined (a GAN) sets ``has_density = False``.
 """
 
 from __future__ import annotations
 
+import pyro
+import pyro.distributions as dist
 import torch
+from torch.distributions import constraints
 
 from genprog.inputs import as_tensor
 from genprog.model import Model
@@ -184,10 +191,13 @@ class ZooModel(Model):
         if dims is not None:
             if data is not None or obs:
                 raise ValueError("condition: give either dims={index: value} or observations, not both")
-            if not self._has("_conditional"):
-                raise ValueError(f"{type(self).__name__} has no exact conditional over dims")
             self._require_parameters("condition(dims=...)")
-            return self._conditional(self._check_dims(dims, "condition"))
+            checked = self._check_dims(dims, "condition")
+            if self._has("_conditional"):
+                return self._conditional(checked)
+            if self._has("_conditional_estimate"):
+                return self._conditional_estimate(checked)
+            raise ValueError(f"{type(self).__name__} has no conditional over dims")
         if data is not None:
             if not isinstance(data, dict):
                 return super().condition(data, **obs)
@@ -238,10 +248,13 @@ class ZooModel(Model):
         if dims is not None:
             if sites:
                 raise ValueError("marginalize: give either sites or dims=, not both")
-            if not self._has("_marginal"):
-                raise ValueError(f"{type(self).__name__} has no exact marginal over dims")
             self._require_parameters("marginalize(dims=...)")
-            return self._marginal(self._check_dims(dims, "marginalize"))
+            checked = self._check_dims(dims, "marginalize")
+            if self._has("_marginal"):
+                return self._marginal(checked)
+            if self._has("_marginal_estimate"):
+                return self._marginal_estimate(checked)
+            raise ValueError(f"{type(self).__name__} has no marginal over dims")
         return super().marginalize(*sites)
 
     # ------------------------------------------------------------------ capability table
@@ -299,3 +312,90 @@ def capabilities():
     }
     table = pd.DataFrame.from_dict({"Model (any Pyro story)": generic, **rows}, orient="index")
     return table[list(OPERATIONS)]
+
+
+class _GivenFactor(dist.TorchDistribution):
+    """An observed site whose log density is a precomputed tensor (the joint log density
+    of the given coordinates with the current values of the others)."""
+
+    arg_constraints: dict = {}
+    support = constraints.real_vector
+
+    def __init__(self, log_value: torch.Tensor, size: int):
+        self.log_value = log_value
+        super().__init__(log_value.shape, torch.Size([size]), validate_args=False)
+
+    def expand(self, batch_shape, _instance=None):
+        return _GivenFactor(self.log_value.expand(batch_shape), self.event_shape[0])
+
+    def log_prob(self, value):
+        return self.log_value
+
+    def sample(self, sample_shape=torch.Size()):
+        raise NotImplementedError("the given coordinates are observed, not sampled")
+
+
+def conditional_by_inference(zoo: ZooModel, obs: dict, num_reference_draws: int = 2000) -> Model:
+    """The distribution of the coordinates of ``y`` not in ``obs`` given those in ``obs``,
+    as a generic :class:`genprog.Model` to be fitted by inference.
+
+    Its latent site ``"y_rest"`` ``[d - len(obs)]`` has density proportional to
+    ``p(y_given, y_rest)`` (the class's exact joint log density); its observed site
+    ``"y_given"`` holds the given values. So ``.fit("nuts")`` samples the conditional
+    and ``.log_marginal()`` estimates ``log p(y_given)`` with an error bar. A Gaussian
+    reference with the model's own moments of the other coordinates (from
+    ``num_reference_draws`` samples) serves as the prior of ``"y_rest"`` (AIS starts there);
+    the observed factor divides it back out, so the target is exact.
+    """
+    d = zoo.event_shape[0]
+    given = sorted(obs)
+    rest = [i for i in range(d) if i not in obs]
+    dtype = zoo.dtype or torch.get_default_dtype()
+    y_given = torch.stack([torch.as_tensor(obs[i], dtype=dtype).reshape(()) for i in given])
+    with torch.no_grad():
+        draws = zoo.sample(num_reference_draws, seed=0)[zoo.observed_site][:, rest]
+    loc = draws.mean(0).to(dtype)
+    scale = (1.5 * draws.std(0)).clamp_min(1e-3).to(dtype)
+    index_given = torch.tensor(given)
+    index_rest = torch.tensor(rest)
+
+    def conditional(y_given):
+        reference = dist.Normal(loc, scale).to_event(1)
+        r = pyro.sample("y_rest", reference)
+        batch = r.shape[:-1]
+        full = torch.empty(*batch, d, dtype=r.dtype, device=r.device)
+        full[..., index_rest] = r
+        full[..., index_given] = y_given.to(r.dtype).expand(*batch, len(given))
+        with zoo.context():
+            lp = zoo._log_prob_rows(full.reshape(-1, d)).reshape(batch)
+        pyro.sample("y_given", _GivenFactor(lp - reference.log_prob(r), len(given)), obs=y_given)
+
+    conditional.__name__ = f"{type(zoo).__name__}_conditional"
+    return Model(conditional, y_given).condition(y_given=y_given)
+
+
+class EstimatedMarginal:
+    """The distribution of the coordinates of ``y`` left after integrating out ``drop``,
+    for a class without a closed-form marginal: exact sampling (sample the joint, drop
+    coordinates) and ``log_prob`` estimated by inference with an error bar.
+    """
+
+    def __init__(self, zoo: ZooModel, drop: list):
+        self.zoo = zoo
+        self.drop = list(drop)
+        self.keep = [i for i in range(zoo.event_shape[0]) if i not in self.drop]
+
+    def sample(self, n: int = 1, seed: int | None = None) -> dict:
+        """``{"y": [n, len(keep)]}``."""
+        y = self.zoo.sample(n, seed=seed)[self.zoo.observed_site]
+        return {self.zoo.observed_site: y[:, self.keep]}
+
+    def log_prob(self, y, method: str = "ais", seed: int = 0, **options):
+        """An :class:`genprog.Estimate` of ``log p(y_keep)`` for one row ``y [len(keep)]``
+        (``method``: "ais", "is" or "laplace", as :meth:`genprog.Model.log_marginal`)."""
+        y = torch.as_tensor(y, dtype=self.zoo.dtype or torch.get_default_dtype())
+        if tuple(y.shape) != (len(self.keep),):
+            raise ValueError(f"EstimatedMarginal.log_prob: y must have shape [{len(self.keep)}] "
+                             f"(the kept dims {self.keep}); got {list(y.shape)}")
+        cond = conditional_by_inference(self.zoo, {i: y[j] for j, i in enumerate(self.keep)})
+        return cond.log_marginal(method, seed=seed, **options)
