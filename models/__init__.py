@@ -7,5 +7,12 @@ estimated and what is unavailable.
 """
 
 from .base import REGISTRY, ZooModel, capabilities
+from .flow import Flow
+from .gaussian import PPCA, FactorAnalysis, Gaussian
+from .made import MADE
+from .mixture import GaussianMixture
 
-__all__: list[str] = ["ZooModel", "REGISTRY", "capabilities"]
+__all__: list[str] = [
+    "ZooModel", "REGISTRY", "capabilities",
+    "Gaussian", "PPCA", "FactorAnalysis", "GaussianMixture", "Flow", "MADE",
+]
