@@ -7,12 +7,17 @@ estimated and what is unavailable.
 """
 
 from .base import REGISTRY, ZooModel, capabilities
+from .circuit import ProbabilisticCircuit
+from .cnf import ContinuousFlow
+from .discriminant import GaussianDiscriminant
 from .flow import Flow
 from .gaussian import PPCA, FactorAnalysis, Gaussian
 from .made import MADE
 from .mixture import GaussianMixture
+from .naive_bayes import NaiveBayes
 
 __all__: list[str] = [
     "ZooModel", "REGISTRY", "capabilities",
     "Gaussian", "PPCA", "FactorAnalysis", "GaussianMixture", "Flow", "MADE",
+    "NaiveBayes", "GaussianDiscriminant", "ProbabilisticCircuit", "ContinuousFlow",
 ]

@@ -178,7 +178,7 @@ class ZooModel(Model):
             return None
         if len(self.observed) > 1:
             return None
-        return float(self._log_prob_rows(y.reshape(-1, *self.event_shape)).sum())
+        return float(self._log_prob_rows(y.reshape(-1, *self.event_shape)).sum().detach())
 
     def condition(self, data=None, *, dims=None, **obs):
         """Condition on observations, or — with ``dims={index: value}`` — on some
