@@ -65,7 +65,7 @@ def test_one_dimensional_flow_integrates_to_one():
 def test_hutchinson_trace_is_unbiased():
     field = _nonlinear(seed=1)
     y = torch.tensor([[0.5, -1.0]], dtype=D64).expand(4000, 2).contiguous()
-    exact = float(cnf_log_prob(field, y[:1], method="rk4", options={"step_size": 0.125})[0])
+    exact = float(cnf_log_prob(field, y[:1], method="rk4", options={"step_size": 0.125})[0].detach())
     g = torch.Generator().manual_seed(0)
     eps = torch.randint(0, 2, y.shape, generator=g).to(D64) * 2 - 1
     est = cnf_log_prob(field, y, method="rk4", eps=eps, options={"step_size": 0.125}).detach()
