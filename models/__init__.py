@@ -10,14 +10,18 @@ from .base import REGISTRY, ZooModel, capabilities
 from .circuit import ProbabilisticCircuit
 from .cnf import ContinuousFlow
 from .discriminant import GaussianDiscriminant
+from .dpmm import DirichletProcessMixture
 from .flow import Flow
 from .gaussian import PPCA, FactorAnalysis, Gaussian
+from .lda import LDA
 from .made import MADE
 from .mixture import GaussianMixture
 from .naive_bayes import NaiveBayes
+from .rbm import RBM
 
 __all__: list[str] = [
     "ZooModel", "REGISTRY", "capabilities",
     "Gaussian", "PPCA", "FactorAnalysis", "GaussianMixture", "Flow", "MADE",
     "NaiveBayes", "GaussianDiscriminant", "ProbabilisticCircuit", "ContinuousFlow",
+    "LDA", "DirichletProcessMixture", "RBM",
 ]

@@ -180,6 +180,38 @@ class ZooModel(Model):
             return None
         return float(self._log_prob_rows(y.reshape(-1, *self.event_shape)).sum().detach())
 
+    def log_prob_estimate(self, y, **options):
+        """An estimate of ``log p(y)`` (summed over rows of ``y [N, *event_shape]``) with
+        its standard error, as a :class:`genprog.Estimate`, for classes whose log density
+        has no closed form (the class's own estimator; see its ``_log_prob_estimate``)."""
+        if not self._has("_log_prob_estimate"):
+            if self._has("_log_prob_rows"):
+                raise ValueError(f"{type(self).__name__}.log_prob is exact; use log_prob()")
+            raise ValueError(f"{type(self).__name__} has no log p estimator of its own; "
+                             "condition it on y and use log_marginal()")
+        self._require_parameters("log_prob_estimate")
+        with self.context():
+            return self._log_prob_estimate(y, **options)
+
+    def log_marginal(self, method: str = "auto", *, seed: int = 0, **options):
+        """As :meth:`genprog.Model.log_marginal`; for a class whose log p has no closed form
+        but an estimator of its own (``_log_prob_estimate``: IWAE, importance sampling
+        over topic proportions, AIS for log Z, ...), ``method="auto"`` uses that estimator
+        on the observed ``y``, passing ``options`` through."""
+        y = self.observed.get(self.observed_site)
+        if (method == "auto" and y is not None and len(self.observed) == 1
+                and self._has("_log_prob_estimate") and not self._has("_log_prob_rows")
+                and not self.missing_parameters()):
+            import inspect
+
+            if "seed" in inspect.signature(self._log_prob_estimate).parameters:
+                options = {**options, "seed": seed}
+            est = self.log_prob_estimate(y, **options)
+            details = {**est.details, "chosen_by_auto": True, "source": "class estimator"}
+            return type(est)(est.value, est.stderr, est.method, est.num_samples,
+                             est.num_evaluations, est.wall_time_s, details)
+        return super().log_marginal(method, seed=seed, **options)
+
     def condition(self, data=None, *, dims=None, **obs):
         """Condition on observations, or — with ``dims={index: value}`` — on some
         coordinates of ``y``, giving the exact distribution of the other coordinates.
