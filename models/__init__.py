@@ -6,6 +6,7 @@ conventions); :func:`capabilities` lists, per class and operation, what is exact
 estimated and what is unavailable.
 """
 
+from .autoregressive import AR, DiscreteAR
 from .base import REGISTRY, ZooModel, capabilities
 from .circuit import ProbabilisticCircuit
 from .cnf import ContinuousFlow
@@ -13,15 +14,18 @@ from .discriminant import GaussianDiscriminant
 from .dpmm import DirichletProcessMixture
 from .flow import Flow
 from .gaussian import PPCA, FactorAnalysis, Gaussian
+from .hmm import HMM
 from .lda import LDA
 from .made import MADE
 from .mixture import GaussianMixture
 from .naive_bayes import NaiveBayes
 from .rbm import RBM
+from .state_space import LinearGaussianSSM
 
 __all__: list[str] = [
     "ZooModel", "REGISTRY", "capabilities",
     "Gaussian", "PPCA", "FactorAnalysis", "GaussianMixture", "Flow", "MADE",
     "NaiveBayes", "GaussianDiscriminant", "ProbabilisticCircuit", "ContinuousFlow",
     "LDA", "DirichletProcessMixture", "RBM",
+    "HMM", "LinearGaussianSSM", "AR", "DiscreteAR",
 ]

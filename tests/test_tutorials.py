@@ -14,6 +14,7 @@ EXPECTED = {
     "anomaly_detection.py": "done",
     "imputation.py": "done",
     "generative_classifier.py": "done",
+    "forecasting.py": "done",
 }
 TUTORIALS = sorted(EXPECTED)
 

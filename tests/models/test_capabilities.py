@@ -2,14 +2,14 @@
 checks that operation against an independent reference, and the README's table is the
 one the code produces.
 
-A test backs a cell by carrying ``@pytest.mark.reference("Class", "operation", "against")``;
-this file reads those markers from the source of ``tests/`` (by parsing, so deselecting
-tests cannot hide a missing check).
+A test backs a cell by carrying ``@pytest.mark.reference("Class", "operation", "against")``
+(directly or on a ``pytest.param``); this file reads those markers from the test modules
+of ``tests/models/`` (by importing them, so deselecting tests cannot hide a missing check).
 """
 
 from __future__ import annotations
 
-import ast
+import importlib.util
 import pathlib
 
 import pytest
@@ -21,26 +21,41 @@ from genprog.models.base import OPERATIONS
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
+def _marks_of(obj):
+    """Every mark on a test function or class, including marks of ``pytest.param``
+    entries inside its ``parametrize`` marks."""
+    for mark in getattr(obj, "pytestmark", []):
+        yield mark
+        if mark.name == "parametrize" and len(mark.args) >= 2:
+            for value in mark.args[1]:
+                yield from getattr(value, "marks", ())
+
+
 def _reference_markers() -> dict[tuple[str, str], list[str]]:
-    """(class, operation) -> ["file::test (against)"] from every test file's decorators."""
+    """(class, operation) -> ["file::test (against)"] from every zoo test module (imported,
+    not run, so deselecting tests cannot hide a missing check)."""
     found: dict[tuple[str, str], list[str]] = {}
-    for path in sorted((ROOT / "tests").rglob("test_*.py")):
-        tree = ast.parse(path.read_text(), filename=str(path))
-        for node in ast.walk(tree):
-            if not isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+    for path in sorted((ROOT / "tests" / "models").glob("test_*.py")):
+        if path.name == pathlib.Path(__file__).name:
+            continue
+        spec = importlib.util.spec_from_file_location(f"_capability_scan_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        for name, obj in vars(module).items():
+            if not name.startswith("test") and not name.startswith("Test"):
                 continue
-            for dec in node.decorator_list:
-                if not (isinstance(dec, ast.Call) and isinstance(dec.func, ast.Attribute)
-                        and dec.func.attr == "reference"):
-                    continue
-                args = [a.value for a in dec.args if isinstance(a, ast.Constant)]
-                if len(args) != 3 or not all(isinstance(a, str) and a for a in args):
-                    raise AssertionError(
-                        f"{path.name}:{dec.lineno}: reference marker needs three non-empty "
-                        "string constants (class, operation, against)"
-                    )
-                cls, op, against = args
-                found.setdefault((cls, op), []).append(f"{path.name}::{node.name} ({against})")
+            members = [obj] + ([m for m in vars(obj).values() if callable(m)]
+                               if isinstance(obj, type) else [])
+            for member in members:
+                for mark in _marks_of(member):
+                    if mark.name != "reference":
+                        continue
+                    args = mark.args
+                    if len(args) != 3 or not all(isinstance(a, str) and a for a in args):
+                        raise AssertionError(f"{path.name}::{name}: reference marker needs three "
+                                             "non-empty strings (class, operation, against)")
+                    cls, op, against = args
+                    found.setdefault((cls, op), []).append(f"{path.name}::{name} ({against})")
     return found
 
 
