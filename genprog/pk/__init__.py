@@ -10,9 +10,22 @@ from importlib import resources
 
 from .data import describe, read_nonmem
 from .dataset import Dataset
-from .diagnostics import plot_gof, residuals, shrinkage, simulate, vpc, vpc_table
+from .diagnostics import (
+    individual_curves,
+    npde,
+    npde_tests,
+    plot_gof,
+    plot_individual,
+    plot_npde,
+    residuals,
+    shrinkage,
+    simulate,
+    vpc,
+    vpc_table,
+)
 from .ode import ODEModel, linear_compartments, michaelis_menten
 from .population import CovariateEffect, PopulationModel, initial_estimates
+from .regimen import Regimen, simulate_data, simulate_regimen
 from .structural import (
     Compartments,
     OneCompartment,
@@ -36,8 +49,38 @@ def dataset_path(name: str) -> str:
 
 
 __all__ = [
-    "Dataset", "read_nonmem", "describe", "dataset_path", "PopulationModel", "CovariateEffect",
-    "initial_estimates", "plot_gof", "residuals", "shrinkage", "simulate", "vpc", "vpc_table", "ODEModel", "michaelis_menten", "linear_compartments", "Compartments", "OneCompartment", "TwoCompartment", "ThreeCompartment",
-    "one_compartment_bolus", "one_compartment_infusion", "one_compartment_oral",
-    "two_compartment_bolus", "two_compartment_infusion", "two_compartment_oral",
+    "Compartments",
+    "CovariateEffect",
+    "Dataset",
+    "ODEModel",
+    "OneCompartment",
+    "PopulationModel",
+    "Regimen",
+    "ThreeCompartment",
+    "TwoCompartment",
+    "dataset_path",
+    "describe",
+    "individual_curves",
+    "initial_estimates",
+    "linear_compartments",
+    "michaelis_menten",
+    "npde",
+    "npde_tests",
+    "one_compartment_bolus",
+    "one_compartment_infusion",
+    "one_compartment_oral",
+    "plot_gof",
+    "plot_individual",
+    "plot_npde",
+    "read_nonmem",
+    "residuals",
+    "shrinkage",
+    "simulate",
+    "simulate_data",
+    "simulate_regimen",
+    "two_compartment_bolus",
+    "two_compartment_infusion",
+    "two_compartment_oral",
+    "vpc",
+    "vpc_table",
 ]

@@ -1,19 +1,26 @@
-"""Command line: ``python -m genprog.pk`` (or ``genprog-pk``).
+"""Command line: ``genprog`` (also ``genprog-pk`` and ``python -m genprog.pk``).
 
 ``fit`` reads a NONMEM-style CSV file, fits a population model and writes the results::
 
-    python -m genprog.pk fit theo_sd.csv --structure one --absorption first_order \\
-        --iiv ka,cl,v --error combined --covariate cl=WT --method mle --out results/
+    genprog fit theo_sd.csv --structure 1cmt-oral --iiv ka,cl,v --error combined \\
+        --covariate cl=WT --method mle --out results/
 
-prints the data summary (:func:`genprog.pk.describe`), the parameter table and, for
-``--method mle``, -2LL/OFV/AIC/BIC, and writes into ``--out``: ``summary.csv``,
-``individual.csv`` (individual parameters: at the EBEs, with the etas, for ``mle``;
-posterior means for ``vi``/``nuts``), ``residuals.csv``, ``gof.png``; for ``mle`` also
-``vpc.png``; for ``vi``/``nuts`` ``posterior.nc`` (ArviZ netCDF, :func:`genprog.load`).
+``--structure`` is ``one``/``two``/``three`` (with ``--absorption``) or the short form
+``{1,2,3}cmt-{oral,iv,infusion,zero-order}``. Without a data file (``genprog fit``) the
+bundled theophylline example (``pk.dataset_path("theo_sd")``) is fitted.
 
-``describe`` prints the data summary only. Problems with the input (a malformed file, a
-parameter the structure lacks, a covariate the file lacks) are one ``error: ...`` line on
-stderr and exit status 2.
+It prints the data summary (:func:`genprog.pk.describe`), the parameter table and, for
+``--method mle``, -2LL/OFV/AIC/BIC, and writes into ``--out`` (default ``genprog-fit``):
+``summary.csv``, ``individual.csv`` (individual parameters: at the EBEs, with the etas,
+for ``mle``; posterior means for ``vi``/``nuts``), ``residuals.csv`` (with NPDE),
+``gof.png``, ``vpc.png``, ``npde.png``, ``individual.png`` (the first ``--individual``
+subjects); for ``vi``/``nuts`` also ``posterior.nc`` (ArviZ InferenceData as netCDF,
+:func:`genprog.load`). ``vi`` and ``nuts`` show a progress bar on a terminal
+(``--progress``/``--no-progress`` to force it).
+
+``describe`` prints the data summary only. Problems with the input (a missing or
+malformed file, a parameter the structure lacks, a covariate the file lacks) are one
+``error: ...`` line on stderr and exit status 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -25,6 +32,9 @@ from pathlib import Path
 
 STRUCTURES = {"one": "OneCompartment", "two": "TwoCompartment", "three": "ThreeCompartment"}
 ABSORPTIONS = ("first_order", "iv", "zero_order")
+_COUNTS = {"1": "one", "2": "two", "3": "three"}
+_ROUTES = {"oral": "first_order", "po": "first_order", "iv": "iv", "bolus": "iv",
+           "infusion": "iv", "zero-order": "zero_order", "zero_order": "zero_order"}
 ERRORS = ("additive", "proportional", "combined", "exponential")
 METHODS = ("mle", "vi", "nuts")
 
@@ -46,8 +56,27 @@ def _count(minimum: int):
     return parse
 
 
+def _structure(text: str):
+    """``one``/``two``/``three`` -> (name, None); ``2cmt-oral`` -> ("two", "first_order")."""
+    key = text.strip().lower()
+    if key in STRUCTURES:
+        return key, None
+    n, sep, route = key.partition("cmt")
+    route = route.lstrip("-_")
+    if sep and n in _COUNTS and (route in _ROUTES or route == ""):
+        return _COUNTS[n], _ROUTES.get(route, "first_order")
+    raise argparse.ArgumentTypeError(
+        f"expected one, two, three or NCMT-ROUTE (N in 1-3, ROUTE in "
+        f"{', '.join(sorted(set(_ROUTES) - {'po', 'bolus', 'zero_order'}))}), got {text!r}")
+
+
+def _prog() -> str:
+    name = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    return name if name in ("genprog", "genprog-pk") else "python -m genprog.pk"
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m genprog.pk",
+    p = argparse.ArgumentParser(prog=_prog(),
                                 description="Population PK on NONMEM-style data (genprog.pk).")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -57,10 +86,13 @@ def _parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("fit", help="fit a population model and write summaries and plots",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    f.add_argument("data", help="CSV file (NONMEM conventions)")
-    f.add_argument("--structure", choices=list(STRUCTURES), default="one",
-                   help="number of disposition compartments")
-    f.add_argument("--absorption", choices=ABSORPTIONS, default="first_order")
+    f.add_argument("data", nargs="?", default=None,
+                   help="CSV file (NONMEM conventions); default: the bundled theo_sd example")
+    f.add_argument("--structure", type=_structure, default=("one", None),
+                   help="one, two, three (with --absorption), or e.g. 1cmt-oral, 2cmt-iv, "
+                        "1cmt-infusion, 1cmt-zero-order")
+    f.add_argument("--absorption", choices=ABSORPTIONS, default=None,
+                   help="absorption (default first_order; implied by NCMT-ROUTE)")
     f.add_argument("--iiv", default=None,
                    help="comma-separated parameters with IIV, or 'none' "
                         "(default: cl, the central volume and ka if absorbed first-order)")
@@ -77,7 +109,13 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--draws", type=_count(1), default=500, help="draws kept (NUTS per chain; VI)")
     f.add_argument("--seed", type=int, default=0)
     f.add_argument("--n-sim", type=_count(1), default=200, dest="n_sim", help="VPC replicates")
-    f.add_argument("--out", required=True, help="output folder (created if needed)")
+    f.add_argument("--npde-sim", type=_count(2), default=1000, dest="npde_sim",
+                   help="NPDE replicates")
+    f.add_argument("--individual", type=_count(0), default=16,
+                   help="subjects in individual.png (0: no plot)")
+    f.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar for vi/nuts (default: on a terminal)")
+    f.add_argument("--out", default="genprog-fit", help="output folder (created if needed)")
     return p
 
 
@@ -97,7 +135,11 @@ def _covariates(specs) -> dict:
 def _model(args, data):
     from . import PopulationModel, structural
 
-    structure = getattr(structural, STRUCTURES[args.structure])(absorption=args.absorption)
+    name, implied = args.structure
+    if implied is not None and args.absorption is not None and args.absorption != implied:
+        raise UsageError(f"--absorption {args.absorption} contradicts --structure (implies {implied})")
+    absorption = implied or args.absorption or "first_order"
+    structure = getattr(structural, STRUCTURES[name])(absorption=absorption)
     params = structure.parameters
     if args.iiv is None:
         iiv = [p for p in ("cl", "v", "v1", "ka") if p in params]
@@ -115,13 +157,16 @@ def _model(args, data):
     return model
 
 
-def _fit(args, model, data):
+def _fit(args, model, data, err):
+    what = {"mle": "population maximum likelihood (Laplace)", "vi": "variational inference",
+            "nuts": f"NUTS, {args.chains} chains x ({args.warmup} warmup + {args.draws} draws)"}
+    print(f"fitting: {what[args.method]} ...", file=err, flush=True)
     if args.method == "mle":
         return model.fit(data, "mle", seed=args.seed)
     if args.method == "vi":
-        return model.fit(data, "vi", draws=args.draws, seed=args.seed)
+        return model.fit(data, "vi", draws=args.draws, seed=args.seed, progress=args.progress)
     return model.fit(data, "nuts", chains=args.chains, warmup=args.warmup, draws=args.draws,
-                     seed=args.seed)
+                     seed=args.seed, progress=args.progress)
 
 
 def _report_warnings(caught, err) -> None:
@@ -131,10 +176,15 @@ def _report_warnings(caught, err) -> None:
         print(f"warning: {w.message}", file=err)
 
 
-def _read(args):
+def _read(args, err):
+    from . import dataset_path
     from .data import read_nonmem
 
-    return read_nonmem(args.data, lloq=args.lloq)
+    path = args.data
+    if path is None:
+        path = dataset_path("theo_sd")
+        print(f"no data file given: fitting the bundled example theo_sd ({path})", file=err)
+    return read_nonmem(path, lloq=args.lloq)
 
 
 def _describe(data) -> str:
@@ -146,11 +196,16 @@ def _describe(data) -> str:
 def _run_fit(args, model, data, outdir, out, err) -> int:
     import pandas as pd
 
-    from .diagnostics import plot_gof, residuals, vpc
+    from .diagnostics import plot_gof, plot_individual, plot_npde, residuals, vpc
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        fit = _fit(args, model, data)
+        try:
+            fit = _fit(args, model, data, err)
+        except (ValueError, TypeError) as e:
+            _report_warnings(caught, err)
+            print(f"error: fit failed: {_message(e)}", file=err)
+            return 2
     _report_warnings(caught, err)
     table = fit.summary()
     with pd.option_context("display.width", 200, "display.max_columns", 20):
@@ -172,14 +227,25 @@ def _run_fit(args, model, data, outdir, out, err) -> int:
             individual[f"eta_{p}"] = fit.eta[:, j].cpu().numpy()
     individual.to_csv(outdir / "individual.csv", float_format="%.8g")
     written.append("individual.csv")
-    residuals(fit).to_csv(outdir / "residuals.csv", index=False, float_format="%.8g")
+    residuals(fit, npde=True, n_sim=args.npde_sim, seed=args.seed).to_csv(
+        outdir / "residuals.csv", index=False, float_format="%.8g")
     written.append("residuals.csv")
-    plot_gof(fit).savefig(outdir / "gof.png", dpi=110)
-    written.append("gof.png")
-    if args.method == "mle":
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plot_gof(fit).savefig(outdir / "gof.png", dpi=110)
         vpc(fit, n_sim=args.n_sim, seed=args.seed).savefig(outdir / "vpc.png", dpi=110)
-        written.append("vpc.png")
-    else:
+        fig = plot_npde(fit, n_sim=args.npde_sim, seed=args.seed)
+        fig.savefig(outdir / "npde.png", dpi=110)
+        written += ["gof.png", "vpc.png", "npde.png"]
+        a = fig.npde_table.attrs
+        print(f"\nNPDE: mean {a['mean']:.3f}, variance {a['variance']:.3f}, "
+              f"global p {a['p_global']:.3g}", file=out)
+        if args.individual:
+            plot_individual(fit, subjects=list(data.ids)[:args.individual]).savefig(
+                outdir / "individual.png", dpi=110)
+            written.append("individual.png")
+    _report_warnings(caught, err)
+    if args.method != "mle":
         fit.save(outdir / "posterior.nc")
         written.append("posterior.nc")
     print(f"\nwrote {', '.join(written)} to {outdir}", file=out)
@@ -196,7 +262,7 @@ def main(argv=None) -> int:
         return e.code if isinstance(e.code, int) else 2
     out, err = sys.stdout, sys.stderr
     try:
-        data = _read(args)
+        data = _read(args, err)
         if args.command == "describe":
             print(_describe(data), file=out)
             return 0

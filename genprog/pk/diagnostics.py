@@ -1,13 +1,14 @@
 """Model diagnostics for population PK fits: residuals, goodness-of-fit plots, visual
-predictive checks (VPC) and eta shrinkage.
+predictive checks (VPC), normalised prediction distribution errors (NPDE), individual fit
+plots and eta shrinkage.
 
 Every function takes a fitted population model: a point fit
-(:class:`~genprog.pk.estimation.PopulationFit`, ``method="mle"``) or, for
-:func:`residuals`, :func:`plot_gof` and :func:`shrinkage`, a Bayesian fit
-(:class:`~genprog.pk.population.PopulationBayesFit`), which is summarised by a point:
-posterior medians of the population parameters (the posterior mean correlation matrix of
-an omega block) and posterior-mean etas. Simulation (:func:`simulate`, :func:`vpc`) needs
-a point fit.
+(:class:`~genprog.pk.estimation.PopulationFit`, ``method="mle"``) or a Bayesian fit
+(:class:`~genprog.pk.population.PopulationBayesFit`). For residuals, predictions and
+shrinkage a Bayesian fit is summarised by a point: posterior medians of the population
+parameters (the posterior mean correlation matrix of an omega block) and posterior-mean
+etas. Simulation (:func:`simulate`, hence :func:`vpc` and :func:`npde`) uses the point
+estimate of a point fit and a random posterior draw per replicate of a Bayesian fit.
 
 Residuals (one row per observation the model describes; BLQ observations are left out):
 
@@ -40,7 +41,8 @@ import torch
 from .estimation import LaplaceObjective, PopulationFit
 from .summary import _shrinkage
 
-__all__ = ["plot_gof", "residuals", "shrinkage", "simulate", "vpc", "vpc_table"]
+__all__ = ["individual_curves", "npde", "npde_tests", "plot_gof", "plot_individual", "plot_npde",
+           "residuals", "shrinkage", "simulate", "vpc", "vpc_table"]
 
 
 # ----------------------------------------------------------------------------- point values
@@ -102,6 +104,16 @@ def _point(fit):
                     f"got {type(fit).__name__}")
 
 
+def _fit_data(fit):
+    """The data set a population fit was fitted to."""
+    if isinstance(fit, PopulationFit):
+        return fit.data
+    if _is_bayes(fit):
+        return fit.dataset if fit.dataset is not None else fit.model.dataset
+    raise TypeError(f"expected a population fit (pk.PopulationModel(...).fit(data, method)), "
+                    f"got {type(fit).__name__}")
+
+
 def _objective(pop, data) -> LaplaceObjective:
     return LaplaceObjective(pop, data, pop.priors_for(data))
 
@@ -145,7 +157,17 @@ def _cwres(obj: LaplaceObjective, values, eta, observed, dv, log_scale: bool) ->
     return (_inverse_sqrt(cov) @ r[..., None]).squeeze(-1)
 
 
-def residuals(fit) -> pd.DataFrame:
+def _predictions(fit):
+    """``PRED`` and ``IPRED`` ``[S, T]`` (float64) at the fit's point."""
+    pop, data, values, eta = _point(fit)
+    obj = _objective(pop, data)
+    with torch.no_grad():
+        _, pred = obj.conditional(values, torch.zeros_like(eta) if obj.P else None)
+        _, ipred = obj.conditional(values, eta if obj.P else None)
+    return pred, ipred
+
+
+def residuals(fit, *, npde: bool = False, n_sim: int = 1000, seed: int = 0) -> pd.DataFrame:
     """Predictions and residuals, one row per observation.
 
     Parameters
@@ -153,13 +175,19 @@ def residuals(fit) -> pd.DataFrame:
     fit : PopulationFit or PopulationBayesFit
         A fitted population model (a Bayesian fit is summarised by posterior medians and
         posterior-mean etas; see the module docstring).
+    npde : bool
+        Add the column ``NPDE`` (:func:`npde`, from ``n_sim`` replicates simulated with
+        ``seed``); off by default, as it simulates.
+    n_sim, seed : int
+        For ``npde``.
 
     Returns
     -------
     pandas.DataFrame
         Columns ``ID, TIME, DV, PRED, IPRED, RES, IRES, IWRES, CWRES`` (definitions in the
-        module docstring), rows in data order (subject, then time). Observations below the
-        limit of quantification and those of other observation types (DVID) are left out.
+        module docstring; ``NPDE`` last when asked for), rows in data order (subject, then
+        time). Observations below the limit of quantification and those of other
+        observation types (DVID) are left out.
 
     Examples
     --------
@@ -202,11 +230,14 @@ def residuals(fit) -> pd.DataFrame:
         return x.detach().cpu().numpy()[keep]
 
     dv_n, pred_n, ipred_n = col(dv), col(pred), col(ipred)
-    return pd.DataFrame({
+    table = pd.DataFrame({
         "ID": ids[keep], "TIME": col(data.obs_time), "DV": dv_n, "PRED": pred_n,
         "IPRED": ipred_n, "RES": dv_n - pred_n, "IRES": dv_n - ipred_n, "IWRES": col(iwres),
         "CWRES": col(cwres),
     })
+    if npde:
+        table["NPDE"] = _npde_table(fit, n_sim, seed)["NPDE"].to_numpy()
+    return table
 
 
 def shrinkage(fit) -> pd.Series:
@@ -309,17 +340,70 @@ def _describe_model(pop) -> str:
 # ----------------------------------------------------------------------------- simulation
 
 
+def _check_count(name: str, n) -> int:
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"{name} must be a positive integer, got {n!r}")
+    return n
+
+
+def _replicates(fit, n: int, gen: torch.Generator):
+    """``(pop, data, values, subject_eta, batched)`` for ``n`` simulation replicates.
+
+    A point fit gives its estimates (unbatched) and EBEs ``[S, P]``; a Bayesian fit gives
+    ``n`` posterior draws picked at random (``values[site]`` with a leading dim ``n``) and
+    the same draws' etas ``[n, S, P]``."""
+    if isinstance(fit, PopulationFit):
+        pop, data, values, eta = _point(fit)
+        return pop, data, values, eta, False
+    if not _is_bayes(fit):
+        raise TypeError(f"expected a population fit (pk.PopulationModel(...).fit(data, method)), "
+                        f"got {type(fit).__name__}")
+    pop, data, _, _ = _point(fit)
+    draws = _flat_draws(fit)
+    n_draws = next(iter(draws.values())).shape[0]
+    idx = torch.randint(n_draws, (n,), generator=gen, device=gen.device)
+    values = {s: draws[s][idx.to(draws[s].device)] for s in pop.priors_for(data)}
+    eta = _bayes_eta(pop, {k: v[idx.to(v.device)] for k, v in draws.items()})
+    if eta is None:
+        eta = torch.zeros(n, data.n_subjects, 0, dtype=torch.float64, device=data.obs_dv.device)
+    return pop, data, values, eta, True
+
+
+def _take(values: dict, batched: bool, sl: slice) -> dict:
+    return {k: v[sl] for k, v in values.items()} if batched else values
+
+
+def _sigma_like(sigma: dict, batched: bool, conc: torch.Tensor) -> dict:
+    """Residual-error parameters shaped to broadcast against ``conc [n, ...]``."""
+    if not batched:
+        return sigma
+    return {k: v.reshape(v.shape[0], *([1] * (conc.dim() - 1))) for k, v in sigma.items()}
+
+
+def _new_etas(obj, values, z: torch.Tensor) -> torch.Tensor | None:
+    """Etas ``~ MVN(0, Omega)`` from standard normals ``z [n, S, P]`` (Omega per replicate
+    when ``values`` are batched)."""
+    if not obj.P:
+        return None
+    return z @ obj.scale_tril(values).transpose(-1, -2)  # [n, S, P] @ ([n,] P, P)
+
+
+def _with_error(pop, conc, sigma, eps):
+    sd = pop.residual_sd(conc, sigma)
+    return conc * torch.exp(sd * eps) if pop.error == "exponential" else conc + sd * eps
+
+
 def simulate(fit, n_sim: int = 200, seed: int = 0) -> torch.Tensor:
     """Replicate data sets from a fitted model at the data's design.
 
     For each replicate, new etas ``~ MVN(0, Omega)`` per subject and new residual errors
-    from the model's error model, at the estimated population parameters; all replicates
-    and subjects at once (vectorised).
+    from the model's error model: at the estimated population parameters (point fit), or
+    at a posterior draw picked at random per replicate (Bayesian fit, so parameter
+    uncertainty is propagated); all replicates and subjects at once (vectorised).
 
     Parameters
     ----------
-    fit : PopulationFit
-        A point fit (``method="mle"``).
+    fit : PopulationFit or PopulationBayesFit
     n_sim : int
         Number of replicates.
     seed : int
@@ -329,37 +413,360 @@ def simulate(fit, n_sim: int = 200, seed: int = 0) -> torch.Tensor:
     -------
     Tensor [n_sim, S, T]
         Simulated DV at every observation slot of the data (padding slots hold values too;
-        mask them with ``fit.population.observation_mask(fit.data)``), float64 on the
+        mask them with ``fit.population.observation_mask(data)``), float64 on the
         data's device. No censoring is applied.
     """
-    if not isinstance(fit, PopulationFit):
-        raise TypeError(f"simulate/vpc: need a point fit (method='mle'), got {type(fit).__name__}; "
-                        "for a Bayesian fit use fit.predict()")
-    if not isinstance(n_sim, int) or isinstance(n_sim, bool) or n_sim < 1:
-        raise ValueError(f"n_sim must be a positive integer, got {n_sim!r}")
-    pop, data, values, _ = _point(fit)
+    _check_count("n_sim", n_sim)
+    gen = torch.Generator(device=_fit_data(fit).obs_dv.device).manual_seed(int(seed))
+    pop, data, values, _, batched = _replicates(fit, n_sim, gen)
     obj = _objective(pop, data)
-    typical, betas, sigma = obj.split(values)
     S, T = data.obs_dv.shape
-    device, dtype = data.obs_dv.device, data.obs_dv.dtype
-    gen = torch.Generator(device=device).manual_seed(int(seed))
-    z = torch.randn(n_sim, S, obj.P, generator=gen, device=device, dtype=dtype)
-    eps = torch.randn(n_sim, S, T, generator=gen, device=device, dtype=dtype)
+    dtype = data.obs_dv.dtype
+    z = torch.randn(n_sim, S, obj.P, generator=gen, device=gen.device, dtype=dtype)
+    eps = torch.randn(n_sim, S, T, generator=gen, device=gen.device, dtype=dtype)
     D = max(int(data.dose_time.shape[-1]), 1)
     chunk = max(1, int(2e7 // (S * T * D)))
     out = []
     with torch.no_grad():
-        L = obj.scale_tril(values) if obj.P else None
         for start in range(0, n_sim, chunk):
-            zc = z[start:start + chunk]
-            eta = zc @ L.transpose(-1, -2) if obj.P else None
-            ind = pop.individual_parameters(typical, betas, eta, data)
-            ind = {k: v.expand(zc.shape[0], S) for k, v in ind.items()}
+            sl = slice(start, start + chunk)
+            v = _take(values, batched, sl)
+            typical, betas, sigma = obj.split(v)
+            zc = z[sl]
+            ind = pop.individual_parameters(typical, betas, _new_etas(obj, v, zc), data)
+            ind = {k: t.expand(zc.shape[0], S) for k, t in ind.items()}
             conc = pop.structure.concentration(ind, data)  # [n, S, T]
-            sd = pop.residual_sd(conc, sigma)
-            e = eps[start:start + chunk]
-            out.append(conc * torch.exp(sd * e) if pop.error == "exponential" else conc + sd * e)
+            out.append(_with_error(pop, conc, _sigma_like(sigma, batched, conc), eps[sl]))
     return torch.cat(out, 0)
+
+
+# ----------------------------------------------------------------------------- NPDE
+
+
+def npde(fit, n_sim: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """Normalised prediction distribution errors (Brendel et al. 2006, *Pharm Res*
+    23:2036; Comets, Brendel & Mentre 2008, *Comput Methods Programs Biomed* 90:154).
+
+    ``n_sim`` replicate data sets are simulated at the data's design (:func:`simulate`:
+    the point estimate, or posterior draws for a Bayesian fit). Per subject ``i`` with
+    observations ``y_i``, the simulations give the mean ``E_i`` and covariance ``V_i``;
+    with ``V_i = L_i L_i^T`` (Cholesky, observations in time order) observed and simulated
+    vectors are decorrelated, ``y*_i = L_i^{-1} (y_i - E_i)`` and likewise each simulated
+    ``y*_ik``; ``pde_ij`` is the share of simulated ``y*_ikj`` below ``y*_ij``, moved to
+    ``1/(2K)`` and ``1 - 1/(2K)`` when it is 0 or 1 (``K = n_sim``), and
+    ``npde_ij = Phi^{-1}(pde_ij)``. Under the model, NPDE are N(0, 1) and independent.
+    Exponential error: on the log scale. BLQ observations and other observation types
+    are left out; an observation whose simulated values have no spread (proportional
+    error at a zero prediction) gets NaN.
+
+    Parameters
+    ----------
+    fit : PopulationFit or PopulationBayesFit
+    n_sim : int
+        Replicates ``K`` (Comets et al. recommend at least 1000).
+    seed : int
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``ID, TIME, DV, EPRED`` (mean of the simulations), ``PDE, NPDE``, rows as
+        in :func:`residuals`. ``attrs``: ``n_sim``, ``seed``, and :func:`npde_tests` of the
+        column (``mean``, ``variance``, ``p_mean`` (t test), ``p_variance`` (Fisher's
+        chi-square), ``p_normal`` (Shapiro-Wilk), ``p_global`` (Bonferroni)).
+
+    Examples
+    --------
+    >>> from genprog import pk
+    >>> data = pk.read_nonmem(pk.dataset_path("theo_sd"))
+    >>> fit = pk.PopulationModel(pk.OneCompartment(), ["cl", "v"], "proportional").fit(
+    ...     data, "mle", standard_errors=False)
+    >>> table = npde(fit, n_sim=200)
+    >>> list(table.columns)
+    ['ID', 'TIME', 'DV', 'EPRED', 'PDE', 'NPDE']
+    """
+    _check_count("n_sim", n_sim)
+    if n_sim < 2:
+        raise ValueError("npde: n_sim must be at least 2")
+    sims = simulate(fit, n_sim, seed)
+    pop, data, _, _ = _point(fit)
+    observed = (pop.observation_mask(data) & ~data.obs_blq).to(sims.device)
+    dv = data.obs_dv.to(sims.device)
+    if pop.error == "exponential":
+        sims, dv = torch.log(sims.clamp_min(1e-300)), torch.log(dv.clamp_min(1e-300))
+    epred, pde = _pde(dv, sims, observed)
+    npde_ = torch.special.ndtri(pde)
+    S, T = dv.shape
+    ids = np.repeat(np.asarray(data.ids, dtype=object), T).reshape(S, T)
+    keep = observed.cpu().numpy()
+    if pop.error == "exponential":
+        epred = torch.exp(epred)
+
+    def col(x):
+        return x.detach().cpu().numpy()[keep]
+
+    table = pd.DataFrame({"ID": ids[keep], "TIME": col(data.obs_time), "DV": col(data.obs_dv),
+                          "EPRED": col(epred), "PDE": col(pde), "NPDE": col(npde_)})
+    table.attrs.update({"n_sim": n_sim, "seed": seed, **npde_tests(table["NPDE"])})
+    return table
+
+
+_npde_table = npde  # residuals(npde=...) shadows the name
+
+
+def _pde(y: torch.Tensor, sims: torch.Tensor, observed: torch.Tensor):
+    """Mean of the simulations ``[S, T]`` and decorrelated prediction discrepancies
+    ``[S, T]`` (NaN where not observed or the simulations have no spread)."""
+    K = sims.shape[0]
+    m = observed.to(sims.dtype)
+    mean = sims.mean(0)
+    dev = (sims - mean) * m  # [K, S, T]
+    var = dev.pow(2).sum(0) / (K - 1)
+    spread = var > 1e-12 * (mean.abs() + var.sqrt() + 1e-300) ** 2
+    spread = spread & observed
+    m = spread.to(sims.dtype)
+    dev = dev * m
+    cov = torch.einsum("kst,ksu->stu", dev, dev) / (K - 1)
+    cov = cov * (m[:, :, None] * m[:, None, :]) + torch.diag_embed(1 - m)
+    eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
+    L, info = torch.linalg.cholesky_ex(cov)
+    jitter = 1e-10
+    while bool((info != 0).any()) and jitter < 1:
+        scale = torch.diagonal(cov, dim1=-2, dim2=-1).mean(-1)[:, None, None]
+        L, info = torch.linalg.cholesky_ex(cov + jitter * scale * eye)
+        jitter *= 100
+    r = torch.where(spread, y - mean, torch.zeros_like(y))
+    y_star = torch.linalg.solve_triangular(L, r[..., None], upper=False).squeeze(-1)  # [S, T]
+    sim_star = torch.linalg.solve_triangular(L, dev.permute(1, 2, 0), upper=False)  # [S, T, K]
+    pde = (sim_star < y_star[..., None]).to(sims.dtype).mean(-1)
+    pde = pde.clamp(1 / (2 * K), 1 - 1 / (2 * K))
+    return mean, torch.where(spread, pde, torch.full_like(pde, float("nan")))
+
+
+def npde_tests(values) -> dict:
+    """Tests of NPDE against N(0, 1) (Comets et al. 2008): ``mean``, ``variance``,
+    ``p_mean`` (one-sample t test of mean 0), ``p_variance`` (Fisher's two-sided
+    chi-square test of variance 1), ``p_normal`` (Shapiro-Wilk), ``p_global``
+    (Bonferroni: 3 x the smallest, at most 1). NaNs are left out."""
+    from scipy import stats
+
+    x = np.asarray(values, dtype=float)
+    x = x[np.isfinite(x)]
+    n = x.size
+    if n < 3:
+        nan = float("nan")
+        return {"mean": nan, "variance": nan, "p_mean": nan, "p_variance": nan,
+                "p_normal": nan, "p_global": nan}
+    var = float(x.var(ddof=1))
+    p_mean = float(stats.ttest_1samp(x, 0.0).pvalue)
+    chi = (n - 1) * var
+    p_var = float(min(1.0, 2 * min(stats.chi2.cdf(chi, n - 1), stats.chi2.sf(chi, n - 1))))
+    p_norm = float(stats.shapiro(x).pvalue) if n <= 5000 else float(stats.normaltest(x).pvalue)
+    return {"mean": float(x.mean()), "variance": var, "p_mean": p_mean, "p_variance": p_var,
+            "p_normal": p_norm, "p_global": float(min(1.0, 3 * min(p_mean, p_var, p_norm)))}
+
+
+def plot_npde(fit, n_sim: int = 1000, seed: int = 0, figsize=(9.0, 8.0)):
+    """NPDE diagnostics, 2 x 2: histogram with the N(0, 1) density, normal QQ plot, NPDE
+    vs TIME and NPDE vs PRED (with zero and +-1.96 lines).
+
+    Parameters are those of :func:`npde`, plus ``figsize``.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        Four axes; the table is in ``fig.npde_table`` (its ``attrs`` hold the tests).
+    """
+    from scipy import stats
+
+    table = npde(fit, n_sim, seed)
+    pred = residuals(fit)["PRED"].to_numpy()
+    x = table["NPDE"].to_numpy()
+    ok = np.isfinite(x)
+    fig = _figure(figsize=figsize)
+    axes = fig.subplots(2, 2)
+    grid = np.linspace(-4, 4, 201)
+    axes[0, 0].hist(x[ok], bins=max(10, min(40, int(np.sqrt(ok.sum())))), density=True,
+                    color="tab:blue", alpha=0.6)
+    axes[0, 0].plot(grid, stats.norm.pdf(grid), color="black", lw=1.2)
+    axes[0, 0].set_xlabel("NPDE")
+    axes[0, 0].set_ylabel("density")
+    axes[0, 0].set_title("NPDE histogram vs N(0, 1)")
+    theo = stats.norm.ppf((np.arange(1, ok.sum() + 1) - 0.5) / max(ok.sum(), 1))
+    axes[0, 1].scatter(theo, np.sort(x[ok]), s=10, color="tab:blue", edgecolors="none")
+    axes[0, 1].plot([-4, 4], [-4, 4], color="black", lw=1)
+    axes[0, 1].set_xlabel("N(0, 1) quantile")
+    axes[0, 1].set_ylabel("NPDE quantile")
+    axes[0, 1].set_title("NPDE QQ plot")
+    point = {"s": 14, "alpha": 0.6, "color": "tab:blue", "edgecolors": "none"}
+    for ax, xs, name in ((axes[1, 0], table["TIME"].to_numpy(), "TIME"), (axes[1, 1], pred, "PRED")):
+        ax.scatter(xs[ok], x[ok], **point)
+        ax.axhline(0.0, color="black", lw=1)
+        for y in (-1.96, 1.96):
+            ax.axhline(y, color="gray", lw=0.8, ls="--")
+        ax.set_xlabel(name)
+        ax.set_ylabel("NPDE")
+        ax.set_title(f"NPDE vs {name}")
+    a = table.attrs
+    fig.suptitle(f"NPDE ({n_sim} replicates): mean {a['mean']:.3f}, variance {a['variance']:.3f}, "
+                 f"global p {a['p_global']:.3g}")
+    fig.npde_table = table
+    return fig
+
+
+# ----------------------------------------------------------------------------- individual fits
+
+
+def _grid_data(data, pop, n_grid: int):
+    """The data set with each subject's observation slots replaced by a dense time grid
+    (``n_grid`` points from the first event to the last, plus the subject's observation
+    times): ``(grid Dataset, grid [S, G], mask [S, G])``."""
+    import dataclasses
+
+    S = data.n_subjects
+    dev, dt = data.obs_time.device, data.obs_time.dtype
+    grids = []
+    for i in range(S):
+        obs_t = data.obs_time[i][data.obs_mask[i]]
+        dose_t = data.dose_time[i][data.dose_mask[i]]
+        both = torch.cat([obs_t, dose_t])
+        lo = float(torch.clamp(both.min(), max=0.0)) if both.numel() else 0.0
+        hi = float(both.max()) if both.numel() else 1.0
+        hi = hi if hi > lo else lo + 1.0
+        g = torch.cat([torch.linspace(lo, hi, n_grid, dtype=dt, device=dev), obs_t, dose_t])
+        grids.append(torch.unique(g))
+    G = max(g.numel() for g in grids)
+    grid = torch.stack([torch.cat([g, g[-1:].expand(G - g.numel())]) for g in grids])
+    mask = torch.stack([torch.arange(G, device=dev) < g.numel() for g in grids])
+    # reset epoch at each grid time: that of the latest event (dose or observation) at or
+    # before it
+    ev_t = torch.cat([torch.where(data.dose_mask, data.dose_time, torch.full_like(data.dose_time, float("inf"))),
+                      torch.where(data.obs_mask, data.obs_time, torch.full_like(data.obs_time, float("inf")))], 1)
+    ev_e = torch.cat([data.dose_epoch, data.obs_epoch], 1)
+    before = ev_t[:, None, :] <= grid[:, :, None]  # [S, G, E]
+    epoch = torch.where(before, ev_e[:, None, :], torch.full_like(ev_e[:, None, :], -1)).amax(-1)
+    first = torch.where(data.obs_mask, data.obs_epoch, torch.full_like(data.obs_epoch, 10 ** 9)).amin(-1)
+    epoch = torch.where(epoch >= 0, epoch, first[:, None].clamp_max(10 ** 8))
+    code = 0
+    if pop.dvid is not None:
+        code = pop.dvid if isinstance(pop.dvid, int) else data.dvid_names.index(pop.dvid)
+    nan = torch.full_like(grid, float("nan"))
+    grid_data = dataclasses.replace(
+        data, obs_time=grid, obs_dv=torch.zeros_like(grid),
+        obs_cmt=torch.zeros(S, G, dtype=data.obs_cmt.dtype, device=dev),
+        obs_dvid=torch.full((S, G), code, dtype=data.obs_dvid.dtype, device=dev),
+        obs_blq=torch.zeros(S, G, dtype=torch.bool, device=dev), obs_lloq=nan,
+        obs_epoch=epoch.to(data.obs_epoch.dtype), obs_mask=mask, time_varying={})
+    return grid_data, grid, mask
+
+
+def individual_curves(fit, n_grid: int = 200) -> pd.DataFrame:
+    """Typical (``PRED``) and individual (``IPRED``) predictions on a dense time grid per
+    subject: ``n_grid`` points from the subject's first event to its last, plus its
+    observation and dose times.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``ID, TIME, PRED, IPRED``, one row per subject and grid time.
+    """
+    _check_count("n_grid", n_grid)
+    pop, data, values, eta = _point(fit)
+    obj = _objective(pop, data)
+    grid_data, grid, mask = _grid_data(data, pop, n_grid)
+    typical, betas, _ = obj.split(values)
+    with torch.no_grad():
+        curves = {}
+        for name, e in (("PRED", torch.zeros_like(eta) if obj.P else None),
+                        ("IPRED", eta if obj.P else None)):
+            # individual parameters on the original data (covariate references as fitted)
+            ind = pop.individual_parameters(typical, betas, e, data)
+            ind = {k: v.expand(data.n_subjects) for k, v in ind.items()}
+            curves[name] = pop.structure.concentration(ind, grid_data)
+    keep = mask.cpu().numpy()
+    S, G = grid.shape
+    ids = np.repeat(np.asarray(data.ids, dtype=object), G).reshape(S, G)
+    return pd.DataFrame({"ID": ids[keep], "TIME": grid.cpu().numpy()[keep],
+                         "PRED": curves["PRED"].cpu().numpy()[keep],
+                         "IPRED": curves["IPRED"].cpu().numpy()[keep]})
+
+
+def plot_individual(fit, subjects=None, ncols: int = 4, n_grid: int = 200, log: bool = False,
+                    figsize=None):
+    """Individual fit plots: one panel per subject with the observations (points), the
+    individual (IPRED, solid) and typical (PRED, dashed) predictions on a dense time grid
+    (:func:`individual_curves`), and the doses (ticks along the time axis; BLQ
+    observations as open markers at their limit).
+
+    Parameters
+    ----------
+    fit : PopulationFit or PopulationBayesFit
+    subjects : sequence, optional
+        Subject IDs to show (as in the data), in that order; default all.
+    ncols : int
+        Panels per row.
+    n_grid : int
+        Grid points per subject.
+    log : bool
+        Logarithmic concentration axes (non-positive values left out).
+    figsize : tuple, optional
+        Default ``(3 ncols, 2.6 nrows)`` inches.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        One axes per subject, titled ``ID <id>``; each holds two lines, IPRED then PRED.
+    """
+    _check_count("ncols", ncols)
+    pop, data, _, _ = _point(fit)
+    ids = list(data.ids)
+    if subjects is None:
+        chosen = ids
+    else:
+        chosen = list(subjects) if not isinstance(subjects, (str, int, float)) else [subjects]
+        lookup = {str(i): i for i in ids}
+        missing = [s for s in chosen if s not in ids and str(s) not in lookup]
+        if missing or not chosen:
+            raise ValueError(f"plot_individual: unknown subject(s) {missing or chosen}; "
+                             f"the data has IDs {ids[:20]}{' ...' if len(ids) > 20 else ''}")
+        chosen = [s if s in ids else lookup[str(s)] for s in chosen]
+    curves = individual_curves(fit, n_grid)
+    observed = pop.observation_mask(data)
+    n = len(chosen)
+    ncols = min(ncols, n)
+    nrows = -(-n // ncols)
+    fig = _figure(figsize=figsize or (3.0 * ncols, 2.6 * nrows))
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False).ravel())
+    for ax in axes[n:]:
+        fig.delaxes(ax)
+    for ax, sid in zip(axes, chosen):
+        i = ids.index(sid)
+        c = curves[curves["ID"] == sid]
+        t, ipred, pred = c["TIME"].to_numpy(), c["IPRED"].to_numpy(), c["PRED"].to_numpy()
+        if log:
+            ipred, pred = np.where(ipred > 0, ipred, np.nan), np.where(pred > 0, pred, np.nan)
+        ax.plot(t, ipred, color="tab:blue", lw=1.4, label="IPRED")
+        ax.plot(t, pred, color="tab:red", lw=1.0, ls="--", label="PRED")
+        sel = observed[i]
+        ot = data.obs_time[i][sel].cpu().numpy()
+        dv = data.obs_dv[i][sel].cpu().numpy()
+        blq = data.obs_blq[i][sel].cpu().numpy()
+        ok = ~blq & ((dv > 0) if log else np.isfinite(dv))
+        ax.scatter(ot[ok], dv[ok], s=14, color="black", zorder=3, label="DV")
+        if blq.any():
+            lloq = data.obs_lloq[i][sel].cpu().numpy()[blq]
+            ax.scatter(ot[blq], lloq, s=14, facecolors="none", edgecolors="gray", zorder=3,
+                       label="BLQ (at LLOQ)")
+        dt = data.dose_time[i][data.dose_mask[i]].cpu().numpy()
+        ax.vlines(dt, 0, 0.05, transform=ax.get_xaxis_transform(), color="tab:green", lw=1.5,
+                  label="dose")
+        if log:
+            ax.set_yscale("log")
+        ax.set_title(f"ID {sid}", fontsize=9)
+        ax.tick_params(labelsize=7)
+    axes[0].legend(fontsize=6, loc="best")
+    fig.supxlabel("TIME")
+    fig.supylabel("concentration")
+    return fig
 
 
 def _bin_edges(t: np.ndarray, bins) -> np.ndarray:
@@ -452,7 +859,7 @@ def _vpc(fit, n_sim, bins, pi, ci, seed, prediction_corrected):
         raise ValueError(f"ci must be in (0, 1), got {ci!r}")
     sims = simulate(fit, n_sim, seed)
     pop = fit.population
-    data = fit.data.to(dtype=torch.float64)
+    data = _fit_data(fit).to(dtype=torch.float64)
     observed = (pop.observation_mask(data) & ~data.obs_blq).to(sims.device)
     t = data.obs_time[observed].cpu().numpy()
     dv = data.obs_dv[observed].cpu().numpy()
@@ -460,8 +867,7 @@ def _vpc(fit, n_sim, bins, pi, ci, seed, prediction_corrected):
     edges = _bin_edges(t, bins)
     idx = _assign(t, edges)
     if prediction_corrected:
-        pred, _ = fit.predictions()
-        pred = pred.double()[observed.to(pred.device)].cpu().numpy()
+        pred = _predictions(fit)[0][observed.to(sims.device)].cpu().numpy()
         ok = pred > 0
         factor = np.full_like(pred, np.nan)
         for b in range(edges.size - 1):

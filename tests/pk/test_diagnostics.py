@@ -8,6 +8,7 @@ shrinkage column. One module-scoped ML fit of theo_sd is shared (~6-30 s).
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.linalg
+import scipy.stats
 import torch
 
 import genprog as gp
@@ -172,8 +174,21 @@ def test_bayesian_fit_is_summarised_at_its_point(fit, data):
     np.testing.assert_allclose(dg.shrinkage(bayes).to_numpy(),
                                bayes.summary().loc[["omega_ka", "omega_cl", "omega_v"], "shrinkage_pct"])
     assert len(dg.plot_gof(bayes).axes) == 4
-    with pytest.raises(TypeError, match="point fit"):
-        dg.simulate(bayes, 10)
+
+
+def test_bayesian_simulation_uses_the_draws(fit, data):
+    """A Bayesian fit simulates at its posterior draws: with every draw at the ML point the
+    replicates follow the point fit's distribution (percentiles within Monte Carlo error),
+    and VPC and NPDE run on it."""
+    bayes = _constant_bayes_fit(fit, data)
+    a, b = dg.simulate(bayes, 3000, seed=1).numpy(), dg.simulate(fit, 3000, seed=2).numpy()
+    assert a.shape == b.shape == (3000, 12, 11)
+    late = fit.predictions()[0].numpy() > 1.0
+    for q in (0.1, 0.5, 0.9):
+        qa, qb = np.quantile(a, q, 0)[late], np.quantile(b, q, 0)[late]
+        assert np.abs(np.log(qa / qb)).max() < 0.12, q
+    assert dg.vpc_table(bayes, n_sim=30).n_obs.sum() == 132
+    assert np.isfinite(dg.npde(bayes, n_sim=50)["NPDE"]).all()
 
 
 # ---- simulation and VPC -------------------------------------------------------------
@@ -260,6 +275,240 @@ def test_vpc_bins_and_validation(fit):
         dg.vpc_table(fit, n_sim=5, pi=(0.5, 0.05))
     with pytest.raises(ValueError, match="ci"):
         dg.vpc_table(fit, n_sim=5, ci=1.5)
+
+
+# ---- NPDE -------------------------------------------------------------------------------
+
+
+def _numpy_npde(y, sims):
+    """NPDE of one subject from its observations ``[T]`` and simulations ``[K, T]``
+    (Comets et al. 2008), in NumPy/SciPy."""
+    K = sims.shape[0]
+    mean = sims.mean(0)
+    L = np.linalg.cholesky(np.cov(sims, rowvar=False, ddof=1))
+    y_star = scipy.linalg.solve_triangular(L, y - mean, lower=True)
+    sim_star = scipy.linalg.solve_triangular(L, (sims - mean).T, lower=True)  # [T, K]
+    pde = np.clip((sim_star < y_star[:, None]).mean(1), 1 / (2 * K), 1 - 1 / (2 * K))
+    return scipy.stats.norm.ppf(pde)
+
+
+def test_npde_matches_numpy(fit, raw):
+    table = dg.npde(fit, n_sim=300, seed=5)
+    assert list(table.columns) == ["ID", "TIME", "DV", "EPRED", "PDE", "NPDE"] and len(table) == 132
+    sims = dg.simulate(fit, 300, seed=5).numpy()
+    got = table.NPDE.to_numpy().reshape(12, 11)
+    for i in range(12):
+        np.testing.assert_allclose(got[i], _numpy_npde(raw[i][2], sims[:, i]), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(table.EPRED.to_numpy().reshape(12, 11), sims.mean(0), rtol=1e-12)
+    assert table.PDE.between(1 / 600, 1 - 1 / 600).all()
+    with_npde = dg.residuals(fit, npde=True, n_sim=300, seed=5)
+    assert list(with_npde.columns)[-1] == "NPDE"
+    np.testing.assert_array_equal(with_npde.NPDE.to_numpy(), table.NPDE.to_numpy())
+    assert "NPDE" not in dg.residuals(fit).columns
+    with pytest.raises(ValueError, match="n_sim"):
+        dg.npde(fit, n_sim=1)
+
+
+def _design(n_subjects=40, seed=0):
+    """An oral design: 320 mg at 0, 8 samples per subject between 0.25 and 24 h, weights
+    around 70 kg."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(1, n_subjects + 1):
+        wt = float(rng.uniform(50, 90))
+        rows.append({"ID": i, "TIME": 0.0, "AMT": 320.0, "EVID": 1, "DV": 0.0, "WT": wt})
+        for t in (0.25, 0.5, 1, 2, 4, 8, 12, 24):
+            rows.append({"ID": i, "TIME": float(t), "AMT": 0.0, "EVID": 0, "DV": 0.0, "WT": wt})
+    return pk.read_nonmem(pd.DataFrame(rows))
+
+
+def _at(fit, data, **changes):
+    """The fit's model with its parameters changed, as a point fit on ``data``."""
+    est = {k: v.clone() for k, v in fit.estimates.items()}
+    est.update({k: torch.as_tensor(v, dtype=torch.float64) for k, v in changes.items()})
+    P = fit.eta.shape[1]
+    return dataclasses.replace(fit, data=data.to(dtype=torch.float64), estimates=est,
+                               eta=torch.zeros(data.n_subjects, P, dtype=torch.float64))
+
+
+def test_npde_calibration(fit):
+    """On data simulated from the model itself NPDE are N(0, 1) (mean, variance,
+    Kolmogorov-Smirnov at a lenient level); under wrong typical values or a too-small
+    omega they are not."""
+    design = _design()
+    sim = pk.simulate_data(fit.population, design, dict(fit.estimates), seed=11)
+    truth = _at(fit, sim)
+    x = dg.npde(truth, n_sim=1000, seed=1)["NPDE"].to_numpy()
+    assert x.size == 320 and np.isfinite(x).all()
+    assert abs(x.mean()) < 0.25 and 0.75 < x.var() < 1.3
+    assert scipy.stats.kstest(x, "norm").pvalue > 0.01
+    shifted = _at(fit, sim, cl=2 * float(fit.estimates["cl"]))
+    table = dg.npde(shifted, n_sim=1000, seed=1)
+    assert table.NPDE.mean() > 0.5 and scipy.stats.kstest(table.NPDE, "norm").pvalue < 1e-6
+    assert table.attrs["p_global"] < 1e-6
+    narrow = _at(fit, sim, omega=0.2 * fit.estimates["omega"])
+    y = dg.npde(narrow, n_sim=1000, seed=1)["NPDE"].to_numpy()
+    assert y.var() > 1.5 and scipy.stats.kstest(y, "norm").pvalue < 1e-3
+
+
+def test_plot_npde(fit, tmp_path):
+    fig = dg.plot_npde(fit, n_sim=100)
+    assert [a.get_title() for a in fig.axes] == ["NPDE histogram vs N(0, 1)", "NPDE QQ plot",
+                                                 "NPDE vs TIME", "NPDE vs PRED"]
+    assert len(fig.npde_table) == 132 and "p_global" in fig.npde_table.attrs
+    fig.savefig(tmp_path / "npde.png")
+    assert _is_png(tmp_path / "npde.png")
+
+
+# ---- individual fits ----------------------------------------------------------------------
+
+
+def test_individual_curves(fit, raw):
+    """IPRED / PRED on the dense grid against the closed form; the grid holds the
+    observation times, where the curves equal the residual table's predictions."""
+    ka, cl, v, *_ = estimates(fit)
+    eta = fit.eta.numpy()
+    curves = dg.individual_curves(fit, n_grid=50)
+    table = dg.residuals(fit)
+    for i, sid in enumerate(fit.data.ids):
+        c = curves[curves.ID == sid]
+        d, t_obs, _ = raw[i]
+        assert c.TIME.is_monotonic_increasing and len(c) >= 50
+        assert np.isin(t_obs.astype(np.float32), c.TIME.to_numpy().astype(np.float32)).all()
+        t = c.TIME.to_numpy()
+        np.testing.assert_allclose(c.PRED, oral_1cmt(d, t, cl, v, ka), rtol=1e-5, atol=1e-9)
+        np.testing.assert_allclose(c.IPRED, oral_1cmt(d, t, cl * np.exp(eta[i, 1]), v * np.exp(eta[i, 2]),
+                                                      ka * np.exp(eta[i, 0])), rtol=1e-5, atol=1e-9)
+        at_obs = c.set_index("TIME").loc[table[table.ID == sid].TIME]
+        np.testing.assert_allclose(at_obs.IPRED, table[table.ID == sid].IPRED, rtol=1e-10)
+
+
+def test_plot_individual(fit, tmp_path):
+    fig = dg.plot_individual(fit, n_grid=60)
+    assert len(fig.axes) == 12
+    assert [a.get_title() for a in fig.axes] == [f"ID {i}" for i in fit.data.ids]
+    for ax in fig.axes:
+        ipred, pred = ax.lines
+        assert len(ipred.get_xdata()) >= 60 and ipred.get_label() == "IPRED" and pred.get_label() == "PRED"
+        assert len(ax.collections) == 2  # observations, dose ticks
+        assert len(ax.collections[0].get_offsets()) == 11
+    fig.savefig(tmp_path / "ind.png")
+    assert _is_png(tmp_path / "ind.png")
+    some = fit.data.ids[3:8]
+    fig = dg.plot_individual(fit, subjects=some, ncols=2, log=True)
+    assert len(fig.axes) == 5 and fig.axes[0].get_yscale() == "log"
+    assert [a.get_title() for a in fig.axes] == [f"ID {i}" for i in some]
+    with pytest.raises(ValueError, match="unknown subject"):
+        dg.plot_individual(fit, subjects=["nobody"])
+
+
+# ---- regimen simulation -------------------------------------------------------------------
+
+
+def _superposition(t, dose_times, dose, ka, cl, v):
+    """Closed-form oral 1-cmt concentration after several doses (superposition)."""
+    dt = t[:, None] - np.asarray(dose_times)[None, :]
+    return np.where(dt > 0, oral_1cmt(dose, np.clip(dt, 0, None), cl, v, ka), 0.0).sum(1)
+
+
+def _quiet(fit, **changes):
+    """Tiny omegas, no residual error."""
+    return _at(fit, fit.data, omega=1e-8 * torch.ones(3), sigma_add=0.0, sigma_prop=0.0, **changes)
+
+
+def test_regimen_matches_superposition(fit):
+    """Omegas ~0, no residual error: every percentile is the structural model's multiple-
+    dose prediction, and the steady-state trough is the analytic one."""
+    quiet = _quiet(fit)
+    ka, cl, v, *_ = estimates(fit)
+    tau, dose = 12.0, 320.0
+    times = np.concatenate([np.linspace(0, 240, 121), [239.999]])
+    table = pk.simulate_regimen(quiet, pk.Regimen(dose, interval=tau, n_doses=20), times, n=50)
+    ref = _superposition(times, tau * np.arange(20), dose, ka, cl, v)
+    for col in ("typical", "p5", "p50", "p95"):
+        np.testing.assert_allclose(table[col], ref, rtol=1e-6, atol=1e-9)
+    k = cl / v
+    trough = dose * ka / (v * (ka - k)) * (np.exp(-k * tau) / (1 - np.exp(-k * tau))
+                                           - np.exp(-ka * tau) / (1 - np.exp(-ka * tau)))
+    np.testing.assert_allclose(table.p50.iloc[-1], trough, rtol=1e-4)  # after 20 doses: at SS
+    ss = pk.simulate_regimen(quiet, pk.Regimen(dose, interval=tau, steady_state=True), [0.0, tau], n=10)
+    np.testing.assert_allclose(ss.p50, [trough, trough], rtol=1e-6)
+
+
+def test_regimen_population_percentiles(fit):
+    """IIV on CL only, no residual error: C(t) decreases in CL, so the 95th percentile of
+    C is C at CL's 5th percentile, ``cl exp(-1.645 omega)``."""
+    omega = 0.3
+    omegas = torch.full((3,), 1e-8)
+    omegas[fit.population.random_effects.index("cl")] = omega
+    wide = _at(fit, fit.data, omega=omegas, sigma_add=0.0, sigma_prop=0.0)
+    ka, cl, v, *_ = estimates(fit)
+    times = np.array([1.0, 4.0, 12.0, 24.0])
+    table = pk.simulate_regimen(wide, pk.Regimen(320.0), times, n=4000, seed=3, residual=False)
+    for q, z in ((0.05, 1.645), (0.5, 0.0), (0.95, -1.645)):
+        ref = oral_1cmt(320.0, times, cl * np.exp(z * omega), v, ka)
+        # 4 standard errors of the sample quantile of eta, through d log C / d eta
+        se_eta = np.sqrt(q * (1 - q) / 4000) / scipy.stats.norm.pdf(z) * omega
+        h = 1e-4
+        sens = np.abs(np.log(oral_1cmt(320.0, times, cl * np.exp(z * omega + h), v, ka) / ref)) / h
+        assert (np.abs(np.log(table[dg._label(q)].to_numpy() / ref)) < 4 * se_eta * sens).all(), q
+    noisy = _at(fit, fit.data, omega=omegas, sigma_add=0.5, sigma_prop=0.0)
+    with_error = pk.simulate_regimen(noisy, pk.Regimen(320.0), times, n=4000, seed=3)
+    assert (with_error.p95 - with_error.p5 > table.p95 - table.p5).all()
+    long = pk.simulate_regimen(wide, pk.Regimen(320.0), times, n=7, draws=True)
+    assert list(long.columns) == ["replicate", "time", "value"] and len(long) == 28
+
+
+def test_regimen_subject_and_covariates(fit, raw):
+    """One subject at its EBEs: its IPRED (no residual error) for its own dose; covariate
+    effects are evaluated against the data's median."""
+    table = dg.residuals(fit)
+    sid = fit.data.ids[4]
+    dose, t_obs, _ = raw[4]
+    one = pk.simulate_regimen(fit, pk.Regimen(dose), t_obs, subject=sid, n=20, residual=False)
+    for col in ("typical", "p5", "p50", "p95"):
+        np.testing.assert_allclose(one[col], table[table.ID == sid].IPRED, rtol=1e-6, atol=1e-9)
+    # allometric CL on WT: a subject of twice the median weight clears 2^0.75 times faster
+    allo = dataclasses.replace(
+        _quiet(fit), population=dataclasses.replace(fit.population, covariates={"cl": ("WT", "allometric")}))
+    ka, cl, v, *_ = estimates(fit)
+    wt = float(np.median(fit.data.covariates["WT"].numpy()))
+    t = np.array([2.0, 8.0, 20.0])
+    for w, factor in ((wt, 1.0), (2 * wt, 2 ** 0.75), (0.5 * wt, 0.5 ** 0.75)):
+        got = pk.simulate_regimen(allo, pk.Regimen(320.0), t, covariates={"wt": w}, n=5)
+        np.testing.assert_allclose(got.p50, oral_1cmt(320.0, t, cl * factor, v, ka), rtol=1e-6)
+        np.testing.assert_allclose(got.typical, got.p50, rtol=1e-6)
+    # default: covariates of random subjects of the data
+    spread = pk.simulate_regimen(allo, pk.Regimen(320.0), t, n=400, residual=False)
+    assert (spread.p95 > spread.p5 * 1.1).to_numpy()[1:].all()
+    with pytest.raises(ValueError, match="subject"):
+        pk.simulate_regimen(fit, pk.Regimen(1.0), t, subject="nobody")
+    with pytest.raises(ValueError, match="covariates"):
+        pk.simulate_regimen(fit, pk.Regimen(1.0), t, subject=sid, covariates={"WT": 70})
+    with pytest.raises(ValueError, match="AGE"):
+        pk.simulate_regimen(fit, pk.Regimen(1.0), t, covariates={"AGE": 40})
+    with pytest.raises(TypeError, match="Regimen"):
+        pk.simulate_regimen(fit, 100.0, t)
+    with pytest.raises(ValueError, match="interval"):
+        pk.Regimen(100.0, n_doses=3)
+
+
+def test_simulate_data(fit, data):
+    """Simulated observations: the design is kept, seeds reproduce, residuals around the
+    concentrations have the residual SD, BLQ below the given limit."""
+    params = {**{k: v for k, v in fit.estimates.items()}, "omega": torch.full((3,), 1e-8),
+              "sigma_add": torch.tensor(0.5), "sigma_prop": torch.tensor(0.0)}
+    a = pk.simulate_data(fit.population, data, params, seed=2)
+    b = pk.simulate_data(fit.population, data, params, seed=2)
+    assert torch.equal(a.obs_dv, b.obs_dv) and torch.equal(a.obs_time, data.obs_time)
+    pred = _at(fit, data, **{k: v for k, v in params.items()}).predictions()[0]
+    r = (a.obs_dv.double() - pred)[data.obs_mask].numpy()
+    assert abs(r.mean()) < 0.15 and 0.4 < r.std() < 0.6
+    c = pk.simulate_data(fit.population, data, params, seed=2, lloq=1.0)
+    assert int(c.obs_blq.sum()) == int((a.obs_dv < 1.0)[data.obs_mask].sum()) > 0
+    assert (c.obs_dv[c.obs_blq] == 1.0).all()
+    with pytest.raises(ValueError, match="missing"):
+        pk.simulate_data(fit.population, data, {"cl": 1.0})
 
 
 # ---- figures ----------------------------------------------------------------------------

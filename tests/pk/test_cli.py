@@ -1,0 +1,89 @@
+"""The ``genprog`` command line (:mod:`genprog.pk.cli`): the bundled example without a
+data file, the short structure names, clear one-line errors for bad files, and a short
+NUTS run writing InferenceData (slow). The ML run and the option errors are tested in
+``test_diagnostics.py``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import genprog as gp
+from genprog import pk
+from genprog.pk.cli import main
+
+
+def _is_png(path):
+    return path.exists() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fit_without_data_runs_the_bundled_example(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rc = main(["fit", "--structure", "1cmt-oral", "--iiv", "cl,v", "--error", "additive",
+               "--n-sim", "20", "--npde-sim", "50", "--individual", "4"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "bundled example theo_sd" in captured.err and "Traceback" not in captured.err
+    out = tmp_path / "genprog-fit"
+    for name in ("gof.png", "vpc.png", "npde.png", "individual.png"):
+        assert _is_png(out / name), name
+    summary = pd.read_csv(out / "summary.csv", index_col="parameter")
+    assert {"ka", "cl", "v", "omega_cl", "omega_v", "sigma_add"} <= set(summary.index)
+    assert "OFV" in captured.out and "NPDE: mean" in captured.out
+    assert "sigma_add" in captured.out  # the table is printed too
+    res = pd.read_csv(out / "residuals.csv")
+    assert len(res) == 132 and np.isfinite(res.NPDE).all()
+    assert not (out / "posterior.nc").exists()
+
+
+@pytest.mark.parametrize("spec, absorption, n", [
+    ("1cmt-oral", "first_order", 1), ("2cmt-iv", "iv", 2), ("3CMT-infusion", "iv", 3),
+    ("1cmt-zero-order", "zero_order", 1), ("two", "first_order", 2),
+], ids=lambda x: str(x))
+def test_structure_names(spec, absorption, n, monkeypatch):
+    from genprog.pk import cli
+
+    seen = {}
+    monkeypatch.setattr(cli, "_run_fit", lambda args, model, *rest: seen.setdefault("m", model) and 0)
+    assert main(["fit", pk.dataset_path("theo_sd"), "--structure", spec, "--iiv", "cl",
+                 "--out", "unused-out"]) == 0
+    s = seen["m"].structure
+    assert (s.n, s.absorption) == (n, absorption)
+
+
+def test_bad_input_is_one_line(tmp_path, capsys):
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    binary = tmp_path / "binary.csv"
+    binary.write_bytes(bytes(range(256)) * 4)
+    no_id = tmp_path / "no_id.csv"
+    no_id.write_text("TIME,DV\n0,1\n1,2\n")
+    cases = [(empty, None), (binary, None), (no_id, "ID"), (tmp_path, None),
+             (tmp_path / "absent.csv", "absent.csv")]
+    for path, word in cases:
+        assert main(["fit", str(path), "--out", str(tmp_path / "o")]) == 2, path
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "Traceback" not in err, err
+        assert len(err.strip().splitlines()) == 1, err
+        if word:
+            assert word in err
+    for argv, word in ((["--structure", "4cmt-oral"], "NCMT-ROUTE"),
+                       (["--structure", "1cmt-iv", "--absorption", "first_order"], "contradicts")):
+        assert main(["fit", pk.dataset_path("theo_sd"), *argv, "--out", str(tmp_path / "o")]) == 2
+        assert word in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_fit_nuts_writes_inference_data(tmp_path, capsys):
+    out = tmp_path / "nuts"
+    rc = main(["fit", "--structure", "1cmt-oral", "--iiv", "ka,cl,v", "--error", "additive",
+               "--method", "nuts", "--chains", "1", "--warmup", "30", "--draws", "20",
+               "--n-sim", "20", "--npde-sim", "50", "--individual", "4", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    for name in ("gof.png", "vpc.png", "npde.png", "individual.png"):
+        assert _is_png(out / name), name
+    loaded = gp.load(out / "posterior.nc")
+    assert loaded.draws["cl"].shape == (1, 20)
+    assert "mean" in pd.read_csv(out / "summary.csv", index_col="parameter").columns
