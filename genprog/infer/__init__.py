@@ -5,7 +5,7 @@
 """
 
 from .map import fit_laplace, fit_map
-from .mcmc import fit_hmc, fit_nuts
+from .mcmc import fit_chees, fit_hmc, fit_nuts
 from .vi import fit_vi
 
 #: method name -> fitting function ``fn(model, **options) -> Fit``
@@ -15,6 +15,7 @@ FIT_METHODS = {
     "vi": fit_vi,
     "nuts": fit_nuts,
     "hmc": fit_hmc,
+    "chees": fit_chees,
 }
 
-__all__ = ["FIT_METHODS", "fit_map", "fit_laplace", "fit_vi", "fit_nuts", "fit_hmc"]
+__all__ = ["FIT_METHODS", "fit_chees", "fit_hmc", "fit_laplace", "fit_map", "fit_nuts", "fit_vi"]

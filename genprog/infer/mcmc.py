@@ -2,8 +2,11 @@
 
 The default backend (``backend="genprog"``) runs :mod:`genprog.infer.nuts` — a
 vectorized NUTS / HMC whose chains advance in lockstep on the model's batched
-:class:`~genprog.density.JointDensity` (one Pyro trace per leapfrog step for all
-chains). ``backend="pyro"`` runs Pyro's own NUTS/HMC kernels chain after chain, kept as
+:class:`~genprog.density.JointDensity` — or :mod:`genprog.infer.chees` (``"chees"``,
+many chains sharing one step size and trajectory length). With ``compile=True`` (the
+default) the potential is recorded once into a flat tensor program
+(:mod:`genprog.infer.compiled`); ``compile=False`` runs one Pyro trace per leapfrog step
+for all chains. ``backend="pyro"`` runs Pyro's own NUTS/HMC kernels chain after chain, kept as
 the reference implementation. Both return a :class:`~genprog.Fit` whose sample stats use
 ArviZ names, and both check the run: divergences, R-hat and bulk ESS are reported with a
 :class:`~genprog.errors.ConvergenceWarning` when poor.
@@ -20,7 +23,9 @@ import torch
 from pyro.infer.autoguide.initialization import init_to_value
 
 from ..errors import ConvergenceWarning
+from . import chees as chees_sampler
 from . import nuts as batched
+from .compiled import MODES, compile_potential
 from .init import initial_points, make_generator
 
 BACKENDS = ("genprog", "pyro")
@@ -40,12 +45,19 @@ def _hold_point_sites(model, point, seed):
     return _hold_at_map(model, point, seed, 1000)
 
 
-def _run(model, kernel, *, chains, warmup, draws, seed, init, point, backend, progress, options):
+def _check_compile(compile):
+    if not (isinstance(compile, bool) or compile in MODES):
+        raise ValueError(f"fit: compile must be True, False or one of {MODES}, got {compile!r}")
+
+
+def _run(model, kernel, *, chains, warmup, draws, seed, init, point, backend, progress, options,
+         compile=True):
     from ..fit import Fit
 
     _check_counts(chains, warmup, draws)
     if backend not in BACKENDS:
         raise ValueError(f"fit: unknown backend {backend!r}; choose from {BACKENDS}")
+    _check_compile(compile)
     start = time.perf_counter()
     model, held = _hold_point_sites(model, point, seed)
     density = model.density()
@@ -56,8 +68,10 @@ def _run(model, kernel, *, chains, warmup, draws, seed, init, point, backend, pr
     if backend == "pyro":
         z, stats, extra = _run_pyro(model, density, kernel, z0, warmup, draws, seed, options)
     else:
-        sampler = batched.sample_nuts if kernel == "nuts" else batched.sample_hmc
-        res = sampler(density.potential_and_grad, z0, warmup=warmup, draws=draws, generator=g,
+        sampler = {"nuts": batched.sample_nuts, "hmc": batched.sample_hmc,
+                   "chees": chees_sampler.sample_chees}[kernel]
+        potential = compile_potential(density, compile)
+        res = sampler(potential, z0, warmup=warmup, draws=draws, generator=g,
                       progress=progress, **options)
         z = res.samples
         stats = {
@@ -75,6 +89,12 @@ def _run(model, kernel, *, chains, warmup, draws, seed, init, point, backend, pr
                  "inverse_mass_matrix": res.inverse_mass_matrix,
                  "warmup_divergences": int(res.warmup_divergences.sum()),
                  "num_grad_evals": res.num_grad_evals}
+        if hasattr(potential, "describe"):
+            extra["potential"] = potential.describe()
+        else:
+            extra["potential"] = {"mode": "eager", "compile_time_s": 0.0, "fallback_reason": None}
+        if kernel == "chees":
+            extra["trajectory_length"] = res.trajectory_length
     info = {"backend": backend, "kernel": kernel, "chains": chains, "warmup": warmup, "draws": draws,
             "wall_time_s": time.perf_counter() - start, **extra}
     fit = Fit.from_unconstrained(model, kernel, z, sample_stats=stats, seed=seed, info=info, point=held)
@@ -156,8 +176,8 @@ def _run_pyro(model, density, kernel, z0, warmup, draws, seed, options):
     samples, diverging, step_sizes = [], [], []
     for c in range(chains):
         init_values = {k: v[0] for k, v in density.constrain(z0[c:c + 1])[0].items()}
-        kwargs = dict(max_plate_nesting=density.max_plate_nesting, jit_compile=False,
-                      init_strategy=init_to_value(values=init_values))
+        kwargs = {"max_plate_nesting": density.max_plate_nesting, "jit_compile": False,
+                      "init_strategy": init_to_value(values=init_values)}
         if "target_accept" in options:
             kwargs["target_accept_prob"] = options["target_accept"]
         if kernel == "nuts":
@@ -198,7 +218,8 @@ def _run_pyro(model, density, kernel, z0, warmup, draws, seed, options):
 
 def fit_nuts(model, *, chains: int = 4, warmup: int = 1000, draws: int = 1000, seed: int = 0,
              target_accept: float = 0.8, max_tree_depth: int = 10, init="median",
-             point: list | None = None, backend: str = "genprog", progress: bool | None = None):
+             point: list | None = None, backend: str = "genprog", progress: bool | None = None,
+             compile: bool | str = True):
     """No-U-Turn sampler.
 
     Parameters
@@ -220,24 +241,66 @@ def fit_nuts(model, *, chains: int = 4, warmup: int = 1000, draws: int = 1000, s
         Batched lockstep sampler, or Pyro's kernels chain by chain (reference).
     progress : bool, optional
         Progress bar (default: when attached to a terminal).
+    compile : bool or {"fx", "jit", "eager"}
+        Record the model's potential once into a flat tensor program and replay it at
+        every leapfrog step (:mod:`genprog.infer.compiled`; falls back, with a
+        :class:`~genprog.infer.compiled.CompileWarning`, when recording fails). ``False``
+        re-runs the Pyro program at every step. Ignored by ``backend="pyro"``.
 
     Returns
     -------
     genprog.Fit
+        ``info["potential"]`` says how the potential was evaluated (mode, compile time,
+        why a faster mode was not used).
     """
     return _run(model, "nuts", chains=chains, warmup=warmup, draws=draws, seed=seed, init=init,
-                point=point, backend=backend, progress=progress,
+                point=point, backend=backend, progress=progress, compile=compile,
                 options={"target_accept": target_accept, "max_tree_depth": max_tree_depth})
 
 
 def fit_hmc(model, *, chains: int = 4, warmup: int = 1000, draws: int = 1000, seed: int = 0,
             num_steps: int | None = None, trajectory_length: float | None = None,
             target_accept: float = 0.8, init="median", point: list | None = None,
-            backend: str = "genprog", progress: bool | None = None):
+            backend: str = "genprog", progress: bool | None = None, compile: bool | str = True):
     """Hamiltonian Monte Carlo with a fixed number of leapfrog steps (default 10) or a
     fixed ``trajectory_length``; otherwise as :func:`fit_nuts`."""
     options = {"target_accept": target_accept, "num_steps": num_steps}
     if backend == "genprog":
         options["trajectory_length"] = trajectory_length
     return _run(model, "hmc", chains=chains, warmup=warmup, draws=draws, seed=seed, init=init,
-                point=point, backend=backend, progress=progress, options=options)
+                point=point, backend=backend, progress=progress, options=options, compile=compile)
+
+
+def fit_chees(model, *, chains: int = 64, warmup: int = 500, draws: int = 500, seed: int = 0,
+              target_accept: float = 0.651, learning_rate: float = 0.025,
+              max_leapfrog_steps: int = 1000, init="median", point: list | None = None,
+              progress: bool | None = None, compile: bool | str = True):
+    """ChEES-HMC: many chains sharing one step size and one jittered trajectory length
+    (Hoffman, Radul & Sountsov 2021); see :func:`genprog.infer.chees.sample_chees`.
+
+    Parameters
+    ----------
+    model : genprog.Model
+    chains, warmup, draws : int
+        The adaptation learns from cross-chain statistics, so use many chains (dozens to
+        thousands) with fewer draws each.
+    seed : int
+    target_accept : float
+        Target harmonic-mean acceptance probability of the step-size dual averaging.
+    learning_rate : float
+        Adam's learning rate for the log trajectory length.
+    max_leapfrog_steps : int
+        Cap on the leapfrog steps of one transition.
+    init, point, progress, compile
+        As in :func:`fit_nuts`.
+
+    Returns
+    -------
+    genprog.Fit
+        Sample stats as for NUTS (``tree_depth`` absent); ``info["trajectory_length"]`` is
+        the adapted (unjittered) integration time in the metric of the mass matrix.
+    """
+    return _run(model, "chees", chains=chains, warmup=warmup, draws=draws, seed=seed,
+                init=init, point=point, backend="genprog", progress=progress, compile=compile,
+                options={"target_accept": target_accept, "learning_rate": learning_rate,
+                         "max_leapfrog_steps": max_leapfrog_steps})
