@@ -9,16 +9,19 @@ estimated and what is unavailable.
 from .autoregressive import AR, DiscreteAR
 from .base import REGISTRY, ZooModel, capabilities
 from .circuit import ProbabilisticCircuit
+from .copula import GaussianCopula
 from .cnf import ContinuousFlow
 from .discriminant import GaussianDiscriminant
 from .dpmm import DirichletProcessMixture
 from .flow import Flow
 from .gaussian import PPCA, FactorAnalysis, Gaussian
+from .gaussian_process import GaussianProcess
 from .hmm import HMM
 from .lda import LDA
 from .made import MADE
 from .mixture import GaussianMixture
 from .naive_bayes import NaiveBayes
+from .point_process import HawkesProcess, InhomogeneousPoissonProcess, PoissonProcess
 from .rbm import RBM
 from .state_space import LinearGaussianSSM
 
@@ -28,4 +31,6 @@ __all__: list[str] = [
     "NaiveBayes", "GaussianDiscriminant", "ProbabilisticCircuit", "ContinuousFlow",
     "LDA", "DirichletProcessMixture", "RBM",
     "HMM", "LinearGaussianSSM", "AR", "DiscreteAR",
+    "GaussianProcess", "GaussianCopula", "PoissonProcess", "InhomogeneousPoissonProcess",
+    "HawkesProcess",
 ]
