@@ -195,7 +195,15 @@ class JointDensity:
             for name, site in tr.nodes.items():
                 if not is_model_site(site):
                     continue
-                term = self._sum_to_particles(_site_log_prob(site), n)
+                lp = _site_log_prob(site)
+                if name in self.missing:
+                    # missing entries of an observed site are latent: their density
+                    # p(y_missing | parents) belongs to the prior (which sample_prior draws)
+                    drawn = self._missing_batch_elements(name)
+                    prior = prior + self._sum_to_particles(lp * drawn.to(lp.dtype), n)
+                    lik = lik + self._sum_to_particles(lp * (~drawn).to(lp.dtype), n)
+                    continue
+                term = self._sum_to_particles(lp, n)
                 if name in latent_names:
                     prior = prior + term
                 else:
@@ -224,6 +232,28 @@ class JointDensity:
         lik = lik.expand(n) if particle in lik._pyro_dims else lik.reshape(()).expand(n)
         prior = sum(prior_terms) if prior_terms else torch.zeros_like(lik)
         return prior, lik
+
+    def _missing_batch_elements(self, name: str) -> torch.Tensor:
+        """Batch elements of observed site ``name`` that are entirely missing ``[*batch]``."""
+        info = self.structure.sites[name]
+        miss = self.missing[name]
+        ev = len(info.event_shape)
+        return miss.reshape(*miss.shape[: miss.dim() - ev], -1).all(-1) if ev else miss
+
+    @property
+    def prior_split_exact(self) -> bool:
+        """Whether :meth:`log_prior_and_likelihood` splits the joint into a normalised
+        prior (that :meth:`sample_prior` draws from) and a likelihood — as estimators of
+        ``log p(observed)`` that start from the prior (IS, AIS) need. False when a
+        multivariate observation is partly missing (its missing coordinates' density has
+        no separate closed form here) or when missing entries meet enumerated sites."""
+        for name, miss in self.missing.items():
+            info = self.structure.sites[name]
+            ev = len(info.event_shape)
+            if self.has_enumeration or (ev and bool((miss.reshape(*miss.shape[: miss.dim() - ev], -1)
+                                                     .any(-1) & ~self._missing_batch_elements(name)).any())):
+                return False
+        return True
 
     @staticmethod
     def _dtype(tr):

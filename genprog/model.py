@@ -479,6 +479,14 @@ class Model:
             else:
                 chosen = False
             target = self.density()
+            if method in ("is", "ais") and not target.prior_split_exact:
+                raise ValueError(
+                    f"log_marginal({method!r}): some observations are partly missing inside a "
+                    "multivariate site (or next to enumerated discrete sites), so the prior of "
+                    "the missing entries has no separate density here; use method='laplace', "
+                    "a zoo class whose log_prob integrates missing entries exactly, or drop "
+                    "the partly observed rows"
+                )
             if method == "is":
                 _reject_options(options, "is", ("num_samples", "batch_size"))
                 est = evidence.importance_sampling(target, seed=seed, **options)

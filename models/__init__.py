@@ -14,6 +14,7 @@ from .cnf import ContinuousFlow
 from .discriminant import GaussianDiscriminant
 from .dpmm import DirichletProcessMixture
 from .flow import Flow
+from .gan import GAN
 from .gaussian import PPCA, FactorAnalysis, Gaussian
 from .gaussian_process import GaussianProcess
 from .hmm import HMM
@@ -24,6 +25,7 @@ from .naive_bayes import NaiveBayes
 from .point_process import HawkesProcess, InhomogeneousPoissonProcess, PoissonProcess
 from .rbm import RBM
 from .state_space import LinearGaussianSSM
+from .vae import VAE
 
 __all__: list[str] = [
     "ZooModel", "REGISTRY", "capabilities",
@@ -32,5 +34,5 @@ __all__: list[str] = [
     "LDA", "DirichletProcessMixture", "RBM",
     "HMM", "LinearGaussianSSM", "AR", "DiscreteAR",
     "GaussianProcess", "GaussianCopula", "PoissonProcess", "InhomogeneousPoissonProcess",
-    "HawkesProcess",
+    "HawkesProcess", "VAE", "GAN",
 ]

@@ -15,6 +15,7 @@ EXPECTED = {
     "imputation.py": "done",
     "generative_classifier.py": "done",
     "forecasting.py": "done",
+    "digits_vae.py": "done",
 }
 TUTORIALS = sorted(EXPECTED)
 
