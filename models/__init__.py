@@ -18,6 +18,7 @@ from .gan import GAN
 from .gaussian import PPCA, FactorAnalysis, Gaussian
 from .gaussian_process import GaussianProcess
 from .hmm import HMM
+from .latent_ode import LatentODE
 from .lda import LDA
 from .made import MADE
 from .mixture import GaussianMixture
@@ -34,5 +35,5 @@ __all__: list[str] = [
     "LDA", "DirichletProcessMixture", "RBM",
     "HMM", "LinearGaussianSSM", "AR", "DiscreteAR",
     "GaussianProcess", "GaussianCopula", "PoissonProcess", "InhomogeneousPoissonProcess",
-    "HawkesProcess", "VAE", "GAN",
+    "HawkesProcess", "VAE", "GAN", "LatentODE",
 ]

@@ -16,6 +16,7 @@ EXPECTED = {
     "generative_classifier.py": "done",
     "forecasting.py": "done",
     "digits_vae.py": "done",
+    "latent_ode_pk.py": "done",
 }
 TUTORIALS = sorted(EXPECTED)
 
