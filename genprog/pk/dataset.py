@@ -94,7 +94,7 @@ class Dataset:
     def n_observations(self) -> int:
         return int(self.obs_mask.sum())
 
-    def to(self, device=None, dtype=None) -> "Dataset":
+    def to(self, device=None, dtype=None) -> Dataset:
         """A copy with tensors on ``device``; floating tensors take ``dtype``."""
 
         def move(x):
@@ -108,7 +108,7 @@ class Dataset:
                                             for f in dataclasses.fields(self)
                                             if f.name not in ("ids", "dvid_names", "categories", "summary")})
 
-    def subset(self, index) -> "Dataset":
+    def subset(self, index) -> Dataset:
         """The subjects at ``index`` (a list of positions or a boolean mask)."""
         idx = torch.as_tensor(index)
         if idx.dtype == torch.bool:

@@ -37,14 +37,17 @@ from ..errors import ConvergenceWarning
 
 @dataclass
 class ParameterLayout:
-    """Packing of the population parameters into one unconstrained vector."""
+    """Packing of the population parameters into one unconstrained vector; ``fixed``
+    sites (natural scale) are not in the vector and ``unpack`` adds them as constants."""
 
     names: list
     shapes: dict
     transforms: dict
+    fixed: dict = field(default_factory=dict)
 
     def unpack(self, phi: torch.Tensor) -> dict:
-        out, start = {}, 0
+        out = {k: torch.as_tensor(v, dtype=phi.dtype, device=phi.device) for k, v in self.fixed.items()}
+        start = 0
         for n in self.names:
             t = self.transforms[n]
             ushape = t.inverse_shape(torch.Size(self.shapes[n]))
@@ -58,22 +61,32 @@ class ParameterLayout:
                           for n in self.names])
 
 
-def _layout(pop, data, priors) -> ParameterLayout:
+def _layout(pop, data, priors, fixed=None) -> ParameterLayout:
     names, shapes, transforms = [], {}, {}
+    fixed = dict(fixed or {})
     for name, prior in priors.items():
+        if name in fixed:
+            continue
         names.append(name)
         shapes[name] = tuple(prior.event_shape) if prior.event_dim else tuple(prior.batch_shape)
         transforms[name] = biject_to(prior.support)
-    return ParameterLayout(names, shapes, transforms)
+    return ParameterLayout(names, shapes, transforms, fixed)
 
 
 def _start_values(pop, data, priors) -> dict:
-    """Prior medians (typical values at the data-based guesses; omega 0.3; sigma at the
-    prior scale x 0.5)."""
+    """Prior medians (typical values at the data-based guesses; omega 0.3, IOV omega 0.2;
+    sigma at 0.3 x the prior scale; covariate coefficients at their prior centre, threshold
+    effects at 0)."""
+    from .population import RelativeChange
+
     start = {}
     for name, prior in priors.items():
         if name == "omega":
             start[name] = torch.full(prior.event_shape, 0.3)
+        elif name == "omega_iov":
+            start[name] = torch.full(prior.event_shape, 0.2)
+        elif isinstance(prior, RelativeChange):
+            start[name] = torch.zeros(prior.batch_shape)
         elif name == "omega_corr":
             start[name] = torch.eye(prior.event_shape[-1])
         elif isinstance(prior, dist.LogNormal):
@@ -86,15 +99,26 @@ def _start_values(pop, data, priors) -> dict:
     return start
 
 
-class LaplaceObjective:
-    """Population log likelihood by per-subject Laplace approximation."""
+APPROXIMATIONS = ("laplace", "focei")
 
-    def __init__(self, pop, data, priors):
+
+class LaplaceObjective:
+    """Population log likelihood by per-subject Laplace approximation: with
+    ``approximation="laplace"`` the exact Hessian of ``h_i`` in eta (NONMEM's LAPLACIAN
+    INTERACTION), with ``"focei"`` its expected-information approximation (NONMEM FOCE-I,
+    nlmixr2 FOCEi; see :meth:`information`), which is positive definite even where the
+    data say little about a random effect."""
+
+    def __init__(self, pop, data, priors, fixed=None, approximation="laplace"):
+        if approximation not in APPROXIMATIONS:
+            raise ValueError(f"approximation must be one of {APPROXIMATIONS}, got {approximation!r}")
+        self.approximation = approximation
         self.pop = pop
         self.data = data
         self.priors = priors
-        self.layout = _layout(pop, data, priors)
-        self.P = len(pop.random_effects)
+        self.layout = _layout(pop, data, priors, fixed)
+        self.P_iiv = len(pop.random_effects)
+        self.P = pop.n_random(data)  # IIV etas, then IOV kappas (occasion-major)
         self.mask = pop.observation_mask(data)
         self.observed = self.mask & ~data.obs_blq
         self.blq = self.mask & data.obs_blq
@@ -105,40 +129,55 @@ class LaplaceObjective:
         typical = {p: values[p] for p in pop.parameters if p in values}
         if pop.ka_above_k:
             typical["ka_minus_k"] = values["ka_minus_k"]
-        betas = {e.site: values[e.site] for e in pop.covariate_effects if e.kind != "allometric"}
+        betas = {e.site: values[e.site] for e in pop.covariate_effects if e.estimated}
         sigma = {s: values[s] for s in pop.sigma_sites()}
         return typical, betas, sigma
 
     def scale_tril(self, values):
+        """Cholesky factor ``[P, P]`` of the random effects' covariance: the IIV omega
+        block, then ``omega_iov`` repeated for each occasion (block diagonal)."""
         from .population import omega_scale_tril
 
-        return omega_scale_tril(values["omega"], values.get("omega_corr"))
+        blocks = []
+        if self.P_iiv:
+            blocks.append(omega_scale_tril(values["omega"], values.get("omega_corr")))
+        if self.P > self.P_iiv:
+            K = (self.P - self.P_iiv) // len(self.pop.iov)
+            blocks.append(torch.diag_embed(values["omega_iov"].repeat(K)))
+        return blocks[0] if len(blocks) == 1 else torch.block_diag(*blocks)
 
     def conditional(self, values, eta):
         """``log p(y_i | eta_i, phi)`` ``[S]`` and predictions ``[S, T]``."""
+        ll, pred, _, _, _ = self._pieces(values, eta)
+        return ll, pred
+
+    def _pieces(self, values, eta):
+        """``log p(y_i | eta_i, phi)`` ``[S]``, predictions, the residual mean on the error
+        scale (``pred``, or ``log pred`` for exponential error), its SD and the BLQ z-score
+        ``(LLOQ - mean) / sd``, each ``[S, T]``."""
         typical, betas, sigma = self.split(values)
         ind = self.pop.individual_parameters(typical, betas, eta, self.data)
-        pred = self.pop.structure.concentration(ind, self.data)
+        pred = self.pop.predict(ind, self.data, per_occasion=self.pop.has_kappas(eta))
         sd = self.pop.residual_sd(pred, sigma).clamp_min(1e-9)
         dv = torch.where(self.observed, self.data.obs_dv, torch.ones_like(pred))
         if self.pop.error == "exponential":
-            lp = dist.LogNormal(torch.log(pred.clamp_min(1e-30)), sd).log_prob(dv.clamp_min(1e-30))
-            z = (torch.log(torch.nan_to_num(self.data.obs_lloq, nan=1.0).clamp_min(1e-30))
-                 - torch.log(pred.clamp_min(1e-30))) / sd
+            mean = torch.log(pred.clamp_min(1e-30))
+            lp = dist.LogNormal(mean, sd).log_prob(dv.clamp_min(1e-30))
+            z = (torch.log(torch.nan_to_num(self.data.obs_lloq, nan=1.0).clamp_min(1e-30)) - mean) / sd
         else:
+            mean = pred
             lp = dist.Normal(pred, sd).log_prob(dv)
             z = (torch.nan_to_num(self.data.obs_lloq, nan=0.0) - pred) / sd
         ll = torch.where(self.observed, lp, torch.zeros_like(lp)).sum(-1)
         if bool(self.blq.any()):
             ll = ll + torch.where(self.blq, torch.special.log_ndtr(z), torch.zeros_like(z)).sum(-1)
-        return ll, pred
+        return ll, pred, mean, sd, z
 
     def joint(self, values, eta):
         """``h_i(eta) = log p(y_i | eta, phi) + log N(eta; 0, Omega)`` ``[S]``."""
         ll, _ = self.conditional(values, eta)
         if self.P:
-            L = self.scale_tril(values)
-            ll = ll + dist.MultivariateNormal(torch.zeros(self.P, dtype=eta.dtype), scale_tril=L).log_prob(eta)
+            ll = ll + self._prior(values, eta)
         return ll
 
     def grad_hess(self, values, eta, create_graph=False):
@@ -152,36 +191,102 @@ class LaplaceObjective:
         H = torch.stack(rows, -2)
         return h, g, 0.5 * (H + H.transpose(-1, -2))
 
-    def _finite(self, h, g, H):
+    def _finite(self, h, g, N):
         """Subjects whose density is not finite at a point get h = -inf and a harmless
-        gradient/Hessian, so a Newton step there is simply rejected."""
-        bad = ~torch.isfinite(h) | ~torch.isfinite(g).all(-1) | ~torch.isfinite(H).flatten(-2).all(-1)
-        eye = torch.eye(self.P, dtype=H.dtype, device=H.device).expand_as(H)
+        gradient/curvature (``N``, the negative Hessian or its approximation), so a Newton
+        step there is simply rejected."""
+        bad = ~torch.isfinite(h) | ~torch.isfinite(g).all(-1) | ~torch.isfinite(N).flatten(-2).all(-1)
+        eye = torch.eye(self.P, dtype=N.dtype, device=N.device).expand_as(N)
         return (torch.where(bad, torch.full_like(h, float("-inf")), h),
                 torch.where(bad[:, None], torch.zeros_like(g), g),
-                torch.where(bad[:, None, None], -eye, H))
+                torch.where(bad[:, None, None], eye, N))
+
+    def information(self, values, eta, create_graph=False, hessian=False):
+        """FOCE-I curvature: ``h`` ``[S]``, its gradient ``[S, P]`` and, in place of the
+        negative Hessian, ``A = Omega^-1 + sum_t [J_m J_m^T / sd^2 + 2 J_s J_s^T / sd^2]``
+        ``[S, P, P]`` (the expected information of the observations about eta, with the
+        eta-dependence of the residual SD kept: the interaction), plus the Gauss-Newton
+        term ``lambda (lambda + z) J_z J_z^T`` of each BLQ observation (``lambda`` the
+        inverse Mills ratio). Always positive definite. Jacobians ``J`` of the mean and SD
+        ``[S, T]`` in eta come from P backward passes through a linear dummy
+        (``d/du (d/deta sum(m u))``). With ``hessian`` the exact Hessian ``[S, P, P]`` is
+        returned too (fourth item)."""
+        S, T = self.observed.shape
+        with torch.enable_grad():
+            eta = eta if eta.requires_grad else eta.detach().requires_grad_(True)
+            ll, _, mean, sd, z = self._pieces(values, eta)
+            h = ll + self._prior(values, eta)
+            g, = torch.autograd.grad(h.sum(), eta, create_graph=True)
+            u = torch.zeros(2, S, T, dtype=eta.dtype, device=eta.device, requires_grad=True)
+            gu, = torch.autograd.grad((mean * u[0]).sum() + (sd * u[1]).sum(), eta, create_graph=True)
+            cols = []
+            for j in range(self.P):
+                d, = torch.autograd.grad(gu[:, j].sum(), u, create_graph=create_graph,
+                                         retain_graph=True, allow_unused=True)
+                cols.append(torch.zeros_like(u) if d is None else d)
+            if hessian:
+                rows = [torch.autograd.grad(g[:, j].sum(), eta, create_graph=create_graph, retain_graph=True)[0]
+                        for j in range(self.P)]
+                H = torch.stack(rows, -2)
+        J = torch.stack(cols, -1)  # [2, S, T, P]
+        Jm, Js = J[0], J[1]
+        if not create_graph:
+            mean, sd, z = mean.detach(), sd.detach(), z.detach()
+        obs = self.observed.to(sd.dtype) / sd ** 2
+        A = torch.einsum("stp,st,stq->spq", Jm, obs, Jm) + torch.einsum("stp,st,stq->spq", Js, 2 * obs, Js)
+        if bool(self.blq.any()):
+            Jz = -(Jm + z[..., None] * Js) / sd[..., None]
+            lam = torch.exp(-0.5 * z ** 2 - 0.5 * math.log(2 * math.pi) - torch.special.log_ndtr(z))
+            w = torch.where(self.blq, lam * (lam + z), torch.zeros_like(z))
+            A = A + torch.einsum("stp,st,stq->spq", Jz, w, Jz)
+        L = self.scale_tril(values)
+        A = A + torch.cholesky_inverse(L)
+        A = 0.5 * (A + A.transpose(-1, -2))
+        if hessian:
+            return h, g, A, 0.5 * (H + H.transpose(-1, -2))
+        return h, g, A
+
+    def _prior(self, values, eta):
+        L = self.scale_tril(values)
+        return dist.MultivariateNormal(torch.zeros(self.P, dtype=eta.dtype, device=eta.device),
+                                       scale_tril=L).log_prob(eta)
+
+    def _curvature(self, values, eta, create_graph=False, newton=False):
+        """``h``, gradient and negative curvature ``[S, P, P]``: ``-Hessian`` (Laplace) or
+        the FOCE-I information (``approximation="focei"``). With ``newton`` (for the EBE
+        iterations) FOCE-I gives ``-Hessian`` where it is positive definite, else the
+        information: Newton's quadratic convergence near the mode, a safe step elsewhere."""
+        if self.approximation == "focei":
+            if not newton:
+                return self.information(values, eta, create_graph)
+            h, g, A, H = self.information(values, eta, create_graph, hessian=True)
+            ok = torch.linalg.cholesky_ex(-H.detach())[1] == 0
+            return h, g, torch.where(ok[:, None, None], -H, A)
+        h, g, H = self.grad_hess(values, eta, create_graph)
+        return h, g, -H
 
     def ebe(self, values, eta0, iters=50, tol=1e-7):
-        """Empirical Bayes estimates by batched damped Newton, ``[S, P]``."""
+        """Empirical Bayes estimates by batched damped Newton, ``[S, P]`` (Gauss-Newton with
+        the FOCE-I information for ``approximation="focei"``)."""
         eta = eta0.detach().clone()
         values = {k: v.detach() for k, v in values.items()}
         lam = torch.full((eta.shape[0],), 1e-3, dtype=eta.dtype)
-        h, g, H = self._finite(*self.grad_hess(values, eta))
+        h, g, N = self._finite(*self._curvature(values, eta, newton=True))
         for _ in range(iters):
             eye = torch.eye(self.P, dtype=eta.dtype)
-            A = -H + lam[:, None, None] * eye
+            A = N + lam[:, None, None] * eye
             # indefinite curvature (far from the mode): shift the spectrum so the smallest
             # eigenvalue is 1, i.e. a gradient step of unit scale in eta (etas are O(omega))
             low = torch.linalg.eigvalsh(A)[:, :1, None]
             A = A + torch.where(low <= 0, 1.0 - low, torch.zeros_like(low)) * eye
             step = torch.linalg.solve(A, g.detach()[..., None]).squeeze(-1)
             cand = eta + step
-            h_new, g_new, H_new = self._finite(*self.grad_hess(values, cand))
+            h_new, g_new, N_new = self._finite(*self._curvature(values, cand, newton=True))
             better = h_new.detach() >= h.detach() - 1e-12
             eta = torch.where(better[:, None], cand, eta)
             h = torch.where(better, h_new.detach(), h.detach())
             g = torch.where(better[:, None], g_new.detach(), g.detach())
-            H = torch.where(better[:, None, None], H_new.detach(), H.detach())
+            N = torch.where(better[:, None, None], N_new.detach(), N.detach())
             lam = torch.where(better, lam * 0.3, lam * 10).clamp(1e-8, 1e8)
             if float(g.abs().max()) < tol:
                 break
@@ -199,9 +304,15 @@ class LaplaceObjective:
         # implicit function theorem, its exact derivative d eta_hat / d phi, so the
         # log-determinant term is differentiated through eta_hat(phi) as well.
         _, g0, H0 = self.grad_hess(values, eta_hat, create_graph=True)
+        if self.approximation == "focei":
+            # where the exact curvature is not negative definite (a nearly flat direction)
+            # the FOCE-I information stands in for it
+            _, _, A0 = self.information(values, eta_hat, create_graph=True)
+            ok = torch.linalg.cholesky_ex(-H0.detach())[1] == 0
+            H0 = torch.where(ok[:, None, None], H0, -A0)
         eta_t = eta_hat + torch.linalg.solve(-H0, g0[..., None]).squeeze(-1)
-        h, _, H = self.grad_hess(values, eta_t, create_graph=True)
-        sign, logdet = torch.linalg.slogdet(-H)
+        h, _, N = self._curvature(values, eta_t, create_graph=True)
+        sign, logdet = torch.linalg.slogdet(N)
         logdet = torch.where(sign > 0, logdet, torch.full_like(logdet, float("inf")))
         per_subject = h + 0.5 * self.P * math.log(2 * math.pi) - 0.5 * logdet
         return per_subject.sum(), eta_hat
@@ -233,6 +344,10 @@ class PopulationFit:
     n_obs, n_params : int
     converged : bool
     info : dict
+    fixed : dict
+        Sites held at given values (natural scale) rather than estimated.
+    approximation : str
+        ``"laplace"`` or ``"focei"`` (see :class:`LaplaceObjective`).
     """
 
     population: object
@@ -249,6 +364,13 @@ class PopulationFit:
     converged: bool
     method: str = "mle"
     info: dict = field(default_factory=dict)
+    fixed: dict = field(default_factory=dict)
+    approximation: str = "laplace"
+
+    def objective(self) -> LaplaceObjective:
+        """The Laplace objective of this fit (its layout unpacks ``phi``)."""
+        return LaplaceObjective(self.population, self.data, self.population.priors_for(self.data),
+                                self.fixed, self.approximation)
 
     @property
     def aic(self) -> float:
@@ -261,7 +383,7 @@ class PopulationFit:
     def predictions(self):
         """Population (``PRED``, eta = 0) and individual (``IPRED``, at the EBEs)
         predictions ``[S, T]``."""
-        obj = LaplaceObjective(self.population, self.data, self.population.priors_for(self.data))
+        obj = self.objective()
         values = obj.layout.unpack(self.phi)
         with torch.no_grad():
             _, pred = obj.conditional(values, torch.zeros_like(self.eta) if obj.P else None)
@@ -284,7 +406,8 @@ class PopulationFit:
 
 def fit_mle(pop, data, *, max_iters: int = 200, max_rounds: int = 5, seed: int = 0,
             init: dict | None = None,
-            standard_errors: bool = True, dtype=torch.float64) -> PopulationFit:
+            standard_errors: bool = True, dtype=torch.float64,
+            fixed: dict | None = None, approximation: str = "laplace") -> PopulationFit:
     """Population maximum likelihood with the etas integrated out by per-subject Laplace.
 
     Parameters
@@ -303,12 +426,22 @@ def fit_mle(pop, data, *, max_iters: int = 200, max_rounds: int = 5, seed: int =
         Compute the covariance of the estimates (finite-difference Hessian).
     dtype : torch.dtype
         Computation dtype (float64 by default for stable Hessians).
+    fixed : dict, optional
+        Sites held at the given values (natural scale), e.g. ``{"f": 1.0}`` to estimate
+        only the variability of a relative bioavailability.
+    approximation : {"laplace", "focei"}
+        The per-subject curvature: the exact Hessian (Laplace) or the expected information
+        (FOCE-I, as NONMEM and nlmixr2; more robust where a random effect is poorly
+        determined by a subject's data, e.g. ka without early samples). See
+        :class:`LaplaceObjective`.
 
     Returns
     -------
     PopulationFit
     """
     start_time = time.perf_counter()
+    if approximation not in APPROXIMATIONS:
+        raise ValueError(f"fit_mle: approximation must be one of {APPROXIMATIONS}, got {approximation!r}")
     pop.check_data(data)
     data = data.to(dtype=dtype)
     old = torch.get_default_dtype()
@@ -318,8 +451,16 @@ def fit_mle(pop, data, *, max_iters: int = 200, max_rounds: int = 5, seed: int =
     validation.__enter__()
     try:
         priors = pop.priors_for(data)
-        obj = LaplaceObjective(pop, data, priors)
+        fixed = {k: torch.as_tensor(v, dtype=dtype) for k, v in (fixed or {}).items()}
+        unknown = set(fixed) - set(priors)
+        if unknown:
+            raise ValueError(f"fit_mle: fixed has unknown site(s) {sorted(unknown)}; sites: {sorted(priors)}")
+        for k, v in fixed.items():
+            if not bool(priors[k].support.check(v).all()):
+                raise ValueError(f"fit_mle: fixed value of {k!r} ({v.tolist()}) is outside its support")
+        obj = LaplaceObjective(pop, data, priors, fixed, approximation)
         start = {**_start_values(pop, data, priors), **(init or {})}
+        start = {k: v for k, v in start.items() if k not in fixed}
         unknown = set(init or {}) - set(priors)
         if unknown:
             raise ValueError(f"fit_mle: init for unknown site(s) {sorted(unknown)}; sites: {sorted(priors)}")
@@ -381,8 +522,12 @@ def fit_mle(pop, data, *, max_iters: int = 200, max_rounds: int = 5, seed: int =
                 warnings.warn(f"fit(method='mle'): {se_note}", ConvergenceWarning, stacklevel=3)
         values = {k: v.detach() for k, v in obj.layout.unpack(phi).items()}
         typical, betas, _ = obj.split(values)
-        individual = pop.individual_parameters(typical, betas, eta_hat if obj.P else None, data)
+        # subject level (IOV kappas at 0)
+        individual = pop.individual_parameters(typical, betas, eta_hat[:, :obj.P_iiv] if obj.P else None, data)
         individual = {k: v.detach().expand(data.n_subjects) for k, v in individual.items()}
+        if pop.ka_above_k:
+            v = values["v"] if "v" in values else values["v1"]
+            values["ka"] = (values["ka_minus_k"] + values["cl"] / v).detach()
         minus2ll = -2 * float(ll)
         n_params = int(phi.numel())
     finally:
@@ -396,6 +541,7 @@ def fit_mle(pop, data, *, max_iters: int = 200, max_rounds: int = 5, seed: int =
         info={"evaluations": len(trace), "objective_trace": trace, "grad_norm": grad_norm,
               "seed": seed, "standard_errors": se_note or "ok",
               "wall_time_s": time.perf_counter() - start_time, "layout": obj.layout.names},
+        fixed=fixed, approximation=approximation,
     )
 
 

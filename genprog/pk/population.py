@@ -11,7 +11,16 @@ The generative story, for subjects ``i = 1..S`` and PK parameters ``p`` (e.g. ka
   (``eta_raw ~ N(0, I)``, ``eta = diag(omega) L eta_raw``);
 * covariate effects on typical values: power ``(cov/median)^beta`` (allometric when the
   exponent is fixed to 0.75 for clearances, 1 for volumes), linear ``1 + beta (cov -
-  median)``, categorical ``exp(beta_k)`` (sites ``"beta_{param}_{cov}"``);
+  median)``, categorical ``exp(beta_k)``, threshold (indicator) ``1 + theta`` when the
+  covariate is below (or above) a cut, else 1 (sites ``"beta_{param}_{cov}"``); a power
+  effect may have a fixed exponent and a fixed reference (``CL = TVCL * WT`` per kg);
+* optional structural parameters estimated like the others (``extra_parameters``: lag
+  time ``tlag``, relative bioavailability ``f``);
+* inter-occasion variability (``iov``, ``occasion``): a second level of log-normal effects
+  ``kappa_ik ~ N(0, omega_iov^2)`` per subject and occasion (site ``"omega_iov"``, one SD
+  per parameter; non-centred ``kappa_raw``), so ``p_ik = tv_p * cov * exp(eta_ip + kappa_ikp)``;
+  an observation is predicted with the parameters of its occasion, all doses superposed
+  (exact when occasions are separated by washout, as in crossover studies);
 * individual parameters ``p_i = tv_p * covariate effects * exp(eta_ip)``;
 * predicted concentrations by a structural model (closed form or ODE);
 * residual error: additive ``sd = sigma_add``, proportional ``sd = sigma_prop * c``,
@@ -31,13 +40,15 @@ from dataclasses import dataclass, field
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro.distributions.transforms import AffineTransform
+from torch.distributions import constraints
 
 from ..fit import Fit
 from ..model import Model
 from .dataset import Dataset
 
 ERROR_MODELS = ("additive", "proportional", "combined", "exponential")
-COVARIATE_KINDS = ("power", "allometric", "linear", "categorical")
+COVARIATE_KINDS = ("power", "allometric", "linear", "categorical", "threshold")
 _ALLOMETRIC = {"cl": 0.75, "q": 0.75, "q3": 0.75, "v": 1.0, "v1": 1.0, "v2": 1.0, "v3": 1.0}
 
 
@@ -53,16 +64,60 @@ class CovariateEffect:
         The data set's covariate name (as in ``Dataset.covariates``, case-insensitive).
     kind : str
         ``"power"`` (estimated exponent), ``"allometric"`` (fixed exponent 0.75 for
-        clearances, 1 for volumes), ``"linear"``, or ``"categorical"``.
+        clearances, 1 for volumes), ``"linear"``, ``"categorical"``, or ``"threshold"``
+        (an indicator effect: factor ``1 + theta`` when the covariate is below ``below``
+        (or above ``above``), else 1; ``theta > -1``).
+    below, above : float, optional
+        The cut of a threshold effect (exactly one of them): ``x < below`` / ``x > above``.
+    exponent : float, optional
+        A power effect's fixed exponent (not estimated): ``exponent=1`` with
+        ``reference=1`` is ``TV * WT``, i.e. the typical value is per unit of the covariate.
+    reference : float, optional
+        Reference value of a power, allometric or linear effect (default: the median over
+        subjects), e.g. 70 kg.
+
+    Examples
+    --------
+    >>> CovariateEffect("v", "APGR", kind="threshold", below=5).site
+    'beta_v_apgr'
     """
 
     param: str
     covariate: str
     kind: str = "power"
+    below: float | None = None
+    above: float | None = None
+    exponent: float | None = None
+    reference: float | None = None
 
     @property
     def site(self) -> str:
         return f"beta_{self.param}_{self.covariate.lower()}"
+
+    @property
+    def estimated(self) -> bool:
+        """Whether the effect has a coefficient to estimate (a site)."""
+        return not (self.kind == "allometric" or (self.kind == "power" and self.exponent is not None))
+
+    def indicator(self, x: torch.Tensor) -> torch.Tensor:
+        """A threshold effect's indicator ``[S]`` (1 where the effect applies)."""
+        hit = x < self.below if self.below is not None else x > self.above
+        return hit.to(x.dtype)
+
+
+class RelativeChange(dist.TransformedDistribution):
+    """Prior of a relative change ``theta = r - 1`` with ``r ~ LogNormal(0, scale)``: support
+    ``theta > -1`` (so ``1 + theta`` stays positive), median 0."""
+
+    arg_constraints: dict = {}  # noqa: RUF012 (torch's Distribution interface)
+    support = constraints.greater_than(-1.0)
+
+    def __init__(self, scale=0.5, validate_args=None):
+        super().__init__(dist.LogNormal(0.0, scale), [AffineTransform(-1.0, 1.0)], validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(RelativeChange, _instance)
+        return super().expand(batch_shape, _instance=new)
 
 
 def _covariate_effects(covariates) -> tuple:
@@ -84,6 +139,22 @@ def _covariate_effects(covariates) -> tuple:
     for e in effects:
         if e.kind not in COVARIATE_KINDS:
             raise ValueError(f"covariate effect {e.site}: unknown kind {e.kind!r}; choose from {COVARIATE_KINDS}")
+        if e.kind == "threshold" and (e.below is None) == (e.above is None):
+            raise ValueError(f"covariate effect {e.site}: a threshold effect needs exactly one of "
+                             "below= or above= (the cut)")
+        if e.kind != "threshold" and (e.below is not None or e.above is not None):
+            raise ValueError(f"covariate effect {e.site}: below=/above= apply to kind='threshold' only")
+        if e.exponent is not None and e.kind != "power":
+            raise ValueError(f"covariate effect {e.site}: a fixed exponent= applies to kind='power' only")
+        if e.reference is not None and e.kind not in ("power", "allometric", "linear"):
+            raise ValueError(f"covariate effect {e.site}: reference= applies to power, allometric "
+                             "and linear effects")
+        if e.reference is not None and e.kind != "linear" and not e.reference > 0:
+            raise ValueError(f"covariate effect {e.site}: a power effect's reference must be > 0")
+    sites = [e.site for e in effects if e.estimated]
+    dup = sorted({x for x in sites if sites.count(x) > 1})
+    if dup:
+        raise ValueError(f"covariate effects: {dup} given twice")
     return tuple(effects)
 
 
@@ -103,10 +174,30 @@ def etas_from_raw(scale_tril, eta_raw):
 
 def posterior_etas(pop, draws: dict):
     """Etas per draw ``[n, S, P]`` from flattened draws ``{site: [n, ...]}`` (None without
-    random effects)."""
-    if not pop.random_effects or "eta_raw" not in draws:
-        return None
-    return etas_from_raw(omega_scale_tril(draws["omega"], draws.get("omega_corr")), draws["eta_raw"])
+    random effects). With inter-occasion variability the kappas follow the etas in the last
+    dim (``P + K Q`` columns, occasion-major), as :meth:`PopulationModel.individual_parameters`
+    takes them."""
+    eta = None
+    if pop.random_effects and "eta_raw" in draws:
+        eta = etas_from_raw(omega_scale_tril(draws["omega"], draws.get("omega_corr")), draws["eta_raw"])
+    if getattr(pop, "iov", ()) and "kappa_raw" in draws:
+        kappa = kappas_from_raw(draws["omega_iov"], draws["kappa_raw"])
+        eta = kappa if eta is None else _cat_effects(eta, kappa)
+    return eta
+
+
+def _cat_effects(eta, kappa):
+    """``[..., S, P]`` and ``[..., S, KQ]`` (leading dims broadcast) -> ``[..., S, P + KQ]``."""
+    lead = torch.broadcast_shapes(eta.shape[:-1], kappa.shape[:-1])
+    return torch.cat([eta.expand(*lead, eta.shape[-1]), kappa.expand(*lead, kappa.shape[-1])], -1)
+
+
+def kappas_from_raw(omega_iov, kappa_raw):
+    """Non-centred kappas: ``omega_iov [..., Q]`` and ``kappa_raw [..., S, 1, K*Q]`` (the
+    site's value, occasion-major) -> ``kappa [..., S, K*Q]``."""
+    raw = kappa_raw.squeeze(-2)
+    Q = omega_iov.shape[-1]
+    return (raw.unflatten(-1, (-1, Q)) * omega_iov[..., None, None, :]).flatten(-2)
 
 
 def _draws(value, event_dim: int):
@@ -118,17 +209,35 @@ def _draws(value, event_dim: int):
     return value
 
 
-def initial_estimates(data: Dataset, parameters) -> dict:
+def initial_estimates(data: Dataset, parameters, mask=None) -> dict:
     """Rough typical values from the data (a non-compartmental look), used to centre the
     default priors and start optimisers: CL = dose / AUC, k from the terminal log-linear
-    slope, V = CL / k, ka = 3 k, peripheral volumes = V, Q = CL, F = 1, tlag = small."""
-    t, c, m = data.obs_time, data.obs_dv, data.obs_mask & ~data.obs_blq & (data.obs_dv > 0)
+    slope, V = CL / k, ka from the time of the peak, peripheral volumes = V, Q = CL, F = 1,
+    and tlag between the last non-measurable and the first measurable concentration after
+    the first dose (median over the subjects that have both; else half the earliest first
+    measurable time; with ``tlag`` among ``parameters`` the time of the peak for ka is
+    counted from the lag). ``mask [S, T]`` picks the observations to
+    use (default: all; a model passes its DVID's)."""
+    base = data.obs_mask if mask is None else mask
+    t, c, m = data.obs_time, data.obs_dv, base & ~data.obs_blq & (data.obs_dv > 0)
     dose = (data.dose_amt * data.dose_mask).sum(-1)
     guesses = {}
     cl_s, k_s, tmax_s = [], [], []
     for i in range(data.n_subjects):
-        ti, ci = t[i][m[i]].double(), c[i][m[i]].double()
-        if ti.numel() < 3 or float(dose[i]) <= 0:
+        mi, dose_i = m[i], float(dose[i])
+        doses = data.dose_time[i][data.dose_mask[i]]
+        if doses.numel() > 1:
+            # several doses: the first dose's interval alone when it has enough samples
+            # (separate occasions, washouts); else all (repeated dosing, as before)
+            first = doses.min()
+            later = doses[doses > first]
+            end = later.min() if later.numel() else torch.tensor(float("inf"))
+            window = mi & (t[i] > first) & (t[i] <= end)
+            if int(window.sum()) >= 3:
+                mi = window
+                dose_i = float(data.dose_amt[i][data.dose_mask[i]][doses == first].sum())
+        ti, ci = t[i][mi].double(), c[i][mi].double()
+        if ti.numel() < 3 or dose_i <= 0:
             continue
         auc = torch.trapezoid(ci, ti)
         tail = min(3, ti.numel())
@@ -137,7 +246,7 @@ def initial_estimates(data: Dataset, parameters) -> dict:
         k = float(slope) if float(slope) > 1e-4 else 0.1
         auc_inf = float(auc) + float(ci[-1]) / k
         if auc_inf > 0:
-            cl_s.append(float(dose[i]) / auc_inf)
+            cl_s.append(dose_i / auc_inf)
             k_s.append(k)
             tmax_s.append(float(ti[ci.argmax()] - data.dose_time[i][data.dose_mask[i]].min()))
     cl = float(torch.tensor(cl_s).median()) if cl_s else 1.0
@@ -161,7 +270,10 @@ def initial_estimates(data: Dataset, parameters) -> dict:
         cl = v * k
     k = cl / v
     # ka from the median time of the peak: tmax = log(ka/k) / (ka - k), solved by bisection
+    tlag = _lag_guess(data, base, m)
     tmax = float(torch.tensor(tmax_s).median()) if tmax_s else 0.0
+    if "tlag" in parameters:
+        tmax = tmax - tlag
     ka = 3 * k
     if tmax > 0:
         lo, hi = 1.0001 * k, 1000.0 * k
@@ -173,9 +285,34 @@ def initial_estimates(data: Dataset, parameters) -> dict:
         # Michaelis-Menten: km at the typical concentration, vmax so that vmax/km = CL
         c_typ = float(c[m].median()) if bool(m.any()) else 1.0
         guesses[p] = {"cl": cl, "v": v, "v1": v, "v2": v, "v3": v, "q": cl, "q3": cl,
-                      "ka": ka, "f": 1.0, "tlag": 0.1, "km": c_typ, "vmax": cl * c_typ,
+                      "ka": ka, "f": 1.0, "tlag": tlag, "km": c_typ, "vmax": cl * c_typ,
                       "d1": 1.0}.get(p, 1.0)
     return guesses
+
+
+def _lag_guess(data: Dataset, observed: torch.Tensor, measurable: torch.Tensor) -> float:
+    """Lag time guess: the median over subjects with a non-measurable observation (DV <= 0
+    or BLQ) before their first measurable one after the first dose of the midpoint of the
+    two; without such subjects, half the earliest first measurable time."""
+    brackets, firsts = [], []
+    t = data.obs_time
+    for i in range(data.n_subjects):
+        doses = data.dose_time[i][data.dose_mask[i]]
+        if doses.numel() == 0:
+            continue
+        first = float(doses.min())
+        after = observed[i] & (t[i] > first)
+        hits = after & measurable[i]
+        if not bool(hits.any()):
+            continue
+        t1 = float(t[i][hits].min())
+        firsts.append(t1 - first)
+        before = after & ~measurable[i] & (t[i] < t1)
+        if bool(before.any()):
+            brackets.append(0.5 * (float(t[i][before].max()) + t1) - first)
+    if brackets:
+        return float(torch.tensor(brackets).median())
+    return 0.5 * min(firsts) if firsts else 0.1
 
 
 @dataclass(frozen=True)
@@ -203,6 +340,25 @@ class PopulationModel:
     ka_above_k : bool
         Parameterise ``ka = k + exp(...)`` so ka > k = CL/V always (removes the flip-flop
         mode); the site ``"ka_minus_k"`` replaces ``"ka"`` and ``ka`` is deterministic.
+    extra_parameters : sequence of str
+        Optional structural parameters to estimate: ``"tlag"`` (lag time of depot doses,
+        prior centred on the data's first measurable concentration) and/or ``"f"``
+        (relative bioavailability; identifiable with IIV only, or with IV and oral doses:
+        fix its typical value with ``fit_mle(..., fixed={"f": 1.0})`` or
+        ``fit(..., fixed=...)``). A random effect or covariate on one of them implies it.
+    iov : sequence of str
+        PK parameters with log-normal inter-occasion variability (site ``"omega_iov"``).
+    occasion : str, optional
+        The data set's occasion column (time-varying or baseline covariate; its values are
+        coded 0..K-1 in sorted order); needed with ``iov``.
+
+    Examples
+    --------
+    >>> from genprog import pk
+    >>> m = pk.PopulationModel(pk.OneCompartment(), ["ka", "cl", "v"], "additive",
+    ...                        extra_parameters=["tlag"])
+    >>> m.parameters
+    ('cl', 'v', 'ka', 'tlag')
     """
 
     structure: object
@@ -214,10 +370,24 @@ class PopulationModel:
     initial: dict = field(default_factory=dict)
     dvid: object = None
     ka_above_k: bool = False
+    extra_parameters: tuple = ()
+    iov: tuple = ()
+    occasion: str | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "random_effects", tuple(self.random_effects))
-        params = tuple(self.structure.parameters)
+        object.__setattr__(self, "iov", tuple(self.iov))
+        optional = tuple(getattr(self.structure, "optional_parameters", ()))
+        base = tuple(self.structure.parameters)
+        effects = _covariate_effects(self.covariates)
+        implied = [p for p in (*self.extra_parameters, *self.random_effects, *self.iov,
+                               *(e.param for e in effects)) if p in optional and p not in base]
+        bad = [p for p in self.extra_parameters if p not in optional]
+        if bad:
+            raise ValueError(f"PopulationModel: extra_parameters {bad} are not optional parameters "
+                             f"of the structure (it has {list(optional)})")
+        object.__setattr__(self, "extra_parameters", tuple(dict.fromkeys(implied)))
+        params = self.parameters
         if self.error not in ERROR_MODELS:
             raise ValueError(f"PopulationModel: unknown error model {self.error!r}; choose from {ERROR_MODELS}")
         if self.omega not in ("diagonal", "block"):
@@ -226,18 +396,50 @@ class PopulationModel:
         if unknown:
             raise ValueError(f"PopulationModel: random effects on unknown parameter(s) {unknown}; "
                              f"the structure has {list(params)}")
-        effects = _covariate_effects(self.covariates)
         bad = [e.param for e in effects if e.param not in params]
         if bad:
             raise ValueError(f"PopulationModel: covariate effects on unknown parameter(s) {bad}")
         if self.ka_above_k and "ka" not in params:
             raise ValueError("PopulationModel: ka_above_k needs a first-order absorption structure")
+        unknown = [p for p in self.iov if p not in params]
+        if unknown:
+            raise ValueError(f"PopulationModel: inter-occasion variability on unknown parameter(s) "
+                             f"{unknown}; the model has {list(params)}")
+        if len(set(self.iov)) != len(self.iov) or len(set(self.random_effects)) != len(self.random_effects):
+            raise ValueError("PopulationModel: a parameter is listed twice in random_effects or iov")
+        if self.iov and not self.occasion:
+            raise ValueError("PopulationModel: iov needs occasion= (the data set's occasion column)")
         object.__setattr__(self, "_effects", effects)
 
     # ------------------------------------------------------------------ pieces
     @property
     def parameters(self) -> tuple:
-        return tuple(self.structure.parameters)
+        """Estimated structural parameters: the structure's, then ``extra_parameters``."""
+        return tuple(self.structure.parameters) + tuple(self.extra_parameters)
+
+    def occasions(self, data: Dataset):
+        """Occasion code of every observation slot ``[S, T]`` (LongTensor, 0..K-1 in sorted
+        order of the occasion column's values) and the number of occasions K."""
+        tv = {k.lower(): k for k in data.time_varying}
+        base = {k.lower(): k for k in data.covariates}
+        key = self.occasion.lower()
+        if key in tv:
+            x = data.time_varying[tv[key]]
+        elif key in base:
+            x = data.covariates[base[key]][:, None].expand_as(data.obs_time)
+        else:
+            raise ValueError(f"PopulationModel: occasion column {self.occasion!r} not in the data set "
+                             f"(time-varying: {sorted(data.time_varying)}, baseline: {sorted(data.covariates)})")
+        mask = self.observation_mask(data)
+        values = torch.unique(x[mask])
+        if not bool(torch.isfinite(values).all()):
+            raise ValueError(f"PopulationModel: occasion column {self.occasion!r} is missing on some observations")
+        codes = torch.searchsorted(values, x.contiguous()).clamp_max(len(values) - 1)
+        return codes, len(values)
+
+    def n_random(self, data: Dataset) -> int:
+        """Random effects per subject: IIV etas, then IOV kappas (occasion-major)."""
+        return len(self.random_effects) + (len(self.iov) * self.occasions(data)[1] if self.iov else 0)
 
     @property
     def covariate_effects(self) -> tuple:
@@ -270,6 +472,8 @@ class PopulationModel:
                                  f"(it has {sorted(data.covariates)})")
         if hasattr(self.structure, "check_dataset"):
             self.structure.check_dataset(data)
+        if self.iov:
+            self.occasions(data)
         mask = self.observation_mask(data)
         if not bool(mask.any()):
             raise ValueError("PopulationModel: the data set has no observations for this model")
@@ -290,13 +494,21 @@ class PopulationModel:
             if e.param != param:
                 continue
             x = data.covariates[names[e.covariate.lower()]]
+            if e.kind in ("power", "allometric", "linear"):
+                ref = (torch.quantile(x.to(torch.float64), 0.5).to(x.dtype) if e.reference is None
+                       else torch.as_tensor(e.reference, dtype=x.dtype, device=x.device))
             if e.kind in ("power", "allometric"):
-                ref = torch.quantile(x.to(torch.float64), 0.5).to(x.dtype)
-                beta = _ALLOMETRIC.get(param, 0.75) if e.kind == "allometric" else betas[e.site][..., None]
+                if e.kind == "allometric":
+                    beta = _ALLOMETRIC.get(param, 0.75)
+                elif e.exponent is not None:
+                    beta = float(e.exponent)
+                else:
+                    beta = betas[e.site][..., None]
                 factor = factor * torch.exp(beta * torch.log(x / ref))
             elif e.kind == "linear":
-                ref = torch.quantile(x.to(torch.float64), 0.5).to(x.dtype)
                 factor = factor * (1 + betas[e.site][..., None] * (x - ref))
+            elif e.kind == "threshold":
+                factor = factor * (1 + betas[e.site][..., None] * e.indicator(x))
             else:
                 codes = x.long()
                 b = torch.cat([torch.zeros_like(betas[e.site][..., :1]), betas[e.site]], -1)
@@ -305,23 +517,52 @@ class PopulationModel:
 
     def individual_parameters(self, typical: dict, betas: dict, eta, data: Dataset) -> dict:
         """Individual PK parameters ``{p: [..., S]}`` from typical values ``{p: [...]}``,
-        covariate coefficients and etas ``[..., S, P]`` (None: typical subject)."""
+        covariate coefficients and etas ``[..., S, P]`` (None: typical subject).
+
+        With inter-occasion variability, etas ``[..., S, P + K Q]`` (kappas after the etas,
+        occasion-major) give parameters per occasion ``{p: [..., K, S]}``; etas with only
+        the ``P`` IIV columns give the subject level (kappa = 0), ``[..., S]``."""
+        P = len(self.random_effects)
+        kappa = None
+        if eta is not None and self.iov and eta.shape[-1] > P:
+            kappa = eta[..., P:].unflatten(-1, (-1, len(self.iov)))  # [..., S, K, Q]
+            kappa = kappa.movedim(-3, -1)  # [..., K, Q, S]
+        eta_iiv = eta[..., :P] if eta is not None else None
+
+        def level(p, value):
+            if eta_iiv is not None and p in self.random_effects:
+                value = value * torch.exp(eta_iiv[..., self.random_effects.index(p)])
+            if kappa is not None:
+                value = value[..., None, :] if torch.is_tensor(value) and value.dim() else value
+                if p in self.iov:
+                    value = value * torch.exp(kappa[..., self.iov.index(p), :])
+            return value
+
         out = {}
         for p in self.parameters:
             if p == "ka" and self.ka_above_k:
                 continue
-            value = typical[p][..., None] * self.covariate_factor(p, betas, data)
-            if eta is not None and p in self.random_effects:
-                value = value * torch.exp(eta[..., self.random_effects.index(p)])
-            out[p] = value
+            out[p] = level(p, typical[p][..., None] * self.covariate_factor(p, betas, data))
         if self.ka_above_k:
             v = out["v"] if "v" in out else out["v1"]
             k = out["cl"] / v
-            delta = typical["ka_minus_k"][..., None]
-            if eta is not None and "ka" in self.random_effects:
-                delta = delta * torch.exp(eta[..., self.random_effects.index("ka")])
-            out["ka"] = k + delta
+            out["ka"] = k + level("ka", typical["ka_minus_k"][..., None])
         return out
+
+    def has_kappas(self, eta) -> bool:
+        """Whether random effects ``[..., S, n]`` include IOV kappas (``n > P``)."""
+        return eta is not None and bool(self.iov) and eta.shape[-1] > len(self.random_effects)
+
+    def predict(self, ind: dict, data: Dataset, per_occasion: bool = False) -> torch.Tensor:
+        """Concentrations ``[..., S, T]`` from individual parameters ``{p: [..., S]}``; with
+        ``per_occasion`` the parameters are ``[..., K, S]`` and each observation takes its
+        occasion's prediction."""
+        pred = self.structure.concentration(ind, data)
+        if not per_occasion:
+            return pred
+        codes, K = self.occasions(data)
+        onehot = (codes == torch.arange(K, device=codes.device)[:, None, None]).to(pred.dtype)
+        return (pred * onehot).sum(-3)
 
     def residual_sd(self, pred: torch.Tensor, sigma: dict) -> torch.Tensor:
         if self.error == "additive":
@@ -337,7 +578,22 @@ class PopulationModel:
                 "combined": ("sigma_add", "sigma_prop"), "exponential": ("sigma_exp",)}[self.error]
 
     def default_priors(self, data: Dataset) -> dict:
-        guess = {**initial_estimates(data, self.parameters), **self.initial}
+        """Weakly informative priors scaled by the data: ``LogNormal(log guess, 1)`` for
+        typical values (``guess`` from :func:`initial_estimates`, divided by the median
+        covariate factor where an effect has a fixed reference; ``f``:
+        ``LogNormal(0, 0.5)``), ``HalfNormal(1)`` omegas (IIV and IOV), ``Normal`` covariate
+        coefficients (power: centred on the allometric exponent), threshold effects
+        ``1 + theta ~ LogNormal(0, 0.5)``, ``HalfNormal`` residual SDs (additive: half the
+        median observation)."""
+        guess = {**initial_estimates(data, self.parameters, self.observation_mask(data))}
+        centre = {e.site: torch.tensor(_ALLOMETRIC.get(e.param, 0.0) if e.kind == "power" else 0.0)
+                  for e in self._effects if e.estimated and e.kind != "categorical"}
+        for e in self._effects:
+            if e.reference is not None and e.param in guess:
+                factor = self.covariate_factor(e.param, centre, data)
+                if torch.is_tensor(factor):
+                    guess[e.param] = guess[e.param] / float(factor.double().median())
+        guess.update(self.initial)
         dv = data.obs_dv[self.observation_mask(data) & ~data.obs_blq]
         dv_scale = float(dv.abs().median()) if dv.numel() else 1.0
         priors = {}
@@ -346,6 +602,8 @@ class PopulationModel:
                 v = guess.get("v", guess.get("v1"))
                 delta = max(guess["ka"] - guess["cl"] / v, 1e-3)
                 priors["ka_minus_k"] = dist.LogNormal(math.log(delta), 1.0)
+            elif p == "f":
+                priors[p] = dist.LogNormal(math.log(guess[p]), 0.5)
             else:
                 priors[p] = dist.LogNormal(math.log(guess[p]), 1.0)
         p_eta = len(self.random_effects)
@@ -353,11 +611,17 @@ class PopulationModel:
             priors["omega"] = dist.HalfNormal(torch.ones(p_eta)).to_event(1)
             if self.omega == "block" and p_eta > 1:
                 priors["omega_corr"] = dist.LKJCholesky(p_eta, 2.0)
+        if self.iov:
+            priors["omega_iov"] = dist.HalfNormal(torch.ones(len(self.iov))).to_event(1)
         for e in self._effects:
+            if not e.estimated:
+                continue  # allometric or fixed exponent: nothing to estimate
             if e.kind == "power":
                 priors[e.site] = dist.Normal(_ALLOMETRIC.get(e.param, 0.0), 0.5)
             elif e.kind == "linear":
                 priors[e.site] = dist.Normal(0.0, 0.1)
+            elif e.kind == "threshold":
+                priors[e.site] = RelativeChange(0.5)
             elif e.kind == "categorical":
                 names = {k.lower(): k for k in data.covariates}
                 k = int(data.covariates[names[e.covariate.lower()]].max()) + 1
@@ -384,8 +648,11 @@ class PopulationModel:
                    [p for p in self.parameters if not (p == "ka" and self.ka_above_k)]
                    + (["ka_minus_k"] if self.ka_above_k else [])}
         betas = {e.site: _draws(pyro.sample(e.site, priors[e.site]), priors[e.site].event_dim)
-                 for e in self._effects if e.kind != "allometric"}
+                 for e in self._effects if e.estimated}
         sigma = {s: pyro.sample(s, priors[s]) for s in self.sigma_sites()}  # [..., 1, 1]
+        if self.iov:
+            _, K = self.occasions(data)
+            omega_iov = _draws(pyro.sample("omega_iov", priors["omega_iov"]), 1)  # [..., Q]
         p_eta = len(self.random_effects)
         S, T = data.obs_dv.shape
         eta = None
@@ -401,8 +668,13 @@ class PopulationModel:
             if p_eta:
                 eta_raw = pyro.sample("eta_raw", dist.Normal(0.0, 1.0).expand([p_eta]).to_event(1))
                 eta = etas_from_raw(scale_tril, eta_raw)  # [..., S, P]
-            ind = self.individual_parameters(typical, betas, eta, data)  # {p: [..., S]}
-            pred = self.structure.concentration(ind, data)  # [..., S, T]
+            if self.iov:
+                n_kappa = K * len(self.iov)
+                kappa_raw = pyro.sample("kappa_raw", dist.Normal(0.0, 1.0).expand([n_kappa]).to_event(1))
+                kappa = kappas_from_raw(omega_iov, kappa_raw)  # [..., S, K*Q]
+                eta = kappa if eta is None else _cat_effects(eta, kappa)
+            ind = self.individual_parameters(typical, betas, eta, data)  # {p: [..., (K,) S]}
+            pred = self.predict(ind, data, per_occasion=bool(self.iov))  # [..., S, T]
             with pyro.plate("time", T, dim=-1):
                 return self._observe(pred, sigma, data, dv)
 
@@ -467,7 +739,7 @@ class PopulationBayesFit(Fit):
     dataset = None
 
     @classmethod
-    def wrap(cls, fit: Fit, population, data) -> "PopulationBayesFit":
+    def wrap(cls, fit: Fit, population, data) -> PopulationBayesFit:
         new = cls(fit.method, fit.model, fit.draws, fit.sample_stats, fit.seed, fit.info)
         new.population = population
         new.dataset = data
@@ -490,7 +762,10 @@ class PopulationBayesFit(Fit):
         flat = {k: v.detach().reshape(-1, *v.shape[2:]) for k, v in self.draws.items()}
         typical = {k: flat[k] for k in list(pop.parameters) + ["ka_minus_k"] if k in flat and
                    not (k == "ka" and pop.ka_above_k)}
-        betas = {e.site: flat[e.site] for e in pop.covariate_effects if e.kind != "allometric"}
-        ind = pop.individual_parameters(typical, betas, posterior_etas(pop, flat), data)
+        betas = {e.site: flat[e.site] for e in pop.covariate_effects if e.estimated}
+        eta = posterior_etas(pop, flat)
+        if eta is not None:
+            eta = eta[..., :len(pop.random_effects)]  # subject level (kappa = 0)
+        ind = pop.individual_parameters(typical, betas, eta, data)
         return pd.DataFrame({k: v.mean(0).cpu().numpy() for k, v in ind.items()},
                             index=pd.Index(data.ids, name="ID"))

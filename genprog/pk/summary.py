@@ -1,8 +1,12 @@
 """Parameter tables in pharmacometric terms, for point (ML) and Bayesian population fits.
 
-One row per parameter: typical values on the natural scale, covariate coefficients, IIV as
-omega (SD of eta on the log scale) with %CV = 100 sqrt(exp(omega^2) - 1) and eta shrinkage
-= 100 (1 - SD(EBE or posterior mean eta) / omega), correlations of a block, residual error.
+One row per parameter: typical values on the natural scale (lag time ``tlag`` and
+bioavailability ``f`` when estimated; with ``ka_above_k`` both ``ka_minus_k`` and the
+typical ``ka = ka_minus_k + CL/V``), covariate coefficients (a threshold effect's
+``theta``: the relative change ``1 + theta``), IIV as omega (SD of eta on the log scale,
+rows ``omega_{p}``) with %CV = 100 sqrt(exp(omega^2) - 1) and eta shrinkage = 100 (1 -
+SD(EBE or posterior mean eta) / omega), correlations of a block, inter-occasion
+variability (rows ``omega_iov_{p}``, %CV likewise), residual error.
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ def _scalars(pop, values: dict, batched: bool = False) -> dict:
         if name == "omega":
             for j, p in enumerate(pop.random_effects):
                 rows[f"omega_{p}"] = v[..., j]
+        elif name == "omega_iov":
+            for j, p in enumerate(pop.iov):
+                rows[f"omega_iov_{p}"] = v[..., j]
         elif name == "omega_corr":
             corr = v @ v.transpose(-1, -2)
             effects = pop.random_effects
@@ -44,6 +51,10 @@ def _scalars(pop, values: dict, batched: bool = False) -> dict:
                 rows[f"{name}[{j + 1}]"] = v[..., j]
         else:
             rows[name] = v
+        if name == "ka_minus_k" and "ka" not in values:
+            # the typical ka of a ka_above_k model: ka_minus_k + CL/V (deterministic)
+            vol = values["v"] if "v" in values else values["v1"]
+            rows["ka"] = v + torch.as_tensor(values["cl"]) / torch.as_tensor(vol)
     return rows
 
 
@@ -61,6 +72,7 @@ def population_summary(fit) -> pd.DataFrame:
     pop = fit.population
     layout_obj = _objective(fit)
     phi = fit.phi.detach()
+    fixed = set(_scalars(pop, getattr(fit, "fixed", None) or {}))
 
     def natural(x):
         vals = layout_obj.unpack(x)
@@ -77,7 +89,9 @@ def population_summary(fit) -> pd.DataFrame:
     shrink = _shrinkage(pop, fit.eta, omega) if omega is not None else {}
     for i, n in enumerate(names):
         e, s = float(est[i]), float(se[i])
-        positive = not (n.startswith("beta_") or n.startswith("corr_"))
+        if n in fixed:
+            s = float("nan")  # held fixed, not estimated
+        positive = not n.startswith(("beta_", "corr_"))
         if positive and e > 0 and math.isfinite(s):
             lo, hi = e * math.exp(-1.96 * s / e), e * math.exp(1.96 * s / e)
         else:
@@ -91,9 +105,7 @@ def population_summary(fit) -> pd.DataFrame:
 
 
 def _objective(fit):
-    from .estimation import LaplaceObjective
-
-    return LaplaceObjective(fit.population, fit.data, fit.population.priors_for(fit.data)).layout
+    return fit.objective().layout
 
 
 def bayesian_summary(fit, pop, prob: float = 0.95) -> pd.DataFrame:
@@ -101,8 +113,12 @@ def bayesian_summary(fit, pop, prob: float = 0.95) -> pd.DataFrame:
     median and central ``prob`` interval per parameter; %CV of omegas (posterior mean of
     the %CV); shrinkage from the posterior-mean etas. ``attrs`` hold LOO (elpd, se)."""
     draws = {k: v.detach().double().reshape(-1, *v.shape[2:]) for k, v in fit.draws.items()}
-    sites = [n for n in pop.default_priors(fit.model.dataset)] + (["ka"] if pop.ka_above_k else [])
+    sites = [n for n in pop.default_priors(fit.model.dataset)]
     values = {k: draws[k] for k in sites if k in draws}
+    if pop.ka_above_k and "ka" in draws:
+        # the deterministic typical ka, next to ka_minus_k
+        values = {k2: v2 for k, v in values.items()
+                  for k2, v2 in ([(k, v), ("ka", draws["ka"])] if k == "ka_minus_k" else [(k, v)])}
     rows = _scalars(pop, values, batched=True)
     q = (1 - prob) / 2
     df = pd.DataFrame(index=pd.Index(list(rows), name="parameter"),
@@ -110,7 +126,7 @@ def bayesian_summary(fit, pop, prob: float = 0.95) -> pd.DataFrame:
                       dtype=float)
     shrink = {}
     eta = posterior_etas(pop, draws)  # [n, S, P]
-    if eta is not None:
+    if eta is not None and "omega" in values:
         shrink = _shrinkage(pop, eta.mean(0), values["omega"].mean(0))
     for n, v in rows.items():
         v = v.reshape(-1)

@@ -738,11 +738,6 @@ def test_ka_above_k_prior_draws(theo):
     assert (ind["ka"] > ind["cl"] / ind["v"]).all()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG (minor): summary.py population_summary (via _scalars) has no 'ka' row for a "
-    "ka_above_k model, and PopulationFit.estimates has no 'ka', while bayesian_summary adds "
-    "the deterministic 'ka' row (summary.py line 102). Fix: add the typical ka = ka_minus_k + "
-    "CL/V row (with its delta-method SE) to the ML table"))
 def test_ka_above_k_ml_table_has_ka_row(theo):
     with default_dtype(F64):
         data = theo.to(dtype=F64)
@@ -759,6 +754,7 @@ def test_ka_above_k_ml_table_has_ka_row(theo):
         table = fit.summary()
     assert "ka_minus_k" in table.index
     assert table.loc["ka", "estimate"] == pytest.approx(1.4 + 2.8 / 32.0)
+    assert list(table.index[:4]) == ["cl", "v", "ka_minus_k", "ka"]
 
 
 # =========================================================================== 8. Bayesian
