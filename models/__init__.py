@@ -11,8 +11,10 @@ from .base import REGISTRY, ZooModel, capabilities
 from .circuit import ProbabilisticCircuit
 from .copula import GaussianCopula
 from .cnf import ContinuousFlow
+from .diffusion import Diffusion
 from .discriminant import GaussianDiscriminant
 from .dpmm import DirichletProcessMixture
+from .ebm import EnergyBasedModel
 from .flow import Flow
 from .gan import GAN
 from .gaussian import PPCA, FactorAnalysis, Gaussian
@@ -36,4 +38,5 @@ __all__: list[str] = [
     "HMM", "LinearGaussianSSM", "AR", "DiscreteAR",
     "GaussianProcess", "GaussianCopula", "PoissonProcess", "InhomogeneousPoissonProcess",
     "HawkesProcess", "VAE", "GAN", "LatentODE",
+    "Diffusion", "EnergyBasedModel",
 ]

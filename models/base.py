@@ -39,6 +39,8 @@ log density is not defined (a GAN) sets ``has_density = False``.
 
 from __future__ import annotations
 
+import contextlib
+
 import pyro
 import pyro.distributions as dist
 import torch
@@ -69,6 +71,8 @@ class ZooModel(Model):
     has_density = True
     #: How ``mle`` fits, for the capability table ("closed form", "EM", "variational", ...).
     mle_kind: str | None = None
+    #: How ``sample`` draws: "exact" (ancestral or enumeration) or, e.g., "estimated (MCMC)".
+    sampling_kind: str = "exact"
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -313,7 +317,7 @@ class ZooModel(Model):
             lp = "exact" if exact_lp else "estimated" if est_lp else "generic"
             lm = "exact" if exact_lp else "estimated"
         return {
-            "sample": "exact",
+            "sample": cls.sampling_kind,
             "log_prob": lp,
             "log_marginal": lm,
             "marginalize": "exact" if cls._has("_marginal") else
@@ -344,6 +348,27 @@ def capabilities():
     }
     table = pd.DataFrame.from_dict({"Model (any Pyro story)": generic, **rows}, orient="index")
     return table[list(OPERATIONS)]
+
+
+@contextlib.contextmanager
+def frozen_networks(zoo: ZooModel):
+    """Within the block, the parameters of ``torch.nn.Module`` inputs of ``zoo`` (also inside
+    lists, e.g. a flow's transforms) do not require grad: inference over the model's
+    variables treats the trained networks as constants (and a compiled potential may
+    record them as such)."""
+    modules = []
+    for v in zoo.kwargs.values():
+        for item in (v if isinstance(v, (list, tuple)) else [v]):
+            if isinstance(item, torch.nn.Module):
+                modules.append(item)
+    params = [q for m in modules for q in m.parameters() if q.requires_grad]
+    for q in params:
+        q.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for q in params:
+            q.requires_grad_(True)
 
 
 class _GivenFactor(dist.TorchDistribution):
@@ -398,7 +423,7 @@ def conditional_by_inference(zoo: ZooModel, obs: dict, num_reference_draws: int 
         full = torch.empty(*batch, d, dtype=r.dtype, device=r.device)
         full[..., index_rest] = r
         full[..., index_given] = y_given.to(r.dtype).expand(*batch, len(given))
-        with zoo.context():
+        with zoo.context(), frozen_networks(zoo):
             lp = zoo._log_prob_rows(full.reshape(-1, d)).reshape(batch)
         pyro.sample("y_given", _GivenFactor(lp - reference.log_prob(r), len(given)), obs=y_given)
 
