@@ -21,4 +21,4 @@ def capabilities():
 
 __version__ = "0.1.0"
 
-__all__ = ["Model", "model", "Fit", "load", "Estimate", "ConvergenceWarning", "capabilities", "__version__"]
+__all__ = ["ConvergenceWarning", "Estimate", "Fit", "Model", "__version__", "capabilities", "load", "model"]

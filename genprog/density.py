@@ -15,8 +15,8 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import pyro
-import pyro.poutine as poutine
 import torch
+from pyro import poutine
 from pyro.distributions.transforms import biject_to
 from pyro.infer import config_enumerate
 from pyro.ops.contract import contract_to_tensor
@@ -24,7 +24,6 @@ from pyro.ops.packed import unpack
 
 from .handlers import SubstituteBatched, missing_site_name
 from .sites import PARTICLE_PLATE, ModelStructure, is_model_site
-
 
 VECTORIZE_HINT = (
     "genprog evaluates many draws at once inside a plate at dim {dim}; write the model so it "

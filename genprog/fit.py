@@ -11,8 +11,8 @@ import warnings
 
 import numpy as np
 import pyro
-import pyro.poutine as poutine
 import torch
+from pyro import poutine
 
 from . import arviz_convert
 from .errors import ConvergenceWarning

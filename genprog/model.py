@@ -95,7 +95,7 @@ class Model:
     def name(self) -> str:
         return getattr(self.fn, "__name__", type(self).__name__)
 
-    def _replace(self, **changes) -> "Model":
+    def _replace(self, **changes) -> Model:
         new = copy.copy(self)
         for k, v in changes.items():
             setattr(new, k, v)
@@ -118,7 +118,7 @@ class Model:
         finally:
             torch.set_default_dtype(old_dtype)
 
-    def to(self, device=None, dtype=None) -> "Model":
+    def to(self, device=None, dtype=None) -> Model:
         """A copy of the model whose inputs, observations and computations live on
         ``device`` (e.g. ``"cuda"``) with floating dtype ``dtype`` (e.g. ``torch.float64``)."""
         device = torch.device(device) if device is not None else self.device
@@ -138,7 +138,7 @@ class Model:
             _missing_init={k: move(v) for k, v in self._missing_init.items()},
         )
 
-    def with_coords(self, **coords) -> "Model":
+    def with_coords(self, **coords) -> Model:
         """Name the positions along plates, e.g. ``with_coords(school=["A", "B", ...])``;
         they become ArviZ coordinates."""
         unknown = set(coords) - set(self.base_structure.plates)
@@ -235,7 +235,7 @@ class Model:
         return out
 
     # ------------------------------------------------------------------ condition
-    def condition(self, data=None, **obs) -> "Model":
+    def condition(self, data=None, **obs) -> Model:
         """A new Model with the given sites observed.
 
         Parameters
@@ -403,7 +403,7 @@ class Model:
         return None
 
     # ------------------------------------------------------------------ marginalize
-    def marginalize(self, *sites: str) -> "Model":
+    def marginalize(self, *sites: str) -> Model:
         """Sum discrete latent ``sites`` out of the model (exactly, by enumeration).
 
         The returned model no longer reports them in ``sample`` or in fits; their
@@ -550,7 +550,7 @@ class Model:
             model = self._replace(fixed={**self.fixed, **fixed_t})
         if not model.structure.observed:
             raise ValueError(f"fit({method!r}): the model has no observed sites; condition() it first")
-        if "point" in options and options["point"]:
+        if options.get("point"):
             model._check_names(options["point"], "fit(point=...)",
                                allowed=[s.name for s in model.structure.latent_continuous])
         with model.context():

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import pyro.poutine as poutine
 import torch
+from pyro import poutine
 from pyro.distributions import constraints
 from pyro.poutine.subsample_messenger import _Subsample
 

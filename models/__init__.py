@@ -9,8 +9,8 @@ estimated and what is unavailable.
 from .autoregressive import AR, DiscreteAR
 from .base import REGISTRY, ZooModel, capabilities
 from .circuit import ProbabilisticCircuit
-from .copula import GaussianCopula
 from .cnf import ContinuousFlow
+from .copula import GaussianCopula
 from .diffusion import Diffusion
 from .discriminant import GaussianDiscriminant
 from .dpmm import DirichletProcessMixture
@@ -31,12 +31,34 @@ from .state_space import LinearGaussianSSM
 from .vae import VAE
 
 __all__: list[str] = [
-    "ZooModel", "REGISTRY", "capabilities",
-    "Gaussian", "PPCA", "FactorAnalysis", "GaussianMixture", "Flow", "MADE",
-    "NaiveBayes", "GaussianDiscriminant", "ProbabilisticCircuit", "ContinuousFlow",
-    "LDA", "DirichletProcessMixture", "RBM",
-    "HMM", "LinearGaussianSSM", "AR", "DiscreteAR",
-    "GaussianProcess", "GaussianCopula", "PoissonProcess", "InhomogeneousPoissonProcess",
-    "HawkesProcess", "VAE", "GAN", "LatentODE",
-    "Diffusion", "EnergyBasedModel",
+    "AR",
+    "GAN",
+    "HMM",
+    "LDA",
+    "MADE",
+    "PPCA",
+    "RBM",
+    "REGISTRY",
+    "VAE",
+    "ContinuousFlow",
+    "Diffusion",
+    "DirichletProcessMixture",
+    "DiscreteAR",
+    "EnergyBasedModel",
+    "FactorAnalysis",
+    "Flow",
+    "Gaussian",
+    "GaussianCopula",
+    "GaussianDiscriminant",
+    "GaussianMixture",
+    "GaussianProcess",
+    "HawkesProcess",
+    "InhomogeneousPoissonProcess",
+    "LatentODE",
+    "LinearGaussianSSM",
+    "NaiveBayes",
+    "PoissonProcess",
+    "ProbabilisticCircuit",
+    "ZooModel",
+    "capabilities",
 ]

@@ -115,13 +115,13 @@ class ZooModel(Model):
                 "or use log_marginal / fit for the Bayesian route)"
             )
 
-    def _with_params(self, **params) -> "ZooModel":
+    def _with_params(self, **params) -> ZooModel:
         """A new unconditioned instance of the same class with ``params`` replaced."""
         new = dict(self.params)
         new.update(params)
         return type(self)(**new)
 
-    def _rebind(self, **inputs) -> "ZooModel":
+    def _rebind(self, **inputs) -> ZooModel:
         """This model with story inputs replaced (kept in raw inputs so ``to()`` is exact)."""
         raw_args, raw_kwargs = self._raw_inputs
         raw_kwargs = {**raw_kwargs, **inputs}

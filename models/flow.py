@@ -153,7 +153,7 @@ class Flow(ZooModel):
                            torch.ones(dim, device=self.device, dtype=dtype)).to_event(1)
         return dist.TransformedDistribution(base, self.transforms)
 
-    def to(self, device=None, dtype=None) -> "Flow":
+    def to(self, device=None, dtype=None) -> Flow:
         """Also moves the transforms' networks and tensors."""
         for m in _modules(self.transforms):
             m.to(device=device, dtype=dtype)
@@ -187,7 +187,7 @@ class Flow(ZooModel):
     def mle(cls, y, *, kind: str = "spline_coupling", layers: int = 4, hidden: int = 32,
             count_bins: int = 8, transforms=None, max_steps: int = 5000, batch_size: int = 256,
             learning_rate: float = 5e-3, window: int = 100, seed: int = 0,
-            progress: bool | None = None) -> "Flow":
+            progress: bool | None = None) -> Flow:
         """Train a flow by maximum likelihood on ``y [N, d]``.
 
         The data are standardised first (the final affine transform undoes it), then the

@@ -31,6 +31,6 @@ def test_every_tutorial_is_registered():
 def test_tutorial_runs(name, tmp_path):
     env = dict(os.environ, CI="1", OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, str(ROOT / "tutorials" / name)], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=900, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert EXPECTED[name] in proc.stdout

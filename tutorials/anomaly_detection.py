@@ -13,6 +13,7 @@ rows are scored without imputing them first.
 import os
 
 import torch
+
 from genprog.models.mixture import GaussianMixture
 
 smoke = "CI" in os.environ

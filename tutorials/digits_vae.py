@@ -20,10 +20,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
-from genprog.models.made import binarized_digits
-from genprog.models.vae import VAE, independent_bernoulli_log_prob
 
 from genprog.errors import ConvergenceWarning
+from genprog.models.made import binarized_digits
+from genprog.models.vae import VAE, independent_bernoulli_log_prob
 
 smoke = "CI" in os.environ
 steps, n_test = (300, 60) if smoke else (6000, 397)

@@ -18,14 +18,14 @@ import warnings
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import scipy.stats as st  # noqa: E402
-import torch  # noqa: E402
-from sklearn.datasets import make_moons  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import scipy.stats as st
+import torch
+from sklearn.datasets import make_moons
 
-import genprog as gp  # noqa: E402
-from genprog.models import ContinuousFlow, Flow  # noqa: E402
+import genprog as gp
+from genprog.models import ContinuousFlow, Flow
 
 smoke = "CI" in os.environ
 torch.manual_seed(0)

@@ -11,6 +11,7 @@ import os
 
 import numpy as np
 import torch
+
 from genprog.models.autoregressive import AR
 from genprog.models.state_space import LinearGaussianSSM
 

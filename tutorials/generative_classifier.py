@@ -15,9 +15,10 @@ import os
 import numpy as np
 import pandas as pd
 import torch
+from sklearn.datasets import load_wine
+
 from genprog.models.discriminant import GaussianDiscriminant
 from genprog.models.naive_bayes import NaiveBayes
-from sklearn.datasets import load_wine
 
 smoke = "CI" in os.environ
 repeats = 3 if smoke else 30

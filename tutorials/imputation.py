@@ -12,6 +12,7 @@ of :class:`genprog.models.gaussian.Gaussian` and :class:`~genprog.models.gaussia
 import os
 
 import torch
+
 from genprog.models.gaussian import PPCA, Gaussian
 
 smoke = "CI" in os.environ

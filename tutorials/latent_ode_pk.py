@@ -26,10 +26,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
-from genprog.models.latent_ode import LatentODE
 
 from genprog import pk
 from genprog.errors import ConvergenceWarning
+from genprog.models.latent_ode import LatentODE
 from genprog.pk.estimation import LaplaceObjective, fit_mle
 
 smoke = "CI" in os.environ

@@ -12,7 +12,7 @@ The mass matrix is diagonal, stored as its inverse ``inv_mass`` of shape ``[B, D
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -17,8 +17,8 @@ import warnings
 
 import pyro
 import pyro.distributions as dist
-import pyro.poutine as poutine
 import torch
+from pyro import poutine
 from pyro.infer import Trace_ELBO, TraceEnum_ELBO, config_enumerate
 from pyro.infer.autoguide import (
     AutoDelta,

@@ -109,7 +109,7 @@ class RelativeChange(dist.TransformedDistribution):
     """Prior of a relative change ``theta = r - 1`` with ``r ~ LogNormal(0, scale)``: support
     ``theta > -1`` (so ``1 + theta`` stays positive), median 0."""
 
-    arg_constraints: dict = {}  # noqa: RUF012 (torch's Distribution interface)
+    arg_constraints: dict = {}
     support = constraints.greater_than(-1.0)
 
     def __init__(self, scale=0.5, validate_args=None):

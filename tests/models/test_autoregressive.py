@@ -14,12 +14,13 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from genprog.models.autoregressive import AR, DiscreteAR
 from scipy.linalg import toeplitz
 from scipy.stats import multivariate_normal
 from statsmodels.tsa.ar_model import AutoReg
 from statsmodels.tsa.arima.model import ARIMA
 from statsmodels.tsa.arima_process import arma_acovf
+
+from genprog.models.autoregressive import AR, DiscreteAR
 
 D = torch.float64
 PHI = np.array([0.5, -0.3, 0.2])

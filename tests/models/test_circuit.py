@@ -7,6 +7,12 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from scipy import stats
+from scipy.special import logsumexp
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.mixture import GaussianMixture
+
+from genprog.model import Model
 from genprog.models.circuit import (
     BernoulliLeaf,
     CategoricalLeaf,
@@ -15,12 +21,6 @@ from genprog.models.circuit import (
     Product,
     Sum,
 )
-from scipy import stats
-from scipy.special import logsumexp
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.mixture import GaussianMixture
-
-from genprog.model import Model
 
 F64 = torch.float64
 NAN = float("nan")

@@ -10,6 +10,7 @@ import pytest
 import scipy.special as sp
 import scipy.stats as st
 import torch
+
 from genprog.models.copula import GaussianCopula, marginal_cdf, marginal_icdf
 
 F64 = torch.float64

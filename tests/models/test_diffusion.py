@@ -14,6 +14,8 @@ import pytest
 import scipy.integrate
 import scipy.stats as st
 import torch
+
+from genprog.errors import ConvergenceWarning
 from genprog.models.diffusion import (
     Diffusion,
     DiffusionSDE,
@@ -22,8 +24,6 @@ from genprog.models.diffusion import (
     probability_flow_log_prob,
 )
 from genprog.models.two_sample import mmd_test
-
-from genprog.errors import ConvergenceWarning
 
 D64 = torch.float64
 # an asymmetric two-component mixture with mean zero, so the N(0, I) prior of the VP

@@ -3,13 +3,13 @@
 import numpy as np
 import pytest
 import torch
-from genprog.models.discriminant import GaussianDiscriminant
 from scipy import stats
 from scipy.special import logsumexp
 from sklearn.datasets import load_iris
 from sklearn.discriminant_analysis import LinearDiscriminantAnalysis, QuadraticDiscriminantAnalysis
 
 from genprog.model import Model
+from genprog.models.discriminant import GaussianDiscriminant
 
 F64 = torch.float64
 X, LABELS = load_iris(return_X_y=True)

@@ -8,12 +8,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from genprog.models.dpmm import DirichletProcessMixture, stick_breaking
 from scipy.optimize import linear_sum_assignment
 from scipy.special import logsumexp
 from scipy.stats import multivariate_normal
 from sklearn.metrics import adjusted_rand_score
 from sklearn.mixture import BayesianGaussianMixture
+
+from genprog.models.dpmm import DirichletProcessMixture, stick_breaking
 
 F64 = torch.float64
 

@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import scipy.stats as st
 import torch
+
+from genprog.errors import ConvergenceWarning
 from genprog.models.ebm import (
     EnergyBasedModel,
     EnergyNet,
@@ -21,8 +23,6 @@ from genprog.models.ebm import (
     GaussianMixtureEnergy,
 )
 from genprog.models.two_sample import mmd_test
-
-from genprog.errors import ConvergenceWarning
 
 D64 = torch.float64
 MEAN = np.array([1.0, -0.5, 0.3])

@@ -75,7 +75,7 @@ def test_affine_flow_is_the_gaussian():
 
 
 def test_estimated_marginal_log_prob_is_calibrated():
-    flow, ref = _gaussian_flow()
+    flow, _ = _gaussian_flow()
     cov = np.array(CHOL) @ np.array(CHOL).T
     keep = [0, 2]
     marginal = flow.marginalize(dims=[1])

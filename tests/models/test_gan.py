@@ -9,8 +9,9 @@ import itertools
 
 import pytest
 import torch
-from genprog.models.gan import GAN, mlp, ring_of_gaussians, two_sample_test
 from scipy import stats
+
+from genprog.models.gan import GAN, mlp, ring_of_gaussians, two_sample_test
 
 
 def test_sample_is_the_generators_push_forward_of_a_standard_normal():

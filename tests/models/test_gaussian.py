@@ -6,12 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from genprog.models.gaussian import PPCA, FactorAnalysis, Gaussian
 from scipy import stats
 from sklearn.decomposition import PCA
 from sklearn.decomposition import FactorAnalysis as SkFA
 
 from genprog.errors import ConvergenceWarning
+from genprog.models.gaussian import PPCA, FactorAnalysis, Gaussian
 
 F64 = torch.float64
 TOL = 1e-9

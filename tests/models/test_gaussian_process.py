@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import scipy.stats as st
 import torch
-from genprog.models.gaussian_process import RBF, GaussianProcess, Matern32, Matern52, Periodic
 from sklearn.gaussian_process import GaussianProcessRegressor
 from sklearn.gaussian_process.kernels import RBF as SkRBF
 from sklearn.gaussian_process.kernels import ConstantKernel as C
 from sklearn.gaussian_process.kernels import ExpSineSquared, Matern, WhiteKernel
+
+from genprog.models.gaussian_process import RBF, GaussianProcess, Matern32, Matern52, Periodic
 
 F64 = torch.float64
 RNG = np.random.default_rng(0)

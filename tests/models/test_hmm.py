@@ -12,11 +12,11 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from genprog.models.hmm import HMM
 from hmmlearn import hmm as hl
 from scipy.stats import multivariate_normal
 
 import genprog as gp
+from genprog.models.hmm import HMM
 
 D = torch.float64
 PI = torch.tensor([0.5, 0.3, 0.2], dtype=D)

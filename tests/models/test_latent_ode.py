@@ -16,16 +16,16 @@ import pytest
 import scipy.linalg
 import scipy.stats as st
 import torch
+
+from genprog import pk
+from genprog.errors import ConvergenceWarning
+from genprog.infer.evidence import EstimatorWarning
 from genprog.models.latent_ode import (
     LatentODE,
     LinearDecoder,
     LinearDynamics,
     solve_latent,
 )
-
-from genprog import pk
-from genprog.errors import ConvergenceWarning
-from genprog.infer.evidence import EstimatorWarning
 
 D64 = torch.float64
 A = np.array([[-0.3, 1.2], [-1.2, -0.3]])

@@ -10,12 +10,13 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from genprog.models.lda import LDA, multinomial_log_coefficient
 from scipy.integrate import quad
 from scipy.optimize import linear_sum_assignment
 from scipy.special import gammaln
 from scipy.stats import beta as beta_dist
 from sklearn.decomposition import LatentDirichletAllocation
+
+from genprog.models.lda import LDA, multinomial_log_coefficient
 
 F64 = torch.float64
 

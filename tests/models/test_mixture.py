@@ -6,12 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from genprog.models.mixture import GaussianMixture
 from scipy import stats
 from scipy.special import logsumexp
 from sklearn.mixture import GaussianMixture as SkGMM
 
 from genprog.model import Model
+from genprog.models.mixture import GaussianMixture
 
 F64 = torch.float64
 TOL = 1e-9

@@ -3,13 +3,13 @@
 import numpy as np
 import pytest
 import torch
-from genprog.models.naive_bayes import NaiveBayes
 from scipy import stats
 from scipy.special import logsumexp, softmax
 from sklearn.datasets import load_iris
 from sklearn.naive_bayes import BernoulliNB, CategoricalNB, GaussianNB
 
 from genprog.model import Model
+from genprog.models.naive_bayes import NaiveBayes
 
 F64 = torch.float64
 X, LABELS = load_iris(return_X_y=True)

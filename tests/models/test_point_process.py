@@ -13,6 +13,7 @@ import scipy.optimize as so
 import scipy.special as sp
 import scipy.stats as st
 import torch
+
 from genprog.models.point_process import (
     HawkesProcess,
     InhomogeneousPoissonProcess,

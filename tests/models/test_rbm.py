@@ -9,6 +9,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
+
 from genprog.models.rbm import RBM, RBMVisible
 
 F64 = torch.float64

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import statsmodels.api as sm
 import torch
-from genprog.models.state_space import LinearGaussianSSM
 from scipy.stats import multivariate_normal
 
 import genprog as gp
+from genprog.models.state_space import LinearGaussianSSM
 
 D = torch.float64
 A = torch.tensor([[0.9, 0.2], [-0.1, 0.7]], dtype=D)

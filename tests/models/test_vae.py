@@ -10,6 +10,9 @@ import warnings
 
 import pytest
 import torch
+
+from genprog.errors import ConvergenceWarning
+from genprog.infer.evidence import EstimatorWarning
 from genprog.models.gaussian import PPCA
 from genprog.models.made import binarized_digits
 from genprog.models.vae import (
@@ -20,9 +23,6 @@ from genprog.models.vae import (
     MLPDecoder,
     independent_bernoulli_log_prob,
 )
-
-from genprog.errors import ConvergenceWarning
-from genprog.infer.evidence import EstimatorWarning
 
 D, K = 5, 2
 
