@@ -158,7 +158,7 @@ def _model(args, data):
 
 
 def _fit(args, model, data, err):
-    what = {"mle": "population maximum likelihood (Laplace)", "vi": "variational inference",
+    what = {"mle": "population maximum likelihood (FOCE-I)", "vi": "variational inference",
             "nuts": f"NUTS, {args.chains} chains x ({args.warmup} warmup + {args.draws} draws)"}
     print(f"fitting: {what[args.method]} ...", file=err, flush=True)
     if args.method == "mle":
