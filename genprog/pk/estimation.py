@@ -7,9 +7,10 @@ residual error; no priors), the marginal likelihood of subject ``i`` is
           \\approx e^{h_i(\\hat\\eta_i)} (2\\pi)^{P/2} \\det(-H_i)^{-1/2},
 
 with ``h_i(eta) = log p(y_i | eta, phi) + log N(eta; 0, Omega)``, ``eta_hat_i`` its maximiser
-(the empirical Bayes estimate, EBE) and ``H_i`` its Hessian there — the Laplace
-approximation, which with the interaction between eta and the residual error kept is what
-NONMEM calls FOCE-I / LAPLACIAN. All subjects are handled at once: the inner problems are
+(the empirical Bayes estimate, EBE) and ``H_i`` its curvature there: by default
+(``approximation="focei"``) the expected information with the eta-epsilon interaction
+kept, which is NONMEM's FOCE-I (and nlmixr2's focei) — our OFVs match theirs —, or
+(``"laplace"``) the exact Hessian, NONMEM's LAPLACIAN INTERACTION. All subjects are handled at once: the inner problems are
 independent, so one batched damped-Newton iteration updates every ``eta_i`` together
 (``[S, P]``), and per-subject Hessians ``[S, P, P]`` come from P backward passes.
 
@@ -109,7 +110,7 @@ class LaplaceObjective:
     nlmixr2 FOCEi; see :meth:`information`), which is positive definite even where the
     data say little about a random effect."""
 
-    def __init__(self, pop, data, priors, fixed=None, approximation="laplace"):
+    def __init__(self, pop, data, priors, fixed=None, approximation="focei"):
         if approximation not in APPROXIMATIONS:
             raise ValueError(f"approximation must be one of {APPROXIMATIONS}, got {approximation!r}")
         self.approximation = approximation
@@ -365,7 +366,7 @@ class PopulationFit:
     method: str = "mle"
     info: dict = field(default_factory=dict)
     fixed: dict = field(default_factory=dict)
-    approximation: str = "laplace"
+    approximation: str = "focei"
 
     def objective(self) -> LaplaceObjective:
         """The Laplace objective of this fit (its layout unpacks ``phi``)."""
@@ -407,7 +408,7 @@ class PopulationFit:
 def fit_mle(pop, data, *, max_iters: int = 200, max_rounds: int = 5, seed: int = 0,
             init: dict | None = None,
             standard_errors: bool = True, dtype=torch.float64,
-            fixed: dict | None = None, approximation: str = "laplace") -> PopulationFit:
+            fixed: dict | None = None, approximation: str = "focei") -> PopulationFit:
     """Population maximum likelihood with the etas integrated out by per-subject Laplace.
 
     Parameters
@@ -429,9 +430,9 @@ def fit_mle(pop, data, *, max_iters: int = 200, max_rounds: int = 5, seed: int =
     fixed : dict, optional
         Sites held at the given values (natural scale), e.g. ``{"f": 1.0}`` to estimate
         only the variability of a relative bioavailability.
-    approximation : {"laplace", "focei"}
-        The per-subject curvature: the exact Hessian (Laplace) or the expected information
-        (FOCE-I, as NONMEM and nlmixr2; more robust where a random effect is poorly
+    approximation : {"focei", "laplace"}
+        The per-subject curvature: the expected information (FOCE-I, the default, as
+        NONMEM and nlmixr2 — their OFVs are reproduced; more robust where a random effect is poorly
         determined by a subject's data, e.g. ka without early samples). See
         :class:`LaplaceObjective`.
 
