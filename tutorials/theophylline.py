@@ -36,7 +36,7 @@ model = pk.PopulationModel(
     covariates={"cl": "WT"},
 )
 
-# 3. Population maximum likelihood, etas integrated out per subject by Laplace (FOCEi-like).
+# 3. Population maximum likelihood, etas integrated out per subject (FOCE-I, as NONMEM; "laplace" optional).
 mle = model.fit(data, method="mle")
 table = mle.summary()
 print(table)

@@ -721,8 +721,8 @@ class PopulationModel:
 
     def fit(self, data: Dataset, method: str = "nuts", **options):
         """``model(data).fit(method, ...)``; ``method="mle"`` is population maximum
-        likelihood with the etas integrated out per subject by a Laplace approximation
-        (see :func:`genprog.pk.estimation.fit_mle`)."""
+        likelihood with the etas integrated out per subject (FOCE-I by default, or the
+        Laplace approximation; see :func:`genprog.pk.estimation.fit_mle`)."""
         if method == "mle":
             from .estimation import fit_mle
 
