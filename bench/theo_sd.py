@@ -140,53 +140,31 @@ def run_pyro_jit(chains, warmup, draws, seed) -> RunResult:
 
 
 def run_numpyro(chains, warmup, draws, seed) -> RunResult:
-    """The same model in NumPyro; ``chain_method`` parallel when several CPU devices."""
+    """The same model in NumPyro (``bench/numpyro_models.py``, whose log density equals
+    genprog's: checked in ``bench/pk_population.py``), initialised at the prior median as
+    genprog is; ``chain_method`` parallel over ``chains`` host devices, and vectorized."""
     name = "NumPyro NUTS"
     try:
         import numpyro
 
-        n_dev = min(chains, os.cpu_count() or 1)
-        if n_dev > 1:
-            numpyro.set_host_device_count(n_dev)
+        numpyro.set_host_device_count(max(chains, 1))
         import jax
-        import jax.numpy as jnp
-        import numpyro.distributions as nd
-        from numpyro.infer import MCMC, NUTS
+        from numpyro.infer import MCMC, NUTS, init_to_median
+
+        try:
+            from numpyro_models import one_compartment_oral
+        except ImportError:
+            from bench.numpyro_models import one_compartment_oral
 
         pop, data = population()
-        priors = pop.priors_for(data)
-        tv_loc = {k: float(priors[k].loc) for k in ("cl", "v", "ka")}
-        omega_scale = np.asarray(priors["omega"].base_dist.scale, dtype=np.float32)
-        sigma_scale = float(priors["sigma_add"].scale)
-        dose = jnp.asarray((data.dose_amt * data.dose_mask).sum(-1).numpy())
-        t_dose = jnp.asarray(data.dose_time[:, 0].numpy())
-        t_obs = jnp.asarray(data.obs_time.numpy())
-        mask = jnp.asarray((data.obs_mask & ~data.obs_blq).numpy())
-        y = jnp.asarray(torch.nan_to_num(data.obs_dv).numpy())
-
-        def model():
-            tv = {k: numpyro.sample(k, nd.LogNormal(tv_loc[k], 1.0)) for k in ("cl", "v", "ka")}
-            sigma = numpyro.sample("sigma_add", nd.HalfNormal(sigma_scale))
-            omega = numpyro.sample("omega", nd.HalfNormal(omega_scale).to_event(1))
-            with numpyro.plate("subject", y.shape[0], dim=-2):
-                eta = numpyro.sample("eta_raw", nd.Normal(0.0, 1.0).expand([3]).to_event(1))
-            eta = eta[:, 0, :] * omega  # [S, 3] in the order ka, cl, v
-            ka, cl, v = (tv["ka"] * jnp.exp(eta[:, 0]), tv["cl"] * jnp.exp(eta[:, 1]),
-                         tv["v"] * jnp.exp(eta[:, 2]))
-            k = cl / v
-            dt = jnp.clip(t_obs - t_dose[:, None], 0.0)
-            c = (dose * ka / (v * (ka - k)))[:, None] * (
-                jnp.exp(-k[:, None] * dt) - jnp.exp(-ka[:, None] * dt))
-            with numpyro.plate("subject", y.shape[0], dim=-2), \
-                    numpyro.plate("time", y.shape[1], dim=-1):
-                numpyro.sample("dv", nd.Normal(c, sigma).mask(mask), obs=y)
+        model = one_compartment_oral(pop, data)
 
         best = None
-        methods = ("parallel", "vectorized") if n_dev > 1 else ("vectorized",)
-        for method in methods:
+        for method in ("parallel", "vectorized"):
             t = time.perf_counter()
-            mcmc = MCMC(NUTS(model), num_warmup=warmup, num_samples=draws, num_chains=chains,
-                        chain_method=method, progress_bar=False)
+            mcmc = MCMC(NUTS(model, init_strategy=init_to_median), num_warmup=warmup,
+                        num_samples=draws, num_chains=chains, chain_method=method,
+                        progress_bar=False)
             mcmc.run(jax.random.PRNGKey(seed))
             wall = time.perf_counter() - t
             s = mcmc.get_samples(group_by_chain=True)
@@ -263,7 +241,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--chains", default="4",
                    help="NUTS chains, or a comma-separated ChEES chain sweep (e.g. 1,16,256)")
-    p.add_argument("--chees-chains", type=int, default=128)
+    p.add_argument("--chees-chains", type=int, default=64, help="ChEES chains (fit's default 64)")
+    p.add_argument("--chees-warmup", type=int, default=500, help="ChEES warmup (fit's default)")
+    p.add_argument("--chees-draws", type=int, default=500, help="ChEES draws (fit's default)")
     p.add_argument("--warmup", type=int, default=1000)
     p.add_argument("--draws", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
@@ -276,6 +256,7 @@ def main(argv=None):
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     if a.quick:
         a.warmup, a.draws = 100, 100
+        a.chees_warmup, a.chees_draws = 200, 100
     if a.per_eval:
         for row in per_eval(device=a.device):
             print(row)
@@ -291,13 +272,12 @@ def main(argv=None):
                   + (f" failed: {r.error}" if r.error else ""), flush=True)
         return None
     chains, skip = counts[0], set(a.skip.split(","))
-    chees_draws = max(a.draws * chains // a.chees_chains, 50)
     print(f"theo_sd: {chains} chains x ({a.warmup} + {a.draws}); ChEES {a.chees_chains} chains "
-          f"x ({a.warmup // 2} + {chees_draws}); torch threads {torch.get_num_threads()}",
+          f"x ({a.chees_warmup} + {a.chees_draws}); torch threads {torch.get_num_threads()}",
           flush=True)
     plan = [
         ("nuts", lambda: run_genprog("nuts", chains, a.warmup, a.draws, a.seed, device=a.device)),
-        ("chees", lambda: run_genprog("chees", a.chees_chains, a.warmup // 2, chees_draws,
+        ("chees", lambda: run_genprog("chees", a.chees_chains, a.chees_warmup, a.chees_draws,
                                       a.seed, device=a.device)),
         ("eager", lambda: run_genprog("nuts", chains, a.warmup, a.draws, a.seed,
                                       device=a.device, compile=False)),
