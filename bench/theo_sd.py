@@ -112,6 +112,7 @@ def run_genprog(method, chains, warmup, draws, seed, device="cpu", **options) ->
 
 def run_pyro_jit(chains, warmup, draws, seed) -> RunResult:
     from pyro.infer import MCMC, NUTS
+    from pyro.infer.autoguide.initialization import init_to_median
 
     name = "raw Pyro NUTS, jit_compile=True"
     try:
@@ -124,7 +125,7 @@ def run_pyro_jit(chains, warmup, draws, seed) -> RunResult:
             for c in range(chains):
                 pyro.set_rng_seed(seed + c)
                 kernel = NUTS(model.program, jit_compile=True, ignore_jit_warnings=True,
-                              max_plate_nesting=2)
+                              max_plate_nesting=2, init_strategy=init_to_median)
                 mcmc = MCMC(kernel, num_samples=draws, warmup_steps=warmup, num_chains=1,
                             disable_progbar=True)
                 mcmc.run(*model.args, **model.kwargs)

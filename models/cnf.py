@@ -19,7 +19,6 @@ Shapes: ``d`` (``dim``); data ``[N, d]``.
 from __future__ import annotations
 
 import math
-import warnings
 
 import pyro
 import pyro.distributions as dist
@@ -27,11 +26,9 @@ import torch
 from torch import nn
 from torch.distributions import constraints
 from torchdiffeq import odeint
-from tqdm.auto import tqdm
-
-from genprog.errors import ConvergenceWarning
 
 from .base import EstimatedMarginal, ZooModel, conditional_by_inference
+from .training import minimize
 
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -206,39 +203,15 @@ class ContinuousFlow(ZooModel):
         opt = torch.optim.Adam(field.parameters(), lr=learning_rate)
         g = torch.Generator().manual_seed(seed)
         opts = {"step_size": 1.0 / steps_per_solve}
-        losses, means, cuts, converged, step = [], [], 0, False, 0
-        bar = tqdm(total=max_steps, desc="cnf", leave=False,
-                   disable=None if progress is None else not progress)
-        try:
-            for step in range(1, max_steps + 1):
-                idx = torch.randint(0, n, (min(batch_size, n),), generator=g)
-                batch = y[idx]
-                eps = torch.randint(0, 2, batch.shape, generator=g).to(batch.dtype) * 2 - 1
-                opt.zero_grad()
-                loss = -cnf_log_prob(field, batch, method="rk4", eps=eps, options=opts).mean()
-                if not torch.isfinite(loss):
-                    raise RuntimeError(f"ContinuousFlow.mle: non-finite loss at step {step}")
-                loss.backward()
-                opt.step()
-                losses.append(float(loss.detach()))
-                bar.update(1)
-                if step % window == 0:
-                    w = torch.tensor(losses[-window:], dtype=torch.float64)
-                    means.append((float(w.mean()), float(w.var()) / window))
-                    if len(means) >= 2:
-                        (m1, v1), (m0, v0) = means[-1], means[-2]
-                        if m0 - m1 < 2 * math.sqrt(v0 + v1):
-                            if cuts == 2:
-                                converged = True
-                                break
-                            cuts += 1
-                            for group in opt.param_groups:
-                                group["lr"] *= 0.2
-        finally:
-            bar.close()
-        if not converged:
-            warnings.warn(f"ContinuousFlow.mle did not converge in {max_steps} steps",
-                          ConvergenceWarning, stacklevel=2)
+
+        def loss_fn(step):
+            idx = torch.randint(0, n, (min(batch_size, n),), generator=g)
+            batch = y[idx]
+            eps = torch.randint(0, 2, batch.shape, generator=g).to(batch.dtype) * 2 - 1
+            return -cnf_log_prob(field, batch, method="rk4", eps=eps, options=opts).mean()
+
+        info = minimize(loss_fn, opt, max_steps=max_steps, window=window,
+                        what="ContinuousFlow.mle", progress=progress)
         out = cls(field=field, dim=d, **tolerances)
-        out.info = {"loss_trace": losses, "num_steps": step, "converged": converged}
+        out.info = info
         return out

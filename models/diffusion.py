@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import math
 import uuid
-import warnings
 from typing import ClassVar
 
 import pyro
@@ -56,12 +55,11 @@ import torch
 from torch import nn
 from torch.distributions import constraints
 from torchdiffeq import odeint
-from tqdm.auto import tqdm
 
-from genprog.errors import ConvergenceWarning
 from genprog.model import _seeded
 
 from .base import EstimatedMarginal, ZooModel, conditional_by_inference
+from .training import minimize
 
 SDES = ("vp", "ve")
 
@@ -548,40 +546,15 @@ class Diffusion(ZooModel):
         y = y.to(**_ref(score))
         opt = torch.optim.Adam(score.parameters(), lr=learning_rate)
         g = torch.Generator(device=y.device).manual_seed(seed)
-        losses, means, cuts, converged, step = [], [], 0, False, 0
-        bar = tqdm(total=max_steps, desc="diffusion", leave=False,
-                   disable=None if progress is None else not progress)
-        try:
-            for step in range(1, max_steps + 1):
-                idx = torch.randint(0, n, (min(batch_size, n),), generator=g, device=y.device)
-                opt.zero_grad()
-                loss = _dsm_loss(score, sde_obj, y[idx], t_min, g)
-                if not torch.isfinite(loss):
-                    raise RuntimeError(f"Diffusion.mle: non-finite loss at step {step}")
-                loss.backward()
-                opt.step()
-                losses.append(float(loss.detach()))
-                bar.update(1)
-                if step % window == 0:
-                    w = torch.tensor(losses[-window:], dtype=torch.float64)
-                    means.append((float(w.mean()), float(w.var()) / window))
-                    if len(means) >= 2:
-                        (m1, v1), (m0, v0) = means[-1], means[-2]
-                        if m0 - m1 < 2 * math.sqrt(v0 + v1):
-                            if cuts == 2:
-                                converged = True
-                                break
-                            cuts += 1
-                            for group in opt.param_groups:
-                                group["lr"] *= 0.2
-        finally:
-            bar.close()
-        if not converged:
-            warnings.warn(f"Diffusion.mle did not converge in {max_steps} steps (the windowed "
-                          "score-matching loss was still falling)", ConvergenceWarning,
-                          stacklevel=2)
+
+        def loss_fn(step):
+            idx = torch.randint(0, n, (min(batch_size, n),), generator=g, device=y.device)
+            return _dsm_loss(score, sde_obj, y[idx], t_min, g)
+
+        info = minimize(loss_fn, opt, max_steps=max_steps, window=window, what="Diffusion.mle",
+                        progress=progress)
         out = cls(score=score, dim=d, sde=sde, **options)
-        out.info = {"loss_trace": losses, "num_steps": step, "converged": converged}
+        out.info = info
         return out
 
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 import math
 import time
 import uuid
-import warnings
 from typing import ClassVar
 
 import pyro
@@ -43,14 +42,13 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 from torch.distributions import constraints
-from tqdm.auto import tqdm
 
-from genprog.errors import ConvergenceWarning
 from genprog.estimate import Estimate
 from genprog.model import _seeded
 
 from .base import ZooModel
 from .rbm import _log_mean_exp_with_stderr
+from .training import minimize
 
 _LOG_2PI = math.log(2 * math.pi)
 METHODS = ("score_matching", "contrastive_divergence")
@@ -540,46 +538,21 @@ class EnergyBasedModel(ZooModel):
         g = torch.Generator(device=y.device).manual_seed(seed)
         buffer = base_loc + base_scale * torch.randn(min(buffer_size, max(n, batch_size)), d,
                                                      generator=g, dtype=y.dtype, device=y.device)
-        losses, means, cuts, converged, step = [], [], 0, False, 0
-        bar = tqdm(total=max_steps, desc="ebm", leave=False,
-                   disable=None if progress is None else not progress)
-        try:
-            for step in range(1, max_steps + 1):
-                idx = torch.randint(0, n, (min(batch_size, n),), generator=g, device=y.device)
-                batch = y[idx]
-                if method == "score_matching":
-                    loss = _score_matching_loss(energy, batch, noise_scale, g)
-                else:
-                    loss, buffer = _cd_loss(energy, batch, buffer, cd_steps, cd_step_size, reinit,
-                                            regularization, base_loc, base_scale, g)
-                if not torch.isfinite(loss):
-                    raise RuntimeError(f"EnergyBasedModel.mle: non-finite loss at step {step}")
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                losses.append(float(loss.detach()))
-                bar.update(1)
-                if step % window == 0:
-                    w = torch.tensor(losses[-window:], dtype=torch.float64)
-                    means.append((float(w.mean()), float(w.var()) / window))
-                    if len(means) >= 2:
-                        (m1, v1), (m0, v0) = means[-1], means[-2]
-                        if m0 - m1 < 2 * math.sqrt(v0 + v1):
-                            if cuts == 2:
-                                converged = True
-                                break
-                            cuts += 1
-                            for group in opt.param_groups:
-                                group["lr"] *= 0.2
-        finally:
-            bar.close()
-        if not converged:
-            warnings.warn(f"EnergyBasedModel.mle did not converge in {max_steps} steps (the "
-                          f"windowed {method} loss was still falling)", ConvergenceWarning,
-                          stacklevel=2)
+        state = {"buffer": buffer}
+
+        def loss_fn(step):
+            idx = torch.randint(0, n, (min(batch_size, n),), generator=g, device=y.device)
+            batch = y[idx]
+            if method == "score_matching":
+                return _score_matching_loss(energy, batch, noise_scale, g)
+            loss, state["buffer"] = _cd_loss(energy, batch, state["buffer"], cd_steps, cd_step_size,
+                                             reinit, regularization, base_loc, base_scale, g)
+            return loss
+
+        info = minimize(loss_fn, opt, max_steps=max_steps, window=window,
+                        what=f"EnergyBasedModel.mle ({method})", progress=progress)
         out = cls(energy=energy, dim=d, **options)
-        out.info = {"loss_trace": losses, "num_steps": step, "converged": converged,
-                    "method": method}
+        out.info = {**info, "method": method}
         return out
 
 

@@ -15,19 +15,14 @@ Shapes: ``d`` (``dim``) is the dimension of ``y``; data are ``[N, d]``.
 
 from __future__ import annotations
 
-import math
-import warnings
-
 import pyro
 import pyro.distributions as dist
 import pyro.distributions.transforms as T
 import torch
 from torch.distributions import constraints
-from tqdm.auto import tqdm
-
-from genprog.errors import ConvergenceWarning
 
 from .base import EstimatedMarginal, ZooModel, conditional_by_inference
+from .training import minimize
 
 KINDS = ("affine_coupling", "spline_coupling", "affine_autoregressive", "spline_autoregressive")
 
@@ -219,38 +214,12 @@ class Flow(ZooModel):
             raise ValueError("Flow.mle: the transforms have no trainable parameters")
         opt = torch.optim.Adam(params, lr=learning_rate)
         g = torch.Generator().manual_seed(seed)
-        losses, means, cuts, converged = [], [], 0, False
-        bar = tqdm(total=max_steps, desc="flow", leave=False,
-                   disable=None if progress is None else not progress)
-        step = 0
-        try:
-            for step in range(1, max_steps + 1):
-                idx = torch.randint(0, n, (min(batch_size, n),), generator=g)
-                opt.zero_grad()
-                loss = -flow.distribution().log_prob(y[idx]).mean()
-                if not torch.isfinite(loss):
-                    raise RuntimeError(f"Flow.mle: the loss became non-finite at step {step}; "
-                                       "lower learning_rate")
-                loss.backward()
-                opt.step()
-                losses.append(float(loss.detach()))
-                bar.update(1)
-                if step % window == 0:
-                    w = torch.tensor(losses[-window:], dtype=torch.float64)
-                    means.append((float(w.mean()), float(w.var()) / window))
-                    if len(means) >= 2:
-                        (m1, v1), (m0, v0) = means[-1], means[-2]
-                        if m0 - m1 < 2 * math.sqrt(v0 + v1):
-                            if cuts == 2:
-                                converged = True
-                                break
-                            cuts += 1
-                            for group in opt.param_groups:
-                                group["lr"] *= 0.2
-        finally:
-            bar.close()
-        if not converged:
-            warnings.warn(f"Flow.mle did not converge in {max_steps} steps (loss still falling)",
-                          ConvergenceWarning, stacklevel=2)
-        flow.info = {"loss_trace": losses, "num_steps": step, "converged": converged}
+
+        def loss_fn(step):
+            idx = torch.randint(0, n, (min(batch_size, n),), generator=g)
+            return -flow.distribution().log_prob(y[idx]).mean()
+
+        info = minimize(loss_fn, opt, max_steps=max_steps, window=window, what="Flow.mle",
+                        progress=progress)
+        flow.info = info
         return flow

@@ -67,10 +67,10 @@ import torch
 from torch import nn
 from torchdiffeq import odeint
 
-from genprog.errors import ConvergenceWarning
 from genprog.estimate import Estimate
 
 from .base import ZooModel
+from .training import minimize
 
 LIKELIHOODS = ("normal", "lognormal")
 SOLVERS = ("rk4", "dopri5")
@@ -970,48 +970,19 @@ class LatentODE(ZooModel):
                 params.append(log_noise)
             opt = torch.optim.Adam(params, lr=learning_rate)
             g = torch.Generator(device=yt.device).manual_seed(seed)
-            losses, means, cuts, converged, step = [], [], 0, False, 0
-            from tqdm.auto import tqdm
 
-            bar = tqdm(total=max_steps, desc="latent ode", leave=False,
-                       disable=None if progress is None else not progress)
-            try:
-                for step in range(1, max_steps + 1):
-                    idx = (torch.arange(N, device=yt.device) if batch_size >= N else
-                           torch.randperm(N, generator=g, device=yt.device)[:batch_size])
-                    opt.zero_grad()
-                    loss = elbo.differentiable_loss(train_model, guide, idx) / len(idx)
-                    if not torch.isfinite(loss):
-                        raise RuntimeError(f"LatentODE.mle: the loss became non-finite at step "
-                                           f"{step}; lower learning_rate or step_size")
-                    loss.backward()
-                    nn.utils.clip_grad_norm_(params, 100.0)
-                    opt.step()
-                    losses.append(float(loss.detach()))
-                    bar.update(1)
-                    if step % window == 0:
-                        w = torch.tensor(losses[-window:], dtype=torch.float64)
-                        means.append((float(w.mean()), float(w.var()) / window))
-                        if len(means) >= 2:
-                            (m1, v1), (m0, v0) = means[-1], means[-2]
-                            if m0 - m1 < 2 * math.sqrt(v0 + v1):
-                                if cuts == 2:
-                                    converged = True
-                                    break
-                                cuts += 1
-                                for group in opt.param_groups:
-                                    group["lr"] *= 0.2
-            finally:
-                bar.close()
-        if not converged:
-            warnings.warn(f"LatentODE.mle did not converge in {max_steps} steps (loss still falling)",
-                          ConvergenceWarning, stacklevel=2)
+            def loss_fn(step):
+                idx = (torch.arange(N, device=yt.device) if batch_size >= N else
+                       torch.randperm(N, generator=g, device=yt.device)[:batch_size])
+                return elbo.differentiable_loss(train_model, guide, idx) / len(idx)
+
+            info = minimize(loss_fn, opt, max_steps=max_steps, window=window,
+                            what="LatentODE.mle", progress=progress, clip_grad=(params, 100.0))
         out = cls(dynamics=dynamics, decoder=decoder, encoder=encoder, latent_dim=latent_dim,
                   obs_noise=float(log_noise.detach().exp()), likelihood=likelihood,
                   time_scale=time_scale, dose_ref=dose_ref, solver=solver, step_size=step_size,
                   name=name)
-        out.info = {"loss_trace": losses, "num_steps": step, "converged": converged,
-                    "wall_time_s": time.perf_counter() - start_time}
+        out.info = {**info, "wall_time_s": time.perf_counter() - start_time}
         return out
 
 

@@ -16,19 +16,17 @@ Shapes: ``d`` (``dim``) coordinates; data ``[N, d]`` of 0/1 floats.
 from __future__ import annotations
 
 import math
-import warnings
 
 import pyro
 import pyro.distributions as dist
 import torch
 from torch import nn
 from torch.distributions import constraints
-from tqdm.auto import tqdm
 
-from genprog.errors import ConvergenceWarning
 from genprog.estimate import Estimate
 
 from .base import ZooModel
+from .training import minimize
 
 
 class MaskedLinear(nn.Linear):
@@ -265,37 +263,15 @@ class MADE(ZooModel):
         opt = torch.optim.Adam(net.parameters(), lr=learning_rate, weight_decay=weight_decay)
         g = torch.Generator().manual_seed(seed)
         model = _AutoregressiveBernoulli(net)
-        losses, means, cuts, converged, step = [], [], 0, False, 0
-        bar = tqdm(total=max_steps, desc="made", leave=False,
-                   disable=None if progress is None else not progress)
-        try:
-            for step in range(1, max_steps + 1):
-                idx = torch.randint(0, n, (min(batch_size, n),), generator=g)
-                opt.zero_grad()
-                loss = -model.log_prob(y[idx]).mean()
-                loss.backward()
-                opt.step()
-                losses.append(float(loss.detach()))
-                bar.update(1)
-                if step % window == 0:
-                    w = torch.tensor(losses[-window:], dtype=torch.float64)
-                    means.append((float(w.mean()), float(w.var()) / window))
-                    if len(means) >= 2:
-                        (m1, v1), (m0, v0) = means[-1], means[-2]
-                        if m0 - m1 < 2 * math.sqrt(v0 + v1):
-                            if cuts == 2:
-                                converged = True
-                                break
-                            cuts += 1
-                            for group in opt.param_groups:
-                                group["lr"] *= 0.2
-        finally:
-            bar.close()
-        if not converged:
-            warnings.warn(f"MADE.mle did not converge in {max_steps} steps (loss still falling)",
-                          ConvergenceWarning, stacklevel=2)
+
+        def loss_fn(step):
+            idx = torch.randint(0, n, (min(batch_size, n),), generator=g)
+            return -model.log_prob(y[idx]).mean()
+
+        info = minimize(loss_fn, opt, max_steps=max_steps, window=window, what="MADE.mle",
+                        progress=progress)
         out = cls(net=net)
-        out.info = {"loss_trace": losses, "num_steps": step, "converged": converged}
+        out.info = info
         return out
 
 

@@ -44,13 +44,13 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from genprog.errors import ConvergenceWarning
 from genprog.estimate import Estimate
 from genprog.infer.evidence import EstimatorWarning
 from genprog.infer.hamiltonian import kinetic_energy, leapfrog, sample_momentum
 
 from .base import ZooModel
 from .gaussian import check_int, set_param
+from .training import minimize
 
 LIKELIHOODS = ("gaussian", "bernoulli")
 ESTIMATE_METHODS = ("iwae", "ais")
@@ -712,39 +712,15 @@ class VAE(ZooModel):
             opt = torch.optim.Adam(list(decoder.parameters()) + list(encoder.parameters()),
                                    lr=learning_rate)
             g = torch.Generator(device=t.device).manual_seed(seed)
-            losses, means, cuts, converged, step = [], [], 0, False, 0
-            bar = _progress(max_steps, "vae", progress)
-            try:
-                for step in range(1, max_steps + 1):
-                    idx = torch.randint(0, N, (min(batch_size, N),), generator=g, device=t.device)
-                    batch = t[idx]
-                    opt.zero_grad()
-                    loss = elbo.differentiable_loss(model, guide, batch) / batch.shape[0]
-                    if not torch.isfinite(loss):
-                        raise RuntimeError(f"VAE.mle: the loss became non-finite at step {step}; "
-                                           "lower learning_rate")
-                    loss.backward()
-                    opt.step()
-                    losses.append(float(loss.detach()))
-                    bar.update(1)
-                    if step % window == 0:
-                        w = torch.tensor(losses[-window:], dtype=torch.float64)
-                        means.append((float(w.mean()), float(w.var()) / window))
-                        if len(means) >= 2:
-                            (m1, v1), (m0, v0) = means[-1], means[-2]
-                            if m0 - m1 < 2 * math.sqrt(v0 + v1):
-                                if cuts == 2:
-                                    converged = True
-                                    break
-                                cuts += 1
-                                for group in opt.param_groups:
-                                    group["lr"] *= 0.2
-            finally:
-                bar.close()
-        if not converged:
-            warnings.warn(f"VAE.mle did not converge in {max_steps} steps (loss still falling)",
-                          ConvergenceWarning, stacklevel=2)
-        vae.info = {"loss_trace": losses, "num_steps": step, "converged": converged}
+
+            def loss_fn(step):
+                idx = torch.randint(0, N, (min(batch_size, N),), generator=g, device=t.device)
+                batch = t[idx]
+                return elbo.differentiable_loss(model, guide, batch) / batch.shape[0]
+
+            info = minimize(loss_fn, opt, max_steps=max_steps, window=window, what="VAE.mle",
+                            progress=progress)
+        vae.info = info
         return vae
 
 
