@@ -93,7 +93,9 @@ def population_summary(fit) -> pd.DataFrame:
             s = float("nan")  # held fixed, not estimated
         positive = not n.startswith(("beta_", "corr_"))
         if positive and e > 0 and math.isfinite(s):
-            lo, hi = e * math.exp(-1.96 * s / e), e * math.exp(1.96 * s / e)
+            # log-normal interval; an SE far above the estimate (poorly identified) gives inf
+            z = min(1.96 * s / e, 700.0)
+            lo, hi = e * math.exp(-z), e * math.exp(z)
         else:
             lo, hi = e - 1.96 * s, e + 1.96 * s
         df.loc[n] = [e, s, 100 * s / abs(e) if e else float("nan"), lo, hi,

@@ -330,3 +330,19 @@ def test_nuts_default_priors_theo_matches_nlmixr2():
         assert table.loc[name, "median"] == pytest.approx(ref, rel=0.10), name
     rhat = fit.summary(kind="arviz", var_names=["cl", "v", "ka", "omega", "sigma_add"])["r_hat"]
     assert (rhat < 1.05).all()
+
+
+def test_summary_survives_an_unidentified_parameter():
+    """An SE thousands of times the estimate (a poorly identified parameter) gives a huge
+    upper limit, not an OverflowError."""
+    import math
+
+    data = pk.read_nonmem(pk.dataset_path("theo_sd"))
+    pop = pk.PopulationModel(structure=pk.OneCompartment(absorption="first_order"),
+                             random_effects=["cl"], error="additive")
+    fit = pop.fit(data, method="mle", standard_errors=False)
+    k = fit.covariance.shape[0] if fit.covariance is not None else len(fit.phi)
+    fit.covariance = torch.eye(k, dtype=fit.phi.dtype) * 1e6
+    table = fit.summary()
+    assert (table["ci_high"] >= table["estimate"]).all()
+    assert math.isinf(table["ci_high"].max()) or table["ci_high"].max() > 1e100
