@@ -419,6 +419,11 @@ def simulate(fit, n_sim: int = 200, seed: int = 0) -> torch.Tensor:
     _check_count("n_sim", n_sim)
     gen = torch.Generator(device=_fit_data(fit).obs_dv.device).manual_seed(int(seed))
     pop, data, values, _, batched = _replicates(fit, n_sim, gen)
+    if pop.iov:
+        raise NotImplementedError(
+            "simulate (and vpc, npde): models with inter-occasion variability (iov=...) are "
+            "not simulated yet; residuals() and CWRES do handle them"
+        )
     obj = _objective(pop, data)
     S, T = data.obs_dv.shape
     dtype = data.obs_dv.dtype
