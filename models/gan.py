@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
 
 import pyro
 import pyro.distributions as dist
@@ -29,6 +28,7 @@ from torch import nn
 
 from .base import ZooModel
 from .gaussian import check_int
+from .two_sample import MMDTest, mmd_test
 
 
 def _plate(n):
@@ -259,107 +259,10 @@ class _Standardize(nn.Module):
 
 
 # ---------------------------------------------------------------------- sample quality
-@dataclass(frozen=True)
-class TwoSampleTest:
-    """Result of :func:`two_sample_test`.
-
-    Attributes
-    ----------
-    mmd2 : float
-        Unbiased estimate of the squared maximum mean discrepancy ``MMD^2`` between the
-        two samples' distributions, with the Gaussian kernel below (can be slightly
-        negative when they are equal).
-    p_value : float
-        Permutation p-value of ``H0: same distribution``,
-        ``(1 + #{permuted MMD^2 >= observed}) / (1 + num_permutations)``.
-    bandwidth : float
-        Kernel length scale ``h`` in ``k(a, b) = exp(-|a - b|^2 / (2 h^2))`` (the median
-        pairwise distance of the pooled sample unless given).
-    num_permutations : int
-    sizes : tuple[int, int]
-        ``(n, m)``, the two sample sizes.
-    """
-
-    mmd2: float
-    p_value: float
-    bandwidth: float
-    num_permutations: int
-    sizes: tuple
-
-
-def _as_matrix(x, name: str) -> torch.Tensor:
-    t = torch.as_tensor(x)
-    if not t.is_floating_point():
-        t = t.to(torch.get_default_dtype())
-    if t.dim() == 1:
-        t = t.unsqueeze(-1)
-    if t.dim() != 2 or t.shape[0] < 2:
-        raise ValueError(f"two_sample_test: {name} must be [n, d] with n >= 2, got {list(t.shape)}")
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"two_sample_test: {name} has NaN or infinite entries")
-    return t
-
-
-def two_sample_test(x, y, *, num_permutations: int = 500, bandwidth: float | None = None,
-                    seed: int = 0, chunk: int = 100) -> TwoSampleTest:
-    """Kernel two-sample test (Gretton et al. 2012): the unbiased ``MMD^2`` between
-    samples ``x [n, d]`` and ``y [m, d]`` with a Gaussian (RBF) kernel, and a permutation
-    p-value.
-
-    The bandwidth is the median heuristic (median Euclidean distance between distinct
-    points of the pooled sample) unless given. The null distribution comes from
-    ``num_permutations`` random relabellings of the pooled sample, evaluated as
-    ``s^T K0 s`` quadratic forms on the one kernel matrix (``chunk`` permutations at once),
-    so the test is exact in level: under ``H0`` the p-value is (super-)uniform.
-
-    Examples
-    --------
-    >>> import torch
-    >>> g = torch.Generator().manual_seed(0)
-    >>> a, b = torch.randn(100, 2, generator=g), torch.randn(100, 2, generator=g) + 1.0
-    >>> two_sample_test(a, b, num_permutations=200).p_value < 0.01
-    True
-    """
-    x, y = _as_matrix(x, "x"), _as_matrix(y, "y")
-    if x.shape[1] != y.shape[1]:
-        raise ValueError(f"two_sample_test: x and y have different dimensions {x.shape[1]} "
-                         f"and {y.shape[1]}")
-    num_permutations = check_int("two_sample_test: num_permutations", num_permutations)
-    y = y.to(device=x.device, dtype=x.dtype)
-    n, m = x.shape[0], y.shape[0]
-    pooled = torch.cat([x, y], 0).to(torch.float64)
-    sq = torch.cdist(pooled, pooled).pow(2)
-    if bandwidth is None:
-        iu = torch.triu_indices(n + m, n + m, 1, device=sq.device)
-        h = float(sq[iu[0], iu[1]].sqrt().median())
-        if not h > 0:
-            h = 1.0
-    else:
-        h = float(bandwidth)
-        if not (h > 0 and math.isfinite(h)):
-            raise ValueError(f"two_sample_test: bandwidth must be positive, got {bandwidth!r}")
-    K = torch.exp(-sq / (2 * h * h))
-    K0 = K - torch.diag(torch.diagonal(K))
-
-    def stats(s: torch.Tensor) -> torch.Tensor:
-        """Unbiased MMD^2 for label matrices ``s [P, n + m]`` (1 = first sample)."""
-        r = 1.0 - s
-        xx = ((s @ K0) * s).sum(1) / (n * (n - 1))
-        yy = ((r @ K0) * r).sum(1) / (m * (m - 1))
-        xy = ((s @ K) * r).sum(1) / (n * m)
-        return xx + yy - 2 * xy
-
-    labels = torch.cat([torch.ones(n), torch.zeros(m)]).to(K)
-    observed = float(stats(labels.unsqueeze(0))[0])
-    g = torch.Generator(device=K.device).manual_seed(int(seed))
-    exceed, done = 0, 0
-    while done < num_permutations:
-        P = min(chunk, num_permutations - done)
-        perm = torch.argsort(torch.rand(P, n + m, generator=g, device=K.device), dim=1)
-        exceed += int((stats(labels[perm]) >= observed - 1e-12).sum())
-        done += P
-    p_value = (1 + exceed) / (1 + num_permutations)
-    return TwoSampleTest(observed, p_value, h, num_permutations, (n, m))
+#: The kernel MMD two-sample test that judges a GAN's samples (shared with the samplers'
+#: checks; see :mod:`genprog.models.two_sample`).
+two_sample_test = mmd_test
+TwoSampleTest = MMDTest
 
 
 def ring_of_gaussians(n: int, modes: int = 8, radius: float = 2.0, sd: float = 0.05,

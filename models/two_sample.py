@@ -50,10 +50,11 @@ def _matrix(x, name: str) -> torch.Tensor:
 
 
 def mmd_test(x, y, *, num_permutations: int = 500, bandwidth: float | None = None,
-             seed: int = 0) -> MMDTest:
+             seed: int = 0, chunk: int = 100) -> MMDTest:
     """Unbiased ``MMD^2`` between ``x [n, d]`` and ``y [m, d]`` (Gaussian kernel) and its
     permutation p-value (``num_permutations`` random relabellings of the pooled sample,
-    evaluated as quadratic forms on one kernel matrix; float64, on ``x``'s device).
+    evaluated as quadratic forms on one kernel matrix, ``chunk`` at a time; float64, on
+    ``x``'s device).
 
     Examples
     --------
@@ -66,6 +67,8 @@ def mmd_test(x, y, *, num_permutations: int = 500, bandwidth: float | None = Non
     x, y = _matrix(x, "x"), _matrix(y, "y")
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"mmd_test: x and y have different dimensions {x.shape[1]} and {y.shape[1]}")
+    if not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"mmd_test: chunk must be a positive int, got {chunk!r}")
     if not isinstance(num_permutations, int) or num_permutations < 1:
         raise ValueError(f"mmd_test: num_permutations must be a positive int, got {num_permutations!r}")
     n, m = x.shape[0], y.shape[0]
@@ -92,7 +95,7 @@ def mmd_test(x, y, *, num_permutations: int = 500, bandwidth: float | None = Non
     g = torch.Generator(device=K.device).manual_seed(int(seed))
     exceed, done = 0, 0
     while done < num_permutations:
-        P = min(100, num_permutations - done)
+        P = min(chunk, num_permutations - done)
         perm = torch.argsort(torch.rand(P, n + m, generator=g, device=K.device), dim=1)
         exceed += int((stat(labels[perm]) >= observed - 1e-12).sum())
         done += P

@@ -43,10 +43,10 @@ from .nuts import (
     _count,
     _da_init,
     _da_update,
-    _evaluate,
     _find_reasonable_step_size,
     _mass_matrix_windows,
     _validate_common,
+    initial_state,
 )
 
 __all__ = ["ChEESResult", "halton", "sample_chees"]
@@ -206,20 +206,10 @@ def sample_chees(
                          f"(dozens or more work best), got {init.shape[0]}")
 
     t_start = time.perf_counter()
-    z = init.detach().clone()
+    z, U, grad, generator = initial_state(potential_and_grad, init, generator)
     B, D = z.shape
     dev, dt = z.device, z.dtype
-    if generator is None:
-        generator = torch.Generator(device=dev).manual_seed(0)
-    U, grad = _evaluate(potential_and_grad, z)
     n_grad = 1
-    if U.shape != (B,) or grad.shape != (B, D):
-        raise ValueError(f"potential_and_grad must return U [{B}] and grad [{B}, {D}], got "
-                         f"{tuple(U.shape)} and {tuple(grad.shape)}")
-    bad = ~(torch.isfinite(U) & torch.isfinite(grad).all(-1))
-    if bool(bad.any()):
-        raise ValueError(f"potential or gradient is not finite at init for chains "
-                         f"{torch.nonzero(bad).flatten().tolist()}")
     inv_mass = torch.ones(D, dtype=dt, device=dev)
 
     def search(eps0):

@@ -621,6 +621,31 @@ def _validate_common(init, target_accept, max_energy_error) -> None:
         raise ValueError(f"max_energy_error must be positive, got {max_energy_error!r}")
 
 
+def initial_state(potential_and_grad: BatchedPotential, init: Tensor,
+                  generator: torch.Generator | None):
+    """``(z, U, grad, generator)`` at the chains' starting points ``init [B, D]``; a default
+    generator (seed 0) on their device when none is given.
+
+    Raises
+    ------
+    ValueError
+        Wrong output shapes, or a non-finite potential/gradient at a start (naming the chains).
+    """
+    z = init.detach().clone()
+    B, D = z.shape
+    if generator is None:
+        generator = torch.Generator(device=z.device).manual_seed(0)
+    U, grad = _evaluate(potential_and_grad, z)
+    if U.shape != (B,) or grad.shape != (B, D):
+        raise ValueError(f"potential_and_grad must return U [{B}] and grad [{B}, {D}], got "
+                         f"{tuple(U.shape)} and {tuple(grad.shape)}")
+    bad = ~(torch.isfinite(U) & torch.isfinite(grad).all(-1))
+    if bool(bad.any()):
+        raise ValueError(f"potential or gradient is not finite at init for chains "
+                         f"{torch.nonzero(bad).flatten().tolist()}")
+    return z, U, grad, generator
+
+
 def _run(
     step: _StepFn,
     potential_and_grad: BatchedPotential,
@@ -636,20 +661,10 @@ def _run(
     name: str,
 ) -> SamplerResult:
     t_start = time.perf_counter()
-    z = init.detach().clone()
+    z, U, grad, generator = initial_state(potential_and_grad, init, generator)
     B, D = z.shape
     dev, dt = z.device, z.dtype
-    if generator is None:
-        generator = torch.Generator(device=dev).manual_seed(0)
-    U, grad = _evaluate(potential_and_grad, z)
     n_grad = 1
-    if U.shape != (B,) or grad.shape != (B, D):
-        raise ValueError(f"potential_and_grad must return U [{B}] and grad [{B}, {D}], got "
-                         f"{tuple(U.shape)} and {tuple(grad.shape)}")
-    bad = ~(torch.isfinite(U) & torch.isfinite(grad).all(-1))
-    if bool(bad.any()):
-        raise ValueError(f"potential or gradient is not finite at init for chains "
-                         f"{torch.nonzero(bad).flatten().tolist()}")
     inv_mass = torch.ones_like(z)
     if init_step_size is not None:
         init_step_size = _per_chain(init_step_size, z, "init_step_size")
