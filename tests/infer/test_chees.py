@@ -169,7 +169,9 @@ def eight_schools(sigma, y=None):
 def test_eight_schools_agrees_with_nuts():
     model = gp.Model(eight_schools, SIGMA).condition(y=Y)
     a = model.fit("chees", chains=128, warmup=500, draws=200, seed=0, progress=False)
-    b = model.fit("nuts", chains=4, warmup=1000, draws=1000, seed=0, progress=False)
+    with warnings.catch_warnings():  # NUTS may report a rare divergence on eight schools
+        warnings.simplefilter("ignore", gp.ConvergenceWarning)
+        b = model.fit("nuts", chains=4, warmup=1000, draws=1000, seed=0, progress=False)
     for site in ("mu", "tau"):
         xa, xb = a.draws[site].numpy(), b.draws[site].numpy()
         se = math.hypot(float(az.mcse(xa)), float(az.mcse(xb)))
