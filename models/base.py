@@ -56,6 +56,15 @@ OPERATIONS = ("sample", "log_prob", "log_marginal", "marginalize", "condition", 
               "mle", "fit")
 
 
+def sample_rows(n: int | None, d, name: str = "y"):
+    """The zoo's observation convention: one draw of ``d`` at site ``name`` (``n=None``), or
+    ``n`` i.i.d. rows inside ``pyro.plate("data", n)``."""
+    if n is None:
+        return pyro.sample(name, d)
+    with pyro.plate("data", n):
+        return pyro.sample(name, d)
+
+
 class ZooModel(Model):
     """Base class of the zoo; see the module docstring for the conventions.
 
@@ -95,7 +104,10 @@ class ZooModel(Model):
 
     @property
     def event_shape(self) -> tuple:
-        """Shape of one draw of ``y``."""
+        """Shape of one draw of ``y``: ``(dim,)`` for classes with a ``dim`` input; others
+        override it."""
+        if "dim" in self.kwargs:
+            return (self.kwargs["dim"],)
         raise NotImplementedError
 
     @property

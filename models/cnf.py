@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import math
 
-import pyro
 import pyro.distributions as dist
 import torch
 from torch import nn
 from torch.distributions import constraints
 from torchdiffeq import odeint
 
-from .base import EstimatedMarginal, ZooModel, conditional_by_inference
+from .base import EstimatedMarginal, ZooModel, conditional_by_inference, sample_rows
 from .training import minimize
 
 _LOG_2PI = math.log(2 * math.pi)
@@ -157,14 +156,7 @@ class ContinuousFlow(ZooModel):
     @staticmethod
     def story(n=None, field=None, dim=1, rtol=1e-5, atol=1e-7):
         d = _CNFDistribution(field, dim, rtol, atol)
-        if n is None:
-            return pyro.sample("y", d)
-        with pyro.plate("data", n):
-            return pyro.sample("y", d)
-
-    @property
-    def event_shape(self) -> tuple:
-        return (self.kwargs["dim"],)
+        return sample_rows(n, d)
 
     @property
     def field(self) -> nn.Module:

@@ -58,7 +58,7 @@ from torchdiffeq import odeint
 
 from genprog.model import _seeded
 
-from .base import EstimatedMarginal, ZooModel, conditional_by_inference
+from .base import EstimatedMarginal, ZooModel, conditional_by_inference, sample_rows
 from .training import minimize
 
 SDES = ("vp", "ve")
@@ -396,14 +396,7 @@ class Diffusion(ZooModel):
         d = ProbabilityFlowDistribution(
             score, DiffusionSDE(sde, beta_min=beta_min, beta_max=beta_max, sigma_min=sigma_min,
                                 sigma_max=sigma_max), dim, t_min, rtol, atol)
-        if n is None:
-            return pyro.sample("y", d)
-        with pyro.plate("data", n):
-            return pyro.sample("y", d)
-
-    @property
-    def event_shape(self) -> tuple:
-        return (self.kwargs["dim"],)
+        return sample_rows(n, d)
 
     @property
     def score(self) -> nn.Module:

@@ -46,7 +46,7 @@ from torch.distributions import constraints
 from genprog.estimate import Estimate
 from genprog.model import _seeded
 
-from .base import ZooModel
+from .base import ZooModel, sample_rows
 from .rbm import _log_mean_exp_with_stderr
 from .training import minimize
 
@@ -331,14 +331,7 @@ class EnergyBasedModel(ZooModel):
         """``y ~ exp(-E(y)) / Z`` (one site ``"y"``; sampled by MALA)."""
         energy = pyro.module(f"{name}.energy", energy)
         d = UnnormalizedEnergyDistribution(energy, dim, base_loc, base_scale)
-        if n is None:
-            return pyro.sample("y", d)
-        with pyro.plate("data", n):
-            return pyro.sample("y", d)
-
-    @property
-    def event_shape(self) -> tuple:
-        return (self.kwargs["dim"],)
+        return sample_rows(n, d)
 
     @property
     def energy_net(self) -> nn.Module:

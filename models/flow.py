@@ -15,13 +15,12 @@ Shapes: ``d`` (``dim``) is the dimension of ``y``; data are ``[N, d]``.
 
 from __future__ import annotations
 
-import pyro
 import pyro.distributions as dist
 import pyro.distributions.transforms as T
 import torch
 from torch.distributions import constraints
 
-from .base import EstimatedMarginal, ZooModel, conditional_by_inference
+from .base import EstimatedMarginal, ZooModel, conditional_by_inference, sample_rows
 from .training import minimize
 
 KINDS = ("affine_coupling", "spline_coupling", "affine_autoregressive", "spline_autoregressive")
@@ -127,14 +126,7 @@ class Flow(ZooModel):
         zeros = torch.zeros(dim)
         base = dist.Normal(zeros, torch.ones(dim)).to_event(1)
         d = dist.TransformedDistribution(base, list(transforms))
-        if n is None:
-            return pyro.sample("y", d)
-        with pyro.plate("data", n):
-            return pyro.sample("y", d)
-
-    @property
-    def event_shape(self) -> tuple:
-        return (self.kwargs["dim"],)
+        return sample_rows(n, d)
 
     @property
     def transforms(self) -> list:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 
-import pyro
 import pyro.distributions as dist
 import torch
 from torch import nn
@@ -25,7 +24,7 @@ from torch.distributions import constraints
 
 from genprog.estimate import Estimate
 
-from .base import ZooModel
+from .base import ZooModel, sample_rows
 from .training import minimize
 
 
@@ -132,10 +131,7 @@ class MADE(ZooModel):
     @staticmethod
     def story(n=None, net=None):
         d = _AutoregressiveBernoulli(net)
-        if n is None:
-            return pyro.sample("y", d)
-        with pyro.plate("data", n):
-            return pyro.sample("y", d)
+        return sample_rows(n, d)
 
     @property
     def net(self) -> MADENet:
