@@ -343,6 +343,34 @@ class ZooModel(Model):
         }
 
 
+class GenerativeClassifier(ZooModel):
+    """A zoo class over features ``y`` with a discrete class: Bayes' rule on its
+    ``_joint(x) -> log p(x, c = k)`` ``[N, K]`` (NaN features integrated out there) gives
+    the class posterior, ``predict_proba`` and ``predict``."""
+
+    register = False  # a base, not a model class of the table
+
+    def _joint(self, x):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def posterior(self, y) -> torch.Tensor:
+        """``p(c = k | y)`` by Bayes' rule, ``[N, K]`` (one row ``[d]`` gives ``[K]``); NaN
+        features are integrated out exactly."""
+        self._require_parameters("posterior")
+        x, single = self._as_data(y, "posterior")
+        with self.context():
+            post = torch.softmax(self._joint(x), dim=-1)
+        return post[0] if single else post
+
+    def predict_proba(self, y) -> torch.Tensor:
+        """Class probabilities ``p(c | y)``, ``[N, K]``; same as :meth:`posterior`."""
+        return self.posterior(y)
+
+    def predict(self, y) -> torch.Tensor:
+        """Most probable class of each row, ``[N]`` (int64)."""
+        return self.posterior(y).argmax(-1)
+
+
 def capabilities():
     """The capability table of every zoo class: a pandas DataFrame, one row per class,
     one column per operation (see :meth:`ZooModel.capabilities`)."""

@@ -24,14 +24,14 @@ import pyro.distributions as dist
 import torch
 from pyro.ops.indexing import Vindex
 
-from .base import ZooModel
+from .base import GenerativeClassifier
 
 __all__ = ["GaussianDiscriminant"]
 
 LOG_2PI = math.log(2 * math.pi)
 
 
-class GaussianDiscriminant(ZooModel):
+class GaussianDiscriminant(GenerativeClassifier):
     """Gaussian class-conditional classifier (QDA, or LDA with ``shared=True``).
 
     Parameters
@@ -193,23 +193,6 @@ class GaussianDiscriminant(ZooModel):
 
     def _log_prob_rows(self, y: torch.Tensor) -> torch.Tensor:
         return torch.logsumexp(self._joint(y), dim=-1)
-
-    def posterior(self, y) -> torch.Tensor:
-        """``p(c = k | y)`` by Bayes' rule, ``[N, K]`` (one row ``[d]`` gives ``[K]``); NaN
-        features are integrated out exactly."""
-        self._require_parameters("posterior")
-        x, single = self._as_data(y, "posterior")
-        with self.context():
-            post = torch.softmax(self._joint(x), dim=-1)
-        return post[0] if single else post
-
-    def predict_proba(self, y) -> torch.Tensor:
-        """Class probabilities ``p(c | y)``, ``[N, K]``; same as :meth:`posterior`."""
-        return self.posterior(y)
-
-    def predict(self, y) -> torch.Tensor:
-        """Most probable class of each row, ``[N]`` (int64)."""
-        return self.posterior(y).argmax(-1)
 
     def _marginal(self, drop: list[int]) -> GaussianDiscriminant:
         keep = [i for i in range(self.event_shape[0]) if i not in drop]

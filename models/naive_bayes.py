@@ -29,7 +29,7 @@ import torch
 from pyro.distributions import constraints
 from pyro.ops.indexing import Vindex
 
-from .base import ZooModel
+from .base import GenerativeClassifier
 from .discriminant import _labelled, _numeric
 
 __all__ = ["NaiveBayes"]
@@ -40,7 +40,7 @@ FAMILY_PARAMS = {"gaussian": ("mean", "var"), "bernoulli": ("p",), "categorical"
                  "poisson": ("rate",)}
 
 
-class NaiveBayes(ZooModel):
+class NaiveBayes(GenerativeClassifier):
     """Naive Bayes with a leaf family per feature.
 
     Parameters
@@ -279,23 +279,6 @@ class NaiveBayes(ZooModel):
 
     def _log_prob_rows(self, y: torch.Tensor) -> torch.Tensor:
         return torch.logsumexp(self._joint(y), dim=-1)
-
-    def posterior(self, y) -> torch.Tensor:
-        """``p(c = k | y)`` by Bayes' rule, ``[N, K]`` (one row ``[d]`` gives ``[K]``); a NaN
-        feature simply drops out of the product."""
-        self._require_parameters("posterior")
-        x, single = self._as_data(y, "posterior")
-        with self.context():
-            post = torch.softmax(self._joint(x), dim=-1)
-        return post[0] if single else post
-
-    def predict_proba(self, y) -> torch.Tensor:
-        """Class probabilities ``p(c | y)``, ``[N, K]``; same as :meth:`posterior`."""
-        return self.posterior(y)
-
-    def predict(self, y) -> torch.Tensor:
-        """Most probable class of each row, ``[N]`` (int64)."""
-        return self.posterior(y).argmax(-1)
 
     def _subset(self, keep: list[int], class_prior) -> NaiveBayes:
         """The model over features ``keep`` (in order) with ``class_prior`` replaced."""
