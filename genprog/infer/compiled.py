@@ -52,15 +52,12 @@ import pyro
 import torch
 
 from ..density import JointDensity
+from ..errors import CompileWarning
 
 __all__ = ["MODES", "CompileWarning", "CompiledPotential", "compile_potential"]
 
 #: compilation modes, fastest first
 MODES = ("fx", "jit", "eager")
-
-
-class CompileWarning(UserWarning):
-    """Compiling a model's potential failed; genprog fell back to a slower path."""
 
 
 @dataclass(frozen=True)

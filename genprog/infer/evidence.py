@@ -51,7 +51,9 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from genprog.errors import EstimatorWarning
 from genprog.estimate import Estimate
+from genprog.monte_carlo import log_mean_exp
 from genprog.infer.hamiltonian import kinetic_energy, leapfrog, sample_momentum
 
 __all__ = [
@@ -77,10 +79,6 @@ _NEWTON_DECREMENT_WARN = 1e-2
 #: Prior draws whose coordinate-wise median initialises :func:`find_mode`.
 _NUM_INIT_DRAWS = 16
 _SCHEDULES = ("sigmoid", "linear", "geometric")
-
-
-class EstimatorWarning(UserWarning):
-    """An estimate was returned, but its error bar (or its premise) is unreliable."""
 
 
 @runtime_checkable
@@ -161,24 +159,10 @@ def _sample_prior(target: EvidenceTarget, n: int, generator: torch.Generator) ->
 
 
 def _log_mean_exp_stats(log_w: Tensor) -> tuple[float, float, float]:
-    """``(log mean w, delta-method stderr of that, Kish ESS)`` from log-weights ``[N]``.
-
-    The relative variance of the mean of ``N`` iid weights, ``var(w) / (N mean(w)^2)``
-    (``var`` with ``N - 1`` denominator), equals ``(N / ESS - 1) / (N - 1)``; its square
-    root is the first-order standard error of ``log mean(w)``. Computed after subtracting
-    the largest log-weight, in float64. The caller ensures at least one finite weight.
-    """
-    lw = log_w.detach().to(torch.float64)
-    n = lw.numel()
-    top = lw.max()
-    w = torch.exp(lw - top)
-    s1, s2 = w.sum(), (w * w).sum()
-    value = float(top + torch.log(s1) - math.log(n))
-    ess = float(s1 * s1 / s2)
-    if n < 2:
-        return value, math.inf, ess
-    rel_var = max((n / ess - 1.0) / (n - 1), 0.0)
-    return value, math.sqrt(rel_var), ess
+    """``(log mean w, its delta-method stderr, Kish ESS)`` of log-weights ``[N]`` as floats
+    (see :func:`genprog.monte_carlo.log_mean_exp`)."""
+    r = log_mean_exp(log_w)
+    return float(r.value), float(r.stderr), float(r.ess)
 
 
 def _pareto_k(log_w: Tensor) -> float | None:
@@ -510,9 +494,7 @@ def annealed_importance_sampling(
         _raise_all_zero("annealed_importance_sampling", batch, int(num_nan), "particles (all runs)")
     value, stderr, ess = _log_mean_exp_stats(log_w)
     if num_runs_ >= 2:
-        per_run = torch.logsumexp(
-            log_w.to(torch.float64).reshape(num_runs_, num_particles), dim=1
-        ) - math.log(num_particles)
+        per_run = log_mean_exp(log_w.reshape(num_runs_, num_particles)).value
         if bool(torch.isfinite(per_run).all()):
             _, stderr, _ = _log_mean_exp_stats(per_run)
         else:  # a run lost every particle: its estimate is 0, the delta method breaks down

@@ -1,0 +1,230 @@
+"""The optimiser loops of genprog: one for stochastic objectives, one for smooth ones.
+
+* :func:`minimize` runs a ``torch.optim`` optimizer (Adam, ...) on a noisy loss — the
+  ELBO of VI, a minibatch loss of a zoo network — with one stopping rule: every
+  ``window`` steps the mean loss of the window is compared with the previous window's;
+  when the improvement is within noise (less than two standard errors of the difference,
+  or below ``tol`` relative to the loss) the learning rate is cut by 5x, and after two
+  cuts the run stops as converged. Reaching ``max_iters`` first is reported
+  (``converged=False``) and warned about with a :class:`~genprog.errors.ConvergenceWarning`.
+* :func:`maximize` runs L-BFGS (strong Wolfe line search) on a smooth deterministic
+  objective — a MAP or Laplace mode, a population likelihood — in rounds of 50 iterations
+  until the gradient vanishes, the point stops moving, or ``max_iters``.
+
+Both return a frozen :class:`OptimizationResult`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from .errors import ConvergenceWarning
+from .validation import check_float, check_int
+
+
+@dataclass(frozen=True)
+class OptimizationResult:
+    """What an optimiser loop did.
+
+    Attributes
+    ----------
+    z : Tensor [D] or None
+        The optimum found (:func:`maximize`); None for :func:`minimize`, whose parameters
+        are updated in place.
+    value : float
+        The objective at the end (for :func:`minimize`: the mean loss of the last window).
+    grad_norm : float
+        Max-abs gradient at ``z`` (:func:`maximize`); NaN for :func:`minimize`.
+    num_iters : int
+        Optimiser iterations (L-BFGS iterations, or optimizer steps).
+    converged : bool
+        Whether the stopping rule fired before ``max_iters``.
+    trace : tuple[float, ...]
+        :func:`minimize`: the loss at every step; :func:`maximize`: the objective after
+        each round.
+    """
+
+    z: torch.Tensor | None
+    value: float
+    grad_norm: float
+    num_iters: int
+    converged: bool
+    trace: tuple
+
+
+def minimize(loss_fn, optimizer: torch.optim.Optimizer, *, max_iters: int, window: int = 100,
+             tol: float = 0.0, what: str = "optimisation", progress: bool | None = None,
+             clip_grad: tuple | None = None, reduce=None, warn: bool = True,
+             hint: str = "raise max_iters") -> OptimizationResult:
+    """Run ``optimizer`` on ``loss_fn`` until the plateau rule (module docstring) fires.
+
+    Parameters
+    ----------
+    loss_fn : callable
+        ``loss_fn(step) -> Tensor []``: the loss at step ``step`` (1-based); a minibatch
+        closure draws its batch here.
+    optimizer : torch.optim.Optimizer
+    max_iters : int
+        Maximum optimizer steps.
+    window : int
+        Steps per window of the plateau rule (>= 2).
+    tol : float
+        Also count a window as a plateau when its mean changed by less than
+        ``tol * (1 + |mean|)``.
+    what : str
+        Names the run in the progress bar, errors and warnings (e.g. ``"VI"``, ``"Flow.mle"``).
+    progress : bool, optional
+        Progress bar (default: when attached to a terminal).
+    clip_grad : (params, max_norm), optional
+        Clip the gradient norm of ``params`` before each step.
+    reduce : callable, optional
+        ``reduce(params, loss) -> loss`` after ``backward`` (data-parallel averaging of
+        gradients and loss across ranks).
+    warn : bool
+        Warn when ``max_iters`` is reached before the rule fires.
+    hint : str
+        What the warning suggests.
+
+    Raises
+    ------
+    RuntimeError
+        When the loss becomes non-finite (naming ``what`` and the step).
+    """
+    max_iters = check_int(f"{what}: max_iters", max_iters)
+    window = check_int(f"{what}: window", window, minimum=2)
+    tol = check_float(f"{what}: tol", tol, minimum=0.0)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    losses, means, cuts, converged, step = [], [], 0, False, 0
+    bar = tqdm(total=max_iters, desc=what, leave=False,
+               disable=None if progress is None else not progress)
+    try:
+        for step in range(1, max_iters + 1):
+            optimizer.zero_grad()
+            loss = loss_fn(step)
+            if not torch.isfinite(loss):
+                raise RuntimeError(
+                    f"{what}: the loss became non-finite at step {step}; check the model's "
+                    "support/priors or lower the learning rate"
+                )
+            loss.backward()
+            if reduce is not None:
+                loss = reduce(params, loss)
+            if clip_grad is not None:
+                torch.nn.utils.clip_grad_norm_(*clip_grad)
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            bar.update(1)
+            if step % window:
+                continue
+            w = torch.tensor(losses[-window:], dtype=torch.float64)
+            means.append((float(w.mean()), float(w.var()) / window))
+            bar.set_postfix(loss=f"{means[-1][0]:.4g}")
+            if len(means) < 2:
+                continue
+            (m1, v1), (m0, v0) = means[-1], means[-2]
+            if m0 - m1 < 2 * math.sqrt(v0 + v1) or abs(m0 - m1) < tol * (1 + abs(m1)):
+                if cuts == 2:
+                    converged = True
+                    break
+                cuts += 1
+                for group in optimizer.param_groups:
+                    group["lr"] *= 0.2
+    finally:
+        bar.close()
+    last = sum(losses[-window:]) / min(window, len(losses))
+    if warn and not converged:
+        warnings.warn(f"{what} did not converge in {max_iters} steps (the windowed loss, "
+                      f"last {last:.6g}, was still falling); {hint}", ConvergenceWarning,
+                      stacklevel=3)
+    return OptimizationResult(None, last, float("nan"), step, converged, tuple(losses))
+
+
+def _rejected_parameter(e: ValueError) -> bool:
+    """A distribution refused a parameter value (Pyro's argument validation)."""
+    return "Expected parameter" in str(e) or "constraint" in str(e)
+
+
+def value_and_grad(objective, z: torch.Tensor):
+    """``objective(z[None])[0]`` and its gradient at ``z [D]`` (``-inf`` and NaN gradient
+    where the objective rejects the point)."""
+    with torch.enable_grad():
+        zz = z.detach().clone().requires_grad_(True)
+        try:
+            val = objective(zz[None])[0]
+        except ValueError:
+            return zz.new_tensor(float("-inf")), torch.full_like(zz, float("nan"))
+        if not val.requires_grad:
+            return val, torch.zeros_like(zz)
+        g, = torch.autograd.grad(val, zz)
+    return val, g
+
+
+def maximize(objective, z0: torch.Tensor, max_iters: int = 1000,
+             grad_tol: float = 1e-5) -> OptimizationResult:
+    """Maximise ``objective(z [1, D]) -> [1]`` from ``z0 [D]`` with L-BFGS.
+
+    Runs rounds of 50 iterations until the max-abs gradient drops below ``grad_tol``
+    (scaled by ``1 + |objective|``), the point stops moving, or ``max_iters``. Points
+    where the objective is not finite (or a distribution rejects its parameters) send the
+    line search back.
+    """
+    max_iters = check_int("max_iters", max_iters)
+    z = z0.detach().clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([z], lr=1.0, max_iter=50, history_size=20,
+                            tolerance_grad=0.0, tolerance_change=0.0,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        try:
+            loss = -objective(z[None])[0]
+        except ValueError as e:
+            if not _rejected_parameter(e):
+                raise
+            loss = None
+        if loss is None or not torch.isfinite(loss):
+            # a large finite loss with no gradient sends the line search back
+            loss = z.new_tensor(1e30) + 0 * z.sum()
+        loss.backward()
+        return loss
+
+    trace, iters, converged = [], 0, False
+    grad_norm, value = float("inf"), float("nan")
+    while iters < max_iters:
+        before = z.detach().clone()
+        try:
+            opt.step(closure)
+        except ValueError as e:
+            if not _rejected_parameter(e):
+                raise
+            with torch.no_grad():
+                z.copy_(before)
+            break
+        if not torch.isfinite(z).all():
+            with torch.no_grad():
+                z.copy_(before)
+            break
+        state = opt.state[opt._params[0]]
+        iters = int(state.get("n_iter", iters + 50))
+        val, g = value_and_grad(objective, z)
+        value = float(val.detach())
+        grad_norm = float(g.abs().max()) if g.numel() else 0.0
+        trace.append(value)
+        if not math.isfinite(value):
+            break
+        if grad_norm <= grad_tol * (1 + abs(value)):
+            converged = True
+            break
+        if torch.equal(before, z.detach()):
+            converged = grad_norm <= 1e-3 * (1 + abs(value))
+            break
+    if not converged:
+        val, g = value_and_grad(objective, z)
+        value = float(val.detach())
+        grad_norm = float(g.abs().max()) if g.numel() else 0.0
+    return OptimizationResult(z.detach(), value, grad_norm, iters, converged, tuple(trace))
