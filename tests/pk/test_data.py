@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from genprog.pk.data import describe, read_nonmem
+from genprog.pk.data import DataWarning, describe, read_nonmem
 
 DATASETS = Path(__file__).resolve().parents[2] / "genprog" / "pk" / "datasets"
 
@@ -138,7 +138,8 @@ def test_steady_state_values():
                AMT=[10.0, 0] * 4, EVID=[1, 0] * 4, DV=[0.0, 1] * 4,
                II=[24.0, 0, 24, 0, 12, 0, 0, 0], SS=[1, 99, 2, 0, 3, 0, 99, 99],
                ADDL=[2, 0, 0, 0, 0, 0, 0, 0])
-    data = read_nonmem(df)
+    with pytest.warns(DataWarning, match=r"1 dose row with SS outside 0-3 .*index 6"):
+        data = read_nonmem(df)
     assert data.dose_ss[:, 0].tolist() == [1, 2, 1, 0]      # SS 3 reads as 1, 99 as 0
     assert data.dose_ii[:, 0].tolist() == [24.0, 24.0, 12.0, 0.0]
     # subject 1: the steady-state dose then two ordinary additional doses
@@ -212,11 +213,15 @@ def test_time_varying_covariate_last_value_carried_forward():
     assert data.covariates["WT"].tolist() == [70.0, 50.0] and list(data.covariates) == ["WT"]
     assert data.summary["excluded_reasons"] == {"EVID 2 (other event)": 1}
     # default: the varying numeric column is time-varying, the varying text is not read
-    auto = read_nonmem(df)
+    with pytest.warns(DataWarning, match=r"CRCL varies within a subject \(subject 1 at "
+                      r"DataFrame index 2: 40 after 60\): read as time-varying.*FOOD not read"):
+        auto = read_nonmem(df)
+    assert len(auto.summary["notes"]) == 2 and "CRCL varies" in describe(auto)
     assert list(auto.time_varying) == ["CRCL"] and "FOOD" in auto.summary["ignored_columns"]
     assert "FOOD" not in auto.covariates
     # naming a varying column as a covariate gives its first value
-    base = read_nonmem(df, covariates=["CRCL"], categorical=None)
+    with pytest.warns(DataWarning, match="column FOOD not read"):
+        base = read_nonmem(df, covariates=["CRCL"], categorical=None)
     assert base.covariates["CRCL"].tolist() == [60.0, 80.0] and "CRCL" not in base.time_varying
 
 
