@@ -5,19 +5,16 @@ Saved fits are ArviZ netCDF files (no pickle): :meth:`Fit.save` / :func:`load`.
 
 from __future__ import annotations
 
-import inspect
 import json
 import warnings
 
 import numpy as np
-import pyro
 import torch
-from pyro import poutine
 
 from . import arviz_convert
-from .errors import ConvergenceWarning
-from .handlers import SubstituteBatched
-from .sites import PARTICLE_PLATE
+from .infer import evidence
+from .rng import seeded
+from .vectorize import sample_sites
 
 
 class Fit:
@@ -48,29 +45,6 @@ class Fit:
         self.seed = seed
         self.info = info or {}
         self._idata = idata
-
-    # ------------------------------------------------------------------ construction
-    @classmethod
-    def from_unconstrained(cls, model, method, z, sample_stats=None, seed=None, info=None,
-                           point=None):
-        """Build a Fit from unconstrained draws ``z [chain, draw, D]`` of ``model``.
-        ``point`` holds sites point-estimated inside the fit (held fixed in ``model``); they
-        appear in ``draws`` as constants and in ``info["point"]``."""
-        density = model.density()
-        c, n, d = z.shape
-        with torch.no_grad():
-            values, _ = density.constrain(z.reshape(c * n, d))
-            draws = {k: v.reshape(c, n, *v.shape[1:]) for k, v in values.items()}
-            draws.update(deterministic_sites(model, values, c * n, (c, n)))
-            for k, v in (point or {}).items():
-                draws[k] = v.detach().expand(c, n, *v.shape).clone()
-        if point:
-            info = {**(info or {}), "point": {k: v.detach() for k, v in point.items()}}
-        bad = [k for k, v in draws.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-        if bad:
-            warnings.warn(f"{method}: non-finite values in the draws of site(s) {bad}",
-                          ConvergenceWarning, stacklevel=3)
-        return cls(method, model, draws, sample_stats, seed, info)
 
     @property
     def num_chains(self) -> int:
@@ -141,18 +115,10 @@ class Fit:
         self._require_model("predict")
         model = self.model
         if new_inputs:
-            sig = inspect.signature(model.fn)
-            bound = sig.bind_partial(*model.args, **model.kwargs)
-            unknown = set(new_inputs) - set(sig.parameters)
-            if unknown:
-                raise TypeError(
-                    f"predict: unknown input(s) {sorted(unknown)}; the model takes {list(sig.parameters)}"
-                )
-            bound.arguments.update(new_inputs)
-            from .model import Model
-
-            fresh = Model(model.fn, *bound.args, **bound.kwargs)
-            model = model._replace(args=fresh.args, kwargs=fresh.kwargs, _base_structure=None)
+            try:
+                model = model.with_inputs(**new_inputs)
+            except TypeError as e:
+                raise TypeError(f"predict: {e}") from None
         c, m = self.num_chains, self.num_draws
         latent = {k: v.reshape(c * m, *v.shape[2:])
                   for k, v in self.draws.items() if k in model.base_structure.sites
@@ -162,25 +128,14 @@ class Fit:
             idx = torch.linspace(0, total - 1, n).round().long()
             latent = {k: v[idx] for k, v in latent.items()}
             total = n
-        k = model.base_structure.max_plate_nesting
-        program = SubstituteBatched(latent, k)(model.base_program)
-
-        def vectorized(*args, **kwargs):
-            with pyro.plate(PARTICLE_PLATE, total, dim=-(k + 1)):
-                return program(*args, **kwargs)
-
-        from .density import particle_dims_to_front
-        from .model import _seeded
-
-        with model.context(), _seeded(seed), torch.no_grad():
-            tr = poutine.trace(vectorized).get_trace(*model.args, **model.kwargs)
-        out = {}
-        for name, info in model.base_structure.sites.items():
-            if info.kind in ("observed", "deterministic") or (
-                    info.kind == "latent" and name not in latent and name not in model.marginalized):
-                v = particle_dims_to_front(tr.nodes[name]["value"], total, len(info.shape))
-                out[name] = v if n is not None else v.reshape(c, m, *v.shape[1:])
-        return out
+        structure = model.base_structure
+        wanted = {name: info.shape for name, info in structure.sites.items()
+                  if info.kind in ("observed", "deterministic") or (
+                      info.kind == "latent" and name not in latent and name not in model.marginalized)}
+        with model.context(), seeded(seed), torch.no_grad():
+            out, _ = sample_sites(model.base_program, model.args, model.kwargs, wanted, total,
+                                  structure.max_plate_nesting, structure.batching, values=latent)
+        return out if n is not None else {k: v.reshape(c, m, *v.shape[1:]) for k, v in out.items()}
 
     def discrete_posterior(self, seed: int = 0) -> dict:
         """Draws of the discrete latent sites that inference summed out, one per posterior
@@ -192,11 +147,6 @@ class Fit:
         dict[str, Tensor]
             site -> ``[chain, draw, *site_shape]``.
         """
-        from pyro.infer import config_enumerate, infer_discrete
-
-        from .density import particle_dims_to_front
-        from .model import _seeded
-
         self._require_model("discrete_posterior")
         model = self.model
         density = model.density()
@@ -206,25 +156,16 @@ class Fit:
         c, m = self.num_chains, self.num_draws
         values = {s.name: self.draws[s.name].reshape(c * m, *self.draws[s.name].shape[2:])
                   for s in density.sites}
-        k = density.max_plate_nesting
-        program = SubstituteBatched(values, k)(model.program)
-
-        def vectorized(*args, **kwargs):
-            with pyro.plate(PARTICLE_PLATE, c * m, dim=-(k + 1)):
-                return program(*args, **kwargs)
-
-        sampler = infer_discrete(config_enumerate(vectorized, default="parallel"),
-                                 first_available_dim=-(k + 2), temperature=1)
-        with model.context(), _seeded(seed), torch.no_grad():
-            tr = poutine.trace(sampler).get_trace(*model.args, **model.kwargs)
-        return {s.name: particle_dims_to_front(tr.nodes[s.name]["value"], c * m, len(s.shape))
-                .reshape(c, m, *s.shape) for s in discrete}
+        with model.context(), seeded(seed), torch.no_grad():
+            out, _ = sample_sites(model.program, model.args, model.kwargs,
+                                  {s.name: s.shape for s in discrete}, c * m,
+                                  density.max_plate_nesting, model.structure.batching,
+                                  values=values, discrete_posterior=True)
+        return {k: v.reshape(c, m, *v.shape[1:]) for k, v in out.items()}
 
     def log_marginal(self, method: str = "auto", seed: int = 0, **options):
         """log p(observed) using what this fit learned: importance sampling with the VI
         guide as proposal, the Laplace Gaussian, or else ``model.log_marginal(method)``."""
-        from .infer import evidence
-
         self._require_model("log_marginal")
         if method == "auto" and self.method == "vi" and "proposal" in self.info:
             with self.model.context():
@@ -257,14 +198,8 @@ def deterministic_sites(model, values: dict, n: int, lead: tuple) -> dict:
     det = [s for s in structure.sites.values() if s.kind == "deterministic"]
     if not det:
         return {}
-    density = model.density()
-    tr = density.trace(values, n, enumerate_discrete=False) if not density.has_enumeration else None
-    if tr is None:
-        return {}
-    from .density import particle_dims_to_front
-
-    return {s.name: particle_dims_to_front(tr.nodes[s.name]["value"], n, len(s.shape)).reshape(*lead, *s.shape)
-            for s in det}
+    return {k: v.reshape(*lead, *v.shape[1:])
+            for k, v in model.density().deterministic_values(values, n).items()}
 
 
 def load(path, model=None) -> Fit:

@@ -20,33 +20,28 @@ import time
 import pyro
 import torch
 
-from .density import JointDensity, particle_dims_to_front, run_vectorized
+from .convergence import check_convergence
+from .density import JointDensity
 from .estimate import Estimate
+from .fit import Fit, deterministic_sites
 from .handlers import (
     FixSites,
     MissingValues,
     ObserveWithMissing,
-    SubstituteBatched,
     missing_site_name,
 )
+from .infer import FIT_METHODS, MCMC_METHODS, evidence
+from .infer.record import InferenceRecord
 from .inputs import as_tensor, tensor_device
-from .sites import PARTICLE_PLATE, ModelStructure, elementwise_support, inspect_model
+from .rng import seeded
+from .sites import ModelStructure, elementwise_support, inspect_model
+from .validation import check_int, check_seed
+from .vectorize import sample_sites
 
 LOG_MARGINAL_METHODS = ("auto", "exact", "is", "ais", "laplace")
 
 
-def _seeded(seed):
-    """Context fixing torch's global RNG to ``seed`` (None: leave it alone)."""
-    if seed is None:
-        return contextlib.nullcontext()
-
-    @contextlib.contextmanager
-    def ctx():
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            yield
-
-    return ctx()
+_seeded = seeded  # the zoo's old name for :func:`genprog.rng.seeded`
 
 
 class Model:
@@ -106,17 +101,48 @@ class Model:
 
     @contextlib.contextmanager
     def context(self):
-        """Run with the model's device as torch's default device and its dtype as the
-        default floating dtype, so literals inside the model land where the data are."""
+        """Run the model's program with its device as torch's default device and, when the
+        model has a dtype other than torch's default, that dtype as the default floating
+        dtype, so literals inside the model land where the data are. Both are restored on
+        exit; outside this block torch's defaults are never changed."""
         old_dtype = torch.get_default_dtype()
+        switch = self.dtype is not None and self.dtype != old_dtype
         dev = contextlib.nullcontext() if self.device is None else torch.device(self.device)
         try:
-            if self.dtype is not None:
+            if switch:
                 torch.set_default_dtype(self.dtype)
             with dev:
                 yield
         finally:
-            torch.set_default_dtype(old_dtype)
+            if switch:
+                torch.set_default_dtype(old_dtype)
+
+    def with_fixed(self, values: dict) -> Model:
+        """A copy of the model with the sites in ``values`` held at those (already
+        validated, tensor) values, with no density (what ``fit(fixed=...)`` and
+        ``point=[...]`` do)."""
+        return self._replace(fixed={**self.fixed, **values})
+
+    def with_inputs(self, *args, **kwargs) -> Model:
+        """A copy of the model bound to new inputs (positional and/or by parameter name;
+        inputs not given keep their values); observations, fixed sites and coords stay.
+
+        Raises
+        ------
+        TypeError
+            An input name the model function does not take.
+        """
+        sig = inspect.signature(self.fn)
+        raw_args, raw_kwargs = self._raw_inputs
+        bound = sig.bind_partial(*raw_args, **raw_kwargs)
+        unknown = set(kwargs) - set(sig.parameters)
+        if unknown:
+            raise TypeError(f"unknown input(s) {sorted(unknown)}; the model takes {list(sig.parameters)}")
+        fresh = sig.bind_partial(*args, **kwargs)
+        bound.arguments.update(fresh.arguments)
+        new = Model(self.fn, *bound.args, **bound.kwargs).to(self.device, self.dtype)
+        return self._replace(args=new.args, kwargs=new.kwargs,
+                             _raw_inputs=(bound.args, bound.kwargs))
 
     def to(self, device=None, dtype=None) -> Model:
         """A copy of the model whose inputs, observations and computations live on
@@ -172,7 +198,7 @@ class Model:
     @property
     def base_structure(self) -> ModelStructure:
         if self._base_structure is None:
-            with self.context(), _seeded(0):
+            with self.context(), seeded(0):
                 self._base_structure = inspect_model(self.base_program, self.args, self.kwargs)
         return self._base_structure
 
@@ -180,7 +206,7 @@ class Model:
     def structure(self) -> ModelStructure:
         """Sites of the conditioned program (observed sites marked observed)."""
         if self._structure is None:
-            with self.context(), _seeded(0):
+            with self.context(), seeded(0):
                 self._structure = inspect_model(self.program, self.args, self.kwargs)
         return self._structure
 
@@ -216,22 +242,15 @@ class Model:
             ``site -> [n, *site_shape]`` (observed sites are drawn too; marginalized
             sites are left out).
         """
-        if not isinstance(n, int) or n < 1:
-            raise ValueError(f"sample: n must be a positive int, got {n!r}")
+        n = check_int("sample: n", n)
+        if seed is not None:
+            seed = check_seed("sample: seed", seed)
         structure = self.base_structure
-        k = structure.max_plate_nesting
-
-        def vectorized(*args, **kwargs):
-            with pyro.plate(PARTICLE_PLATE, n, dim=-(k + 1)):
-                return self.base_program(*args, **kwargs)
-
-        with self.context(), _seeded(seed), torch.no_grad():
-            tr = run_vectorized(vectorized, self.args, self.kwargs, n, k)
-        out = {}
-        for name, info in structure.sites.items():
-            if name in self.marginalized or info.kind == "fixed":
-                continue
-            out[name] = particle_dims_to_front(tr.nodes[name]["value"], n, len(info.shape))
+        wanted = {name: info.shape for name, info in structure.sites.items()
+                  if name not in self.marginalized and info.kind != "fixed"}
+        with self.context(), seeded(seed), torch.no_grad():
+            out, _ = sample_sites(self.base_program, self.args, self.kwargs, wanted, n,
+                                  structure.max_plate_nesting, structure.batching)
         return out
 
     # ------------------------------------------------------------------ condition
@@ -385,10 +404,8 @@ class Model:
                     "integrates out only discrete sites exactly. Give them, or condition the "
                     "model and use log_marginal() for an estimate of the marginal"
                 )
-            k = structure.max_plate_nesting
-            program = SubstituteBatched(batched, k, observe=True)(self.program)
-            density = JointDensity(program, self.args, self.kwargs, given_once.structure,
-                                   missing=self.density().missing)
+            density = JointDensity(self.program, self.args, self.kwargs, given_once.structure,
+                                   missing=self.density().missing, given=batched)
             z = torch.zeros(n, 0)
             if pointwise:
                 names = [s.name for s in self.structure.observed] or list(tensors)
@@ -450,8 +467,6 @@ class Model:
         -------
         Estimate
         """
-        from .infer import evidence
-
         if method not in LOG_MARGINAL_METHODS:
             raise ValueError(f"log_marginal: unknown method {method!r}; choose from {LOG_MARGINAL_METHODS}")
         if not self.structure.observed:
@@ -521,8 +536,6 @@ class Model:
         -------
         genprog.Fit
         """
-        from .infer import FIT_METHODS
-
         if method not in FIT_METHODS:
             raise ValueError(f"fit: unknown method {method!r}; choose from {sorted(FIT_METHODS)}")
         fn = FIT_METHODS[method]
@@ -547,14 +560,41 @@ class Model:
                 info = self.base_structure.sites[k]
                 if tuple(v.shape) != info.shape:
                     raise ValueError(f"fit(fixed=...): site {k!r} has shape {info.shape}, got {tuple(v.shape)}")
-            model = self._replace(fixed={**self.fixed, **fixed_t})
+            model = self.with_fixed(fixed_t)
         if not model.structure.observed:
             raise ValueError(f"fit({method!r}): the model has no observed sites; condition() it first")
         if options.get("point"):
             model._check_names(options["point"], "fit(point=...)",
                                allowed=[s.name for s in model.structure.latent_continuous])
         with model.context():
-            return fn(model, **options)
+            record = fn(model, **options)
+            return model.fit_from_record(record)
+
+    def fit_from_record(self, record: InferenceRecord) -> Fit:
+        """The complete :class:`~genprog.Fit` of an inference algorithm's raw record: draws
+        constrained (deterministic sites and held ``point`` sites included) and, for MCMC,
+        the convergence diagnostics (``info["diagnostics"]``; poor results warned about)."""
+        fitted = self.with_fixed(dict(record.held)) if record.held else self
+        density = fitted.density()
+        c, n, d = record.unconstrained.shape
+        with torch.no_grad():
+            values, _ = density.constrain(record.unconstrained.reshape(c * n, d))
+            draws = {k: v.reshape(c, n, *v.shape[1:]) for k, v in values.items()}
+            draws.update(deterministic_sites(fitted, values, c * n, (c, n)))
+            for k, v in record.held.items():
+                draws[k] = v.detach().expand(c, n, *v.shape).clone()
+        info = dict(record.info)
+        info["batching"] = density.batching  # "plate" | "vmap" | "loop" (genprog.vectorize)
+        if record.held:
+            info["point"] = {k: v.detach() for k, v in record.held.items()}
+        if record.method in MCMC_METHODS:
+            info["diagnostics"] = check_convergence(record.method, draws, dict(record.sample_stats))
+        else:
+            bad = [k for k, v in draws.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+            if bad:
+                raise RuntimeError(f"fit({record.method!r}): non-finite values in the result for "
+                                   f"site(s) {bad}; the fit failed (check the model and data)")
+        return Fit(record.method, fitted, draws, dict(record.sample_stats), record.seed, info)
 
     def __repr__(self) -> str:
         s = self.base_structure

@@ -4,6 +4,9 @@ Each check takes the argument's name as the caller should report it (``"fit: cha
 and raises a ``TypeError`` (wrong kind of value) or ``ValueError`` (right kind, invalid
 value) whose message names the argument, what was given and what would be valid.
 Booleans are never accepted where numbers are expected (``chains=True`` is an error).
+A value of the wrong kind raises :class:`ArgumentTypeError`, which is both a
+``TypeError`` and a ``ValueError`` (as NumPy's ``AxisError`` is both), so callers that
+catch either see it.
 """
 
 from __future__ import annotations
@@ -14,12 +17,16 @@ import numbers
 import numpy as np
 
 
+class ArgumentTypeError(TypeError, ValueError):
+    """An argument of the wrong kind (a bool or a string where an int is expected)."""
+
+
 def check_int(name: str, value, minimum: int | None = 1, maximum: int | None = None) -> int:
     """``value`` as an ``int`` in ``[minimum, maximum]``.
 
     Raises
     ------
-    TypeError
+    ArgumentTypeError
         ``value`` is a bool, a float, a string or anything but an integer.
     ValueError
         ``value`` is below ``minimum`` or above ``maximum``.
@@ -28,14 +35,14 @@ def check_int(name: str, value, minimum: int | None = 1, maximum: int | None = N
     10
     >>> check_int("draws", 0)
     Traceback (most recent call last):
-    ValueError: draws must be an int >= 1, got 0
+    ValueError: draws must be a positive int, got 0
     """
+    kind = "a positive int" if minimum == 1 else ("an int" + ("" if minimum is None else f" >= {minimum}"))
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Integral, np.integer)):
-        bound = "" if minimum is None else f" >= {minimum}"
-        raise TypeError(f"{name} must be an int{bound}, got {type(value).__name__} {value!r:.40}")
+        raise ArgumentTypeError(f"{name} must be {kind}, got {type(value).__name__} {value!r:.40}")
     value = int(value)
     if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
     if maximum is not None and value > maximum:
         raise ValueError(f"{name} must be an int <= {maximum}, got {value!r}")
     return value
@@ -54,7 +61,7 @@ def check_float(name: str, value, minimum: float | None = None, maximum: float |
     0.8
     """
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, np.floating, np.integer)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r:.40}")
+        raise ArgumentTypeError(f"{name} must be a number, got {type(value).__name__} {value!r:.40}")
     value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value!r}")
@@ -71,7 +78,7 @@ def check_float(name: str, value, minimum: float | None = None, maximum: float |
 def check_bool(name: str, value) -> bool:
     """``value`` as a ``bool`` (only ``True``/``False``, NumPy bools included)."""
     if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r:.40}")
+        raise ArgumentTypeError(f"{name} must be True or False, got {type(value).__name__} {value!r:.40}")
     return bool(value)
 
 
@@ -89,7 +96,7 @@ def check_names(name: str, values, allowed) -> list:
     values = list(values)
     bad = [v for v in values if not isinstance(v, str)]
     if bad:
-        raise TypeError(f"{name} must be site names (str), got {bad!r:.80}")
+        raise ArgumentTypeError(f"{name} must be site names (str), got {bad!r:.80}")
     unknown = [v for v in values if v not in allowed]
     if unknown:
         raise ValueError(f"{name}: unknown site(s) {unknown}; valid: {list(allowed)}")

@@ -578,9 +578,9 @@ def test_divergences_reported_centered_eight_schools():
 
 def test_vi_unconverged_warns():
     with pytest.warns(gp.ConvergenceWarning, match="did not converge"):
-        fit = nn_model().fit("vi", max_steps=50)
+        fit = nn_model().fit("vi", max_iters=50)
     assert fit.info["converged"] is False
-    assert fit.info["num_steps"] == 50
+    assert fit.info["num_iters"] == 50
 
 
 @pytest.mark.parametrize("make", [
@@ -604,7 +604,7 @@ def test_map_unbounded_density_warns(make):
 VALID_OPTIONS = {
     "map": ["seed", "max_iters", "init"],
     "laplace": ["draws", "seed", "max_iters", "init", "point"],
-    "vi": ["guide", "draws", "seed", "max_steps", "learning_rate", "num_particles", "window",
+    "vi": ["guide", "draws", "seed", "max_iters", "learning_rate", "num_particles", "window",
            "tol", "rank", "point", "progress"],
     "nuts": ["chains", "warmup", "draws", "seed", "target_accept", "max_tree_depth", "init",
              "point", "backend", "progress"],

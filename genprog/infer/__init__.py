@@ -1,14 +1,18 @@
-"""Inference algorithms: one module per family, each a plain function with an explicit seed.
+"""Inference algorithms: one module per family, each a plain function with an explicit seed
+that returns a frozen :class:`~genprog.infer.record.InferenceRecord` (never a Fit).
 
-``Model.fit(method, ...)`` validates its options and dispatches through ``FIT_METHODS``;
-``Model.log_marginal`` dispatches to :mod:`genprog.infer.evidence`.
+``Model.fit(method, ...)`` validates its options, dispatches through ``FIT_METHODS`` and
+turns the record into a :class:`genprog.Fit`; ``Model.log_marginal`` dispatches to
+:mod:`genprog.infer.evidence`. This package imports nothing above it (no ``genprog.model``,
+``genprog.fit`` or ``genprog.pk``).
 """
 
 from .map import fit_laplace, fit_map
 from .mcmc import fit_chees, fit_hmc, fit_nuts
+from .saem import fit_saem
 from .vi import fit_vi
 
-#: method name -> fitting function ``fn(model, **options) -> Fit``
+#: method name -> fitting function ``fn(model, **options) -> InferenceRecord``
 FIT_METHODS = {
     "map": fit_map,
     "laplace": fit_laplace,
@@ -16,6 +20,10 @@ FIT_METHODS = {
     "nuts": fit_nuts,
     "hmc": fit_hmc,
     "chees": fit_chees,
+    "saem": fit_saem,
 }
 
-__all__ = ["FIT_METHODS", "fit_chees", "fit_hmc", "fit_laplace", "fit_map", "fit_nuts", "fit_vi"]
+#: methods whose records hold MCMC draws (checked for convergence)
+MCMC_METHODS = ("nuts", "hmc", "chees")
+
+__all__ = ["FIT_METHODS", "MCMC_METHODS", "fit_chees", "fit_hmc", "fit_laplace", "fit_map", "fit_nuts", "fit_saem", "fit_vi"]

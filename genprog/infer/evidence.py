@@ -54,7 +54,10 @@ from torch import Tensor
 from genprog.errors import EstimatorWarning
 from genprog.estimate import Estimate
 from genprog.monte_carlo import log_mean_exp
-from genprog.infer.hamiltonian import kinetic_energy, leapfrog, sample_momentum
+from genprog.optim import maximize
+from genprog.rng import make_generator
+from genprog.validation import check_int
+from genprog.infer.hmc import hmc_step
 
 __all__ = [
     "EstimatorWarning",
@@ -132,16 +135,8 @@ def _check_target(target: object) -> None:
         raise ValueError(f"target.dim must be a positive int, got {target.dim!r}")
 
 
-def _check_positive_int(name: str, value: object, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-
-
 def _make_generator(target: object, seed: int) -> torch.Generator:
-    device = torch.device(getattr(target, "device", None) or "cpu")
-    generator = torch.Generator(device=device)
-    generator.manual_seed(int(seed))
-    return generator
+    return make_generator(seed, torch.device(getattr(target, "device", None) or "cpu"))
 
 
 def _check_batch(name: str, value: Tensor, shape: tuple[int, ...]) -> None:
@@ -255,8 +250,8 @@ def importance_sampling(
     """
     start = time.perf_counter()
     _check_target(target)
-    _check_positive_int("num_samples", num_samples)
-    _check_positive_int("batch_size", batch_size)
+    check_int("num_samples", num_samples)
+    check_int("batch_size", batch_size)
     if proposal is not None and not isinstance(proposal, Proposal):
         raise TypeError(
             "proposal must have a method sample_and_log_prob(n, generator) -> (z, log_q); "
@@ -303,6 +298,7 @@ def importance_sampling(
             "proposal": "prior" if proposal is None else "guide",
             "pareto_k": pareto_k,
             "num_zero_weight": num_samples - num_alive,
+            "batching": getattr(target, "batching", None),
         },
     )
 
@@ -317,7 +313,7 @@ def _make_schedule(schedule: str | Sequence[float] | Tensor, num_temps: int) -> 
             raise ValueError(
                 f"schedule must be one of {_SCHEDULES} or a sequence, got {schedule!r}"
             )
-        _check_positive_int("num_temps", num_temps)
+        check_int("num_temps", num_temps)
         t = torch.linspace(0.0, 1.0, num_temps + 1, dtype=torch.float64)
         if schedule == "linear":
             betas = t
@@ -414,10 +410,10 @@ def annealed_importance_sampling(
     """
     start = time.perf_counter()
     _check_target(target)
-    _check_positive_int("num_particles", num_particles)
-    _check_positive_int("num_leapfrog", num_leapfrog)
+    check_int("num_particles", num_particles)
+    check_int("num_leapfrog", num_leapfrog)
     if num_runs is not None:
-        _check_positive_int("num_runs", num_runs)
+        check_int("num_runs", num_runs)
     num_runs_ = 1 if num_runs is None else num_runs
     betas64, schedule_name = _make_schedule(schedule, num_temps)
     num_steps = betas64.numel() - 1
@@ -465,23 +461,14 @@ def annealed_importance_sampling(
         u0, grad = potential_and_grad(z)
         if t == 1:
             _check_batch("target.log_prior", u0, (batch,))
-        r = sample_momentum(z, inv_mass, generator)
-        h0 = u0 + kinetic_energy(r, inv_mass)
-        z_new, r_new, u_new = z, r, u0
-        for _ in range(num_leapfrog):
-            z_new, r_new, u_new, grad = leapfrog(
-                potential_and_grad, z_new, r_new, grad, step, inv_mass
-            )
-        h1 = u_new + kinetic_energy(r_new, inv_mass)
-        log_accept = torch.where(torch.isfinite(h1), h0 - h1, torch.full_like(h1, -math.inf))
-        log_accept = torch.nan_to_num(log_accept, nan=-math.inf).clamp(max=0.0)
-        uniform = torch.rand(batch, generator=generator, dtype=dtype, device=device)
-        accept = torch.log(uniform) < log_accept
-        z = torch.where(accept.unsqueeze(-1), z_new.detach(), z)
-        log_lik = torch.where(accept, cache["log_lik"], log_lik)
+        # A particle whose trajectory diverges (non-finite energy) stops there and is
+        # rejected; an accepted one ends where the potential was last evaluated.
+        move = hmc_step(potential_and_grad, z, u0, grad, step, num_leapfrog, inv_mass, generator)
+        z = move.z
+        log_lik = torch.where(move.accepted, cache["log_lik"], log_lik)
         num_nan = num_nan + torch.isnan(cache["log_lik"]).sum()
         # Adapt the step size from this temperature's mean acceptance of live particles.
-        prob = torch.exp(log_accept).reshape(num_runs_, num_particles)
+        prob = move.accept_prob.reshape(num_runs_, num_particles)
         alive = torch.isfinite(log_w).reshape(num_runs_, num_particles).to(dtype)
         mean_accept = (prob * alive).sum(1) / alive.sum(1).clamp(min=1.0)
         log_step = (log_step + _ADAPT_GAIN * (mean_accept - _TARGET_ACCEPT)).clamp(
@@ -518,6 +505,7 @@ def annealed_importance_sampling(
             "step_size": torch.exp(log_step).tolist(),
             "acceptance_rate": float(accept_sum) / num_transitions if num_transitions else None,
             "num_zero_weight": batch - num_alive,
+            "batching": getattr(target, "batching", None),
         },
     )
 
@@ -546,7 +534,7 @@ def find_mode(
     init : Tensor [D], optional
         Starting point; default the coordinate-wise median of 16 prior draws.
     max_iters : int
-        Maximum L-BFGS iterations (``torch.optim.LBFGS`` with strong Wolfe line search).
+        Maximum L-BFGS iterations (:func:`genprog.optim.maximize`).
     seed : int
         Seed for the prior draws of the default ``init``.
 
@@ -570,7 +558,7 @@ def find_mode(
         When the optimiser ends at a non-finite log joint.
     """
     _check_target(target)
-    _check_positive_int("max_iters", max_iters)
+    check_int("max_iters", max_iters)
     if init is None:
         draws = _sample_prior(target, _NUM_INIT_DRAWS, _make_generator(target, seed))
         init = draws.median(dim=0).values
@@ -578,32 +566,13 @@ def find_mode(
     if not init.is_floating_point():
         init = init.to(torch.get_default_dtype())
     _check_batch("find_mode init", init, (target.dim,))
-    z = init.detach().clone().requires_grad_(True)
     with torch.no_grad():
-        f0 = _neg_log_joint(target, z)
+        f0 = _neg_log_joint(target, init)
     if not bool(torch.isfinite(f0)):
         raise ValueError(f"find_mode: the log joint is not finite at init (got {-float(f0)})")
-    eps = torch.finfo(z.dtype).eps
-    optimizer = torch.optim.LBFGS(
-        [z],
-        lr=1.0,
-        max_iter=max_iters,
-        max_eval=int(max_iters * 1.25) + 1,
-        tolerance_grad=max(1e-10, 100 * eps),
-        tolerance_change=10 * eps,
-        history_size=20,
-        line_search_fn="strong_wolfe",
-    )
-
-    def closure() -> Tensor:
-        optimizer.zero_grad()
-        loss = _neg_log_joint(target, z)
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        optimizer.step(closure)
-    mode = z.detach()
+    result = maximize(lambda z: target.log_prior(z) + target.log_likelihood(z), init.detach(),
+                      max_iters, grad_tol=1e-9)
+    mode = result.z
     with torch.no_grad():
         f = _neg_log_joint(target, mode)
     if not bool(torch.isfinite(f)):
@@ -726,5 +695,6 @@ def laplace_evidence(
             "log_joint_at_mode": float(log_joint),
             "logdet_hessian": float(logdet),
             "newton_decrement": decrement,
+            "batching": getattr(target, "batching", None),
         },
     )

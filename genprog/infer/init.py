@@ -45,10 +45,3 @@ def initial_points(density: JointDensity, chains: int, strategy, generator: torc
         raise ValueError(f"init: unknown strategy {strategy!r}; use 'median', 'prior' or a dict")
     u = torch.rand(chains, d, generator=generator, device=z0.device, dtype=z0.dtype)
     return z0 + jitter * (2 * u - 1)
-
-
-def make_generator(seed: int, device) -> torch.Generator:
-    """A torch.Generator on ``device`` seeded with ``seed``."""
-    g = torch.Generator(device=device if device is not None else "cpu")
-    g.manual_seed(int(seed))
-    return g

@@ -1,128 +1,51 @@
 """Point estimates and their Gaussian approximations: MAP and Laplace.
 
 Both optimise the model's :class:`~genprog.density.JointDensity` over the flat
-unconstrained vector with L-BFGS (strong Wolfe line search). MAP maximises the density
-of the constrained values (no Jacobian: the mode users expect); Laplace maximises the
-density in unconstrained space and takes a Gaussian there with the inverse Hessian as
+unconstrained vector with L-BFGS (:func:`genprog.optim.maximize`). MAP maximises the
+density of the constrained values (no Jacobian: the mode users expect); Laplace maximises
+the density in unconstrained space and takes a Gaussian there with the inverse Hessian as
 covariance, the approximation Pyro's ``AutoLaplaceApproximation`` makes.
 """
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
-from dataclasses import dataclass
 
 import torch
 
 from ..errors import ConvergenceWarning
-from .init import initial_points, make_generator
+from ..optim import OptimizationResult, maximize
+from ..rng import make_generator
+from ..validation import check_int, check_seed
+from .init import initial_points
+from .record import InferenceRecord
 
 
-@dataclass(frozen=True)
-class OptimizationResult:
-    """Result of :func:`maximize`.
-
-    Attributes
-    ----------
-    z : Tensor [D]
-        The maximiser (unconstrained).
-    value : float
-        The objective at ``z``.
-    grad_norm : float
-        Max-abs gradient at ``z``.
-    num_iters : int
-        L-BFGS iterations.
-    converged : bool
-        Gradient below tolerance and objective finite.
-    trace : tuple[float, ...]
-        The objective after each outer round.
-    """
-
-    z: torch.Tensor
-    value: float
-    grad_norm: float
-    num_iters: int
-    converged: bool
-    trace: tuple
+def _check_finite_start(what: str, density, z0: torch.Tensor) -> None:
+    """The log density must be finite at the starting point; otherwise name the sites."""
+    with torch.no_grad():
+        lp = density.log_joint(z0[None], jacobian=False)[0]
+    if math.isfinite(float(lp)):
+        return
+    values, _ = density.constrain(z0[None])
+    bad = [k for k, v in values.items() if not torch.isfinite(v).all()]
+    where = f" (non-finite start values at site(s) {bad})" if bad else ""
+    raise ValueError(
+        f"{what}: the log density is {float(lp)} at the starting point{where}; the model's "
+        "density is zero or undefined there — check the observed data against each site's "
+        "support and the priors, or give init={site: value}"
+    )
 
 
-def maximize(objective, z0: torch.Tensor, max_iters: int = 1000, grad_tol: float = 1e-5) -> OptimizationResult:
-    """Maximise ``objective(z [1, D]) -> [1]`` from ``z0 [D]`` with L-BFGS.
-
-    Runs rounds of 50 iterations until the max-abs gradient drops below ``grad_tol``
-    (scaled by ``1 + |objective|``), the objective stops changing, or ``max_iters``.
-    """
-    z = z0.detach().clone().requires_grad_(True)
-    opt = torch.optim.LBFGS([z], lr=1.0, max_iter=50, history_size=20,
-                            tolerance_grad=0.0, tolerance_change=0.0,
-                            line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        try:
-            loss = -objective(z[None])[0]
-        except ValueError as e:  # a distribution rejected a parameter (e.g. a scale of 0)
-            if "Expected parameter" not in str(e) and "constraint" not in str(e):
-                raise
-            loss = None
-        if loss is None or not torch.isfinite(loss):
-            # a large finite loss with no gradient sends the line search back
-            loss = z.new_tensor(1e30) + 0 * z.sum()
-        loss.backward()
-        return loss
-
-    trace, iters, converged = [], 0, False
-    grad_norm, value = float("inf"), float("nan")
-    while iters < max_iters:
-        before = z.detach().clone()
-        try:
-            opt.step(closure)
-        except ValueError as e:
-            if "Expected parameter" not in str(e) and "constraint" not in str(e):
-                raise
-            with torch.no_grad():
-                z.copy_(before)
-            break
-        if not torch.isfinite(z).all():
-            with torch.no_grad():
-                z.copy_(before)
-            break
-        state = opt.state[opt._params[0]]
-        iters = int(state.get("n_iter", iters + 50))
-        val, g = _value_and_grad(objective, z)
-        value = float(val.detach())
-        grad_norm = float(g.abs().max()) if g.numel() else 0.0
-        trace.append(value)
-        if not torch.isfinite(val):
-            break
-        if grad_norm <= grad_tol * (1 + abs(value)):
-            converged = True
-            break
-        if torch.equal(before, z.detach()):
-            converged = grad_norm <= 1e-3 * (1 + abs(value))
-            break
-    if not converged:
-        val, g = _value_and_grad(objective, z)
-        value = float(val.detach())
-        grad_norm = float(g.abs().max()) if g.numel() else 0.0
-    return OptimizationResult(z.detach(), value, grad_norm, iters, converged, tuple(trace))
-
-
-def _value_and_grad(objective, z):
-    with torch.enable_grad():
-        zz = z.detach().clone().requires_grad_(True)
-        try:
-            val = objective(zz[None])[0]
-        except ValueError:
-            return zz.new_tensor(float("-inf")), torch.full_like(zz, float("nan"))
-        if not val.requires_grad:
-            return val, torch.zeros_like(zz)
-        g, = torch.autograd.grad(val, zz)
-    return val, g
-
-
-def _warn_unconverged(what: str, res: OptimizationResult):
+def _check_result(what: str, res: OptimizationResult) -> None:
+    """A non-finite optimum is an error, an unconverged one a warning."""
+    if math.isnan(res.value) or res.value == -math.inf or not torch.isfinite(res.z).all():
+        raise RuntimeError(
+            f"{what} ended at a non-finite log density ({res.value}); the density is zero, "
+            "NaN or unbounded along the optimiser's path — check the model and data"
+        )
     if not res.converged:
         warnings.warn(
             f"{what} stopped unconverged after {res.num_iters} L-BFGS iterations "
@@ -134,7 +57,26 @@ def _warn_unconverged(what: str, res: OptimizationResult):
         )
 
 
-def fit_map(model, *, seed: int = 0, max_iters: int = 1000, init="median"):
+def _info(res: OptimizationResult, start: float) -> dict:
+    return {"log_density": res.value, "converged": res.converged, "num_iters": res.num_iters,
+            "grad_norm": res.grad_norm, "wall_time_s": time.perf_counter() - start,
+            "objective_trace": list(res.trace)}
+
+
+def map_estimate(model, *, seed: int = 0, max_iters: int = 1000, init="median"):
+    """``(OptimizationResult, constrained values {site: [*shape]})`` of the MAP estimate."""
+    density = model.density()
+    g = make_generator(seed, model.device)
+    z0 = initial_points(density, 1, init, g, jitter=0.0)[0]
+    _check_finite_start("MAP", density, z0)
+    res = maximize(lambda z: density.log_joint(z, jacobian=False), z0, max_iters)
+    _check_result("MAP", res)
+    with torch.no_grad():
+        values, _ = density.constrain(res.z[None])
+    return res, {k: v[0] for k, v in values.items()}
+
+
+def fit_map(model, *, seed: int = 0, max_iters: int = 1000, init="median") -> InferenceRecord:
     """Maximum a posteriori estimate of every latent site.
 
     Parameters
@@ -150,21 +92,21 @@ def fit_map(model, *, seed: int = 0, max_iters: int = 1000, init="median"):
 
     Returns
     -------
-    genprog.Fit
-        ``draws`` have shape ``[1, 1, ...]``; ``info`` holds the optimisation record.
-    """
-    from ..fit import Fit
+    InferenceRecord
+        ``unconstrained`` is ``[1, 1, D]``; ``info``: ``log_density``, ``converged``,
+        ``num_iters``, ``grad_norm``, ``wall_time_s``, ``objective_trace``.
 
+    Raises
+    ------
+    ValueError
+        The density is not finite at the starting point.
+    RuntimeError
+        The optimiser ended at a non-finite density.
+    """
+    seed, max_iters = check_seed("fit('map'): seed", seed), check_int("fit('map'): max_iters", max_iters)
     start = time.perf_counter()
-    density = model.density()
-    g = make_generator(seed, model.device)
-    z0 = initial_points(density, 1, init, g, jitter=0.0)[0]
-    res = maximize(lambda z: density.log_joint(z, jacobian=False), z0, max_iters)
-    _warn_unconverged("MAP", res)
-    info = {"log_density": res.value, "converged": res.converged, "num_iters": res.num_iters,
-            "grad_norm": res.grad_norm, "wall_time_s": time.perf_counter() - start,
-            "objective_trace": list(res.trace)}
-    return Fit.from_unconstrained(model, "map", res.z[None, None], seed=seed, info=info)
+    res, _ = map_estimate(model, seed=seed, max_iters=max_iters, init=init)
+    return InferenceRecord("map", res.z[None, None], info=_info(res, start), seed=seed)
 
 
 def laplace_approximation(density, z0, max_iters=1000):
@@ -179,7 +121,9 @@ def laplace_approximation(density, z0, max_iters=1000):
     ValueError
         When the Hessian at the mode is not positive definite.
     """
+    _check_finite_start("Laplace", density, z0)
     res = maximize(lambda z: density.log_joint(z, jacobian=True), z0, max_iters)
+    _check_result("Laplace mode search", res)
     with torch.enable_grad():
         hess = torch.autograd.functional.hessian(lambda z: -density.log_joint(z[None])[0], res.z)
     hess = 0.5 * (hess + hess.T)
@@ -194,14 +138,14 @@ def laplace_approximation(density, z0, max_iters=1000):
 
 
 def fit_laplace(model, *, draws: int = 1000, seed: int = 0, max_iters: int = 1000,
-                init="median", point: list | None = None):
+                init="median", point: list | None = None) -> InferenceRecord:
     """Laplace approximation: a Gaussian at the mode of the unconstrained posterior.
 
     Parameters
     ----------
     model : genprog.Model
     draws : int
-        Number of draws taken from the Gaussian into ``Fit.draws`` (one chain).
+        Number of draws taken from the Gaussian (one chain).
     seed : int
     max_iters : int
     init : "median" or dict
@@ -210,30 +154,31 @@ def fit_laplace(model, *, draws: int = 1000, seed: int = 0, max_iters: int = 100
 
     Returns
     -------
-    genprog.Fit
-        ``info`` holds ``mode`` [D], ``hessian`` [D, D] and ``covariance`` [D, D].
+    InferenceRecord
+        ``info``: ``mode`` [D], ``hessian`` [D, D], ``covariance`` [D, D], ``log_density``,
+        ``converged``, ``num_iters``, ``wall_time_s``.
     """
-    from ..fit import Fit
-
+    draws = check_int("fit('laplace'): draws", draws)
+    seed, max_iters = check_seed("fit('laplace'): seed", seed), check_int("fit('laplace'): max_iters", max_iters)
     start = time.perf_counter()
-    held = {}
-    if point:
-        model, held = _hold_at_map(model, point, seed, max_iters)
+    model, held = hold_at_map(model, point, seed, max_iters)
     density = model.density()
     g = make_generator(seed, model.device)
     z0 = initial_points(density, 1, init, g, jitter=0.0)[0]
     res, hess, cov = laplace_approximation(density, z0, max_iters)
-    _warn_unconverged("Laplace mode search", res)
     eps = torch.randn(draws, density.dim, generator=g, device=z0.device, dtype=z0.dtype)
     z = res.z + eps @ torch.linalg.cholesky(cov).T
     info = {"mode": res.z, "hessian": hess, "covariance": cov, "log_density": res.value,
             "converged": res.converged, "num_iters": res.num_iters,
             "wall_time_s": time.perf_counter() - start}
-    return Fit.from_unconstrained(model, "laplace", z[None], seed=seed, info=info, point=held)
+    return InferenceRecord("laplace", z[None], held=held, info=info, seed=seed)
 
 
-def _hold_at_map(model, point, seed, max_iters):
-    """The model with ``point`` sites fixed at the joint MAP estimate, and those values."""
-    fit = fit_map(model, seed=seed, max_iters=max_iters)
-    values = {k: fit.draws[k][0, 0] for k in point}
-    return model._replace(fixed={**model.fixed, **values}), values
+def hold_at_map(model, point, seed: int, max_iters: int = 1000):
+    """The model with the ``point`` sites fixed at the joint MAP estimate, and those values
+    (``(model, {})`` when ``point`` is empty)."""
+    if not point:
+        return model, {}
+    _, values = map_estimate(model, seed=seed, max_iters=max_iters)
+    held = {k: values[k] for k in point}
+    return model.with_fixed(held), held

@@ -7,42 +7,32 @@ many chains sharing one step size and trajectory length). With ``compile=True`` 
 default) the potential is recorded once into a flat tensor program
 (:mod:`genprog.infer.compiled`); ``compile=False`` runs one Pyro trace per leapfrog step
 for all chains. ``backend="pyro"`` runs Pyro's own NUTS/HMC kernels chain after chain, kept as
-the reference implementation. Both return a :class:`~genprog.Fit` whose sample stats use
-ArviZ names, and both check the run: divergences, R-hat and bulk ESS are reported with a
-:class:`~genprog.errors.ConvergenceWarning` when poor.
+the reference implementation. Both return an :class:`~genprog.infer.record.InferenceRecord`
+whose sample stats use ArviZ names; ``Model.fit`` turns it into a Fit and checks the run
+(:mod:`genprog.convergence`: divergences, R-hat and bulk ESS, reported with a
+:class:`~genprog.errors.ConvergenceWarning` when poor).
 """
 
 from __future__ import annotations
 
 import time
-import warnings
 
 import numpy as np
-import pyro
 import torch
+from pyro.infer import HMC, MCMC, NUTS
 from pyro.infer.autoguide.initialization import init_to_value
 
-from ..errors import ConvergenceWarning
+from ..rng import make_generator, seeded
+from ..validation import check_choice, check_int, check_seed
 from . import chees as chees_sampler
-from . import nuts as batched
+from .hmc import sample_hmc
+from .nuts import sample_nuts
 from .compiled import MODES, compile_potential
-from .init import initial_points, make_generator
+from .init import initial_points
+from .map import hold_at_map
+from .record import InferenceRecord
 
 BACKENDS = ("genprog", "pyro")
-
-
-def _check_counts(chains, warmup, draws):
-    for name, v, lo in (("chains", chains, 1), ("warmup", warmup, 0), ("draws", draws, 1)):
-        if not isinstance(v, (int, np.integer)) or v < lo:
-            raise ValueError(f"fit: {name} must be an int >= {lo}, got {v!r}")
-
-
-def _hold_point_sites(model, point, seed):
-    if not point:
-        return model, {}
-    from .map import _hold_at_map
-
-    return _hold_at_map(model, point, seed, 1000)
 
 
 def _check_compile(compile):
@@ -51,15 +41,15 @@ def _check_compile(compile):
 
 
 def _run(model, kernel, *, chains, warmup, draws, seed, init, point, backend, progress, options,
-         compile=True):
-    from ..fit import Fit
-
-    _check_counts(chains, warmup, draws)
-    if backend not in BACKENDS:
-        raise ValueError(f"fit: unknown backend {backend!r}; choose from {BACKENDS}")
+         compile=True) -> InferenceRecord:
+    chains = check_int("fit: chains", chains)
+    warmup = check_int("fit: warmup", warmup, minimum=0)
+    draws = check_int("fit: draws", draws)
+    seed = check_seed("fit: seed", seed)
+    check_choice("fit: backend", backend, BACKENDS)
     _check_compile(compile)
     start = time.perf_counter()
-    model, held = _hold_point_sites(model, point, seed)
+    model, held = hold_at_map(model, point, seed)
     density = model.density()
     if density.dim == 0:
         raise ValueError(f"fit({kernel!r}): the model has no continuous latent sites to sample")
@@ -68,7 +58,7 @@ def _run(model, kernel, *, chains, warmup, draws, seed, init, point, backend, pr
     if backend == "pyro":
         z, stats, extra = _run_pyro(model, density, kernel, z0, warmup, draws, seed, options)
     else:
-        sampler = {"nuts": batched.sample_nuts, "hmc": batched.sample_hmc,
+        sampler = {"nuts": sample_nuts, "hmc": sample_hmc,
                    "chees": chees_sampler.sample_chees}[kernel]
         potential = compile_potential(density, compile)
         res = sampler(potential, z0, warmup=warmup, draws=draws, generator=g,
@@ -97,81 +87,11 @@ def _run(model, kernel, *, chains, warmup, draws, seed, init, point, backend, pr
             extra["trajectory_length"] = res.trajectory_length
     info = {"backend": backend, "kernel": kernel, "chains": chains, "warmup": warmup, "draws": draws,
             "wall_time_s": time.perf_counter() - start, **extra}
-    fit = Fit.from_unconstrained(model, kernel, z, sample_stats=stats, seed=seed, info=info, point=held)
-    fit.info["diagnostics"] = check_convergence(fit)
-    return fit
-
-
-def check_convergence(fit, rhat_max: float = 1.01, ess_min: float = 100.0) -> dict:
-    """Warn about divergences, R-hat above ``rhat_max`` and bulk ESS below ``ess_min``.
-
-    Returns
-    -------
-    dict
-        ``divergences`` (count after warmup), ``max_rhat``, ``min_ess_bulk`` and the sites
-        that failed each check.
-    """
-    import arviz as az
-
-    out = {"divergences": 0, "max_rhat": float("nan"), "min_ess_bulk": float("nan"),
-           "bad_rhat_sites": [], "low_ess_sites": []}
-    div = fit.sample_stats.get("diverging")
-    if div is not None:
-        out["divergences"] = int(np.asarray(div).sum())
-        if out["divergences"]:
-            total = np.asarray(div).size
-            warnings.warn(
-                f"{fit.method}: {out['divergences']} of {total} post-warmup transitions diverged; "
-                "the posterior may be biased (raise target_accept or reparameterize, e.g. "
-                "non-centred hierarchical scales)",
-                ConvergenceWarning,
-                stacklevel=4,
-            )
-    if fit.num_draws < 4:
-        return out
-    names = [k for k, v in fit.draws.items() if v.is_floating_point() and torch.isfinite(v).all()]
-    if not names:
-        return out
-    posterior = {k: fit.draws[k].detach().cpu().double().numpy() for k in names}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ds = az.convert_to_dataset(posterior)
-        ess = az.ess(ds, method="bulk")
-        rhat = az.rhat(ds) if fit.num_chains > 1 else None
-    for k in names:
-        e = float(np.nanmin(np.asarray(ess[k].values))) if np.asarray(ess[k].values).size else np.nan
-        if np.isfinite(e) and e < ess_min:
-            out["low_ess_sites"].append(k)
-        out["min_ess_bulk"] = float(np.nanmin([out["min_ess_bulk"], e])) if np.isfinite(e) else out["min_ess_bulk"]
-        if rhat is not None:
-            r = np.asarray(rhat[k].values)
-            r = float(np.nanmax(r)) if r.size and np.isfinite(r).any() else np.nan
-            if np.isfinite(r):
-                out["max_rhat"] = float(np.nanmax([out["max_rhat"], r]))
-                if r > rhat_max:
-                    out["bad_rhat_sites"].append(k)
-    if out["bad_rhat_sites"]:
-        warnings.warn(
-            f"{fit.method}: R-hat above {rhat_max} for site(s) {out['bad_rhat_sites']} "
-            f"(max {out['max_rhat']:.3f}); chains disagree — they may sit in separate modes or "
-            "need more warmup/draws",
-            ConvergenceWarning,
-            stacklevel=4,
-        )
-    if out["low_ess_sites"]:
-        warnings.warn(
-            f"{fit.method}: bulk ESS below {ess_min:g} for site(s) {out['low_ess_sites']} "
-            f"(min {out['min_ess_bulk']:.0f}); run more draws",
-            ConvergenceWarning,
-            stacklevel=4,
-        )
-    return out
+    return InferenceRecord(kernel, z, held=held, sample_stats=stats, info=info, seed=seed)
 
 
 def _run_pyro(model, density, kernel, z0, warmup, draws, seed, options):
     """Pyro's NUTS/HMC kernels, one chain after another (the reference implementation)."""
-    from pyro.infer import HMC, MCMC, NUTS
-
     chains = z0.shape[0]
     samples, diverging, step_sizes = [], [], []
     for c in range(chains):
@@ -194,8 +114,7 @@ def _run_pyro(model, density, kernel, z0, warmup, draws, seed, options):
             if stage == "Sample":
                 steps.append(float(kernel.step_size))
 
-        with torch.random.fork_rng(devices=[]):
-            pyro.set_rng_seed(seed + c)
+        with seeded(seed + c):
             mcmc = MCMC(k, num_samples=draws, warmup_steps=warmup, num_chains=1,
                         disable_progbar=True, hook_fn=record)
             mcmc.run(*model.args, **model.kwargs)
@@ -249,8 +168,10 @@ def fit_nuts(model, *, chains: int = 4, warmup: int = 1000, draws: int = 1000, s
 
     Returns
     -------
-    genprog.Fit
-        ``info["potential"]`` says how the potential was evaluated (mode, compile time,
+    InferenceRecord
+        ``info``: ``backend``, ``kernel``, ``chains``, ``warmup``, ``draws``, ``wall_time_s``,
+        ``step_size`` (per chain), ``inverse_mass_matrix``, ``warmup_divergences``,
+        ``num_grad_evals``; ``info["potential"]`` says how the potential was evaluated (mode, compile time,
         why a faster mode was not used).
     """
     return _run(model, "nuts", chains=chains, warmup=warmup, draws=draws, seed=seed, init=init,
@@ -296,7 +217,7 @@ def fit_chees(model, *, chains: int = 64, warmup: int = 500, draws: int = 500, s
 
     Returns
     -------
-    genprog.Fit
+    InferenceRecord
         Sample stats as for NUTS (``tree_depth`` absent); ``info["trajectory_length"]`` is
         the adapted (unjittered) integration time in the metric of the mass matrix.
     """

@@ -1,17 +1,14 @@
 """Variational inference with Pyro's autoguides, with convergence detection.
 
 The ELBO (``Trace_ELBO``, or ``TraceEnum_ELBO`` when discrete latents are summed out)
-is minimised with Adam on the guide's parameters. Every ``window`` steps the mean loss
-of the last window is compared with the one before; when the change is within noise
-(|difference| < 2 standard errors, or relative change < ``tol``) the learning rate is
-cut by 5x, and after two cuts the run stops as converged. Reaching ``max_steps`` first
-raises a :class:`~genprog.errors.ConvergenceWarning`.
+is minimised with Adam on the guide's parameters by :func:`genprog.optim.minimize`
+(windowed plateau rule: learning rate cut 5x twice when the windowed ELBO stops improving
+beyond noise or by more than ``tol``, then stop). Reaching ``max_iters`` first raises a
+:class:`~genprog.errors.ConvergenceWarning`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
 import time
 import warnings
 
@@ -29,10 +26,13 @@ from pyro.infer.autoguide import (
     AutoNormal,
 )
 from pyro.infer.autoguide.initialization import init_to_value
-from tqdm.auto import tqdm
 
-from ..errors import ConvergenceWarning
-from .init import initial_points, make_generator
+from ..optim import minimize
+from ..rng import make_generator, seeded, seeded_from
+from ..validation import check_choice, check_float, check_int, check_seed
+from . import data_parallel
+from .init import initial_points
+from .record import InferenceRecord
 
 #: guide name -> autoguide class
 GUIDES = {
@@ -60,14 +60,9 @@ class GuideProposal:
         self.order = order
 
     def sample_and_log_prob(self, n: int, generator: torch.Generator | None = None):
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item()) \
-            if generator is not None else None
-        with torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext():
-            if seed is not None:
-                torch.manual_seed(seed)
-            with torch.no_grad():
-                zg = self.base.sample((n,))
-                log_q = self.base.log_prob(zg)
+        with seeded_from(generator), torch.no_grad():
+            zg = self.base.sample((n,))
+            log_q = self.base.log_prob(zg)
         return zg[..., self.order], log_q
 
 
@@ -91,53 +86,12 @@ def _proposal_from_guide(guide, density) -> GuideProposal:
     return GuideProposal(posterior, order)
 
 
-def _elbo_loop(loss_fn, params, *, max_steps, learning_rate, window, tol, progress, desc,
-               reduce=None):
-    opt = torch.optim.Adam(params, lr=learning_rate)
-    losses, means, cuts, converged = [], [], 0, False
-    bar = tqdm(total=max_steps, desc=desc, disable=None if progress is None else not progress,
-               leave=False)
-    step = 0
-    try:
-        for step in range(1, max_steps + 1):
-            opt.zero_grad()
-            loss = loss_fn()
-            if not torch.isfinite(loss):
-                raise RuntimeError(
-                    f"VI: the ELBO became non-finite at step {step}; check the model's "
-                    "support/priors or lower learning_rate"
-                )
-            loss.backward()
-            if reduce is not None:  # data-parallel: average gradients and loss over ranks
-                loss = reduce(params, loss)
-            opt.step()
-            losses.append(float(loss.detach()))
-            bar.update(1)
-            if step % window == 0:
-                w = torch.tensor(losses[-window:], dtype=torch.float64)
-                means.append((float(w.mean()), float(w.var()) / window))
-                bar.set_postfix(elbo=f"{-means[-1][0]:.4g}")
-                if len(means) >= 2:
-                    (m1, v1), (m0, v0) = means[-1], means[-2]
-                    diff = abs(m1 - m0)
-                    if diff < 2 * math.sqrt(v1 + v0) or diff < tol * (1 + abs(m1)):
-                        if cuts == 2:
-                            converged = True
-                            break
-                        cuts += 1
-                        for group in opt.param_groups:
-                            group["lr"] *= 0.2
-    finally:
-        bar.close()
-    return losses, converged, step
-
-
 def fit_vi(model, *, guide: str = "normal", draws: int = 1000, seed: int = 0,
-           max_steps: int = 20000, learning_rate: float = 0.02, num_particles: int = 1,
+           max_iters: int = 20000, learning_rate: float = 0.02, num_particles: int = 1,
            window: int = 200, tol: float = 1e-4, rank: int | None = None,
            point: list | None = None, progress: bool | None = None,
            distributed: bool = False, total_size: int | None = None,
-           data_plate: str | None = None):
+           data_plate: str | None = None, max_steps: int | None = None) -> InferenceRecord:
     """Variational inference with an autoguide.
 
     Parameters
@@ -149,8 +103,10 @@ def fit_vi(model, *, guide: str = "normal", draws: int = 1000, seed: int = 0,
     draws : int
         Draws taken from the fitted guide into ``Fit.draws`` (one chain).
     seed : int
-    max_steps, learning_rate, num_particles, window, tol
+    max_iters, learning_rate, num_particles, window, tol
         Optimisation settings (see the module docstring for the stopping rule).
+    max_steps : int, optional
+        Deprecated name of ``max_iters``.
     rank : int, optional
         Rank of the ``"low_rank"`` guide.
     point : list of str, optional
@@ -170,14 +126,25 @@ def fit_vi(model, *, guide: str = "normal", draws: int = 1000, seed: int = 0,
 
     Returns
     -------
-    genprog.Fit
-        ``info`` holds ``elbo_trace``, ``converged``, ``num_steps``, ``guide`` and the
-        ``proposal`` used by ``Fit.log_marginal``.
+    InferenceRecord
+        ``info``: ``elbo_trace`` (per step), ``converged``, ``num_iters``, ``guide``,
+        ``final_elbo`` (mean of the last window), ``wall_time_s`` and the ``proposal`` (the
+        fitted guide over the unconstrained vector) used by ``Fit.log_marginal``.
     """
-    from ..fit import Fit
-
-    if guide not in GUIDES:
-        raise ValueError(f"fit('vi'): unknown guide {guide!r}; choose from {sorted(GUIDES)}")
+    if max_steps is not None:
+        warnings.warn("fit('vi'): max_steps is deprecated; use max_iters", DeprecationWarning,
+                      stacklevel=3)
+        max_iters = max_steps
+    check_choice("fit('vi'): guide", guide, sorted(GUIDES))
+    draws = check_int("fit('vi'): draws", draws)
+    seed = check_seed("fit('vi'): seed", seed)
+    max_iters = check_int("fit('vi'): max_iters", max_iters)
+    num_particles = check_int("fit('vi'): num_particles", num_particles)
+    window = check_int("fit('vi'): window", window, minimum=2)
+    learning_rate = check_float("fit('vi'): learning_rate", learning_rate, 0.0, open_minimum=True)
+    tol = check_float("fit('vi'): tol", tol, 0.0)
+    if rank is not None:
+        rank = check_int("fit('vi'): rank", rank)
     start = time.perf_counter()
     density = model.density()
     if density.dim == 0:
@@ -204,8 +171,6 @@ def fit_vi(model, *, guide: str = "normal", draws: int = 1000, seed: int = 0,
         guide_kwargs = {"hidden_dim": [max(2 * density.dim, 8)] * 2, "init_loc_fn": init_loc_fn}
     reduce = None
     if distributed:
-        from . import data_parallel
-
         plate, scale = data_parallel.data_plate_and_scale(model, total_size, data_plate)
         program = data_parallel.ScaleDataPlate(plate, scale)(program)
         reduce = data_parallel.average_gradients_and_loss
@@ -218,38 +183,29 @@ def fit_vi(model, *, guide: str = "normal", draws: int = 1000, seed: int = 0,
         full_guide.append(main)
     else:
         full_guide = main
-    with torch.random.fork_rng(devices=[]), pyro.get_param_store().scope():
-        pyro.set_rng_seed(seed)
+    with seeded(seed), pyro.get_param_store().scope():
         full_guide(*model.args, **model.kwargs)  # create parameters
         params = list(full_guide.parameters())
         if distributed:
             data_parallel.broadcast_parameters(params)
 
-        def loss_fn():
+        def loss_fn(step):
             return elbo.differentiable_loss(program, full_guide, *model.args, **model.kwargs)
 
-        losses, converged, steps = _elbo_loop(
-            loss_fn, params, max_steps=max_steps, learning_rate=learning_rate, window=window,
-            tol=tol, progress=progress, desc=f"vi[{guide}]", reduce=reduce,
-        )
+        res = minimize(loss_fn, torch.optim.Adam(params, lr=learning_rate), max_iters=max_iters,
+                       window=window, tol=tol, what=f"VI[{guide}]", progress=progress,
+                       reduce=reduce, hint="raise max_iters or learning_rate")
         fitted, point_values = model, {}
         if point:
             delta = full_guide[0]
             with torch.no_grad():
                 point_values = {n: v.detach() for n, v in delta.median().items()}
-            fitted = model._replace(fixed={**model.fixed, **point_values})
+            fitted = model.with_fixed(point_values)
         fitted_density = fitted.density()
         with torch.no_grad():
             proposal = _proposal_from_guide(main, fitted_density)
             z, _ = proposal.sample_and_log_prob(draws, g)
-    if not converged:
-        warnings.warn(
-            f"VI did not converge in {max_steps} steps (ELBO still changing: last window mean "
-            f"{-sum(losses[-window:]) / window:.6g}); raise max_steps or learning_rate",
-            ConvergenceWarning,
-            stacklevel=3,
-        )
-    info = {"elbo_trace": [-v for v in losses], "converged": converged, "num_steps": steps,
-            "guide": guide, "proposal": proposal, "final_elbo": -sum(losses[-window:]) / min(window, len(losses)),
-            "wall_time_s": time.perf_counter() - start}
-    return Fit.from_unconstrained(fitted, "vi", z[None], seed=seed, info=info, point=point_values)
+    info = {"elbo_trace": [-v for v in res.trace], "converged": res.converged,
+            "num_iters": res.num_iters, "guide": guide, "proposal": proposal,
+            "final_elbo": -res.value, "wall_time_s": time.perf_counter() - start}
+    return InferenceRecord("vi", z[None], held=point_values, info=info, seed=seed)

@@ -42,11 +42,11 @@ def _worker(rank, world, port, out):
         shard = y[rank::world]
         m = normal_mean(len(shard)).condition(y=shard)
         fit = m.fit("vi", distributed=True, seed=0, draws=4000, learning_rate=0.05,
-                    max_steps=4000, window=100)
+                    max_iters=4000, window=100)
         d = fit.draws["mu"].reshape(-1)
         with open(f"{out}.{rank}", "w") as f:
             json.dump({"mean": float(d.mean()), "sd": float(d.std()),
-                       "steps": fit.info["num_steps"]}, f)
+                       "steps": fit.info["num_iters"]}, f)
     finally:
         tdist.destroy_process_group()
 
@@ -77,6 +77,6 @@ def test_two_process_vi_matches_the_full_data_posterior(tmp_path):
 def test_distributed_needs_a_process_group():
     m = normal_mean(10).condition(y=torch.zeros(10, dtype=torch.float64))
     with pytest.raises(ValueError, match="process group"):
-        m.fit("vi", distributed=True, max_steps=10)
+        m.fit("vi", distributed=True, max_iters=10)
     with pytest.raises(ValueError, match="only with distributed=True"):
-        m.fit("vi", total_size=20, max_steps=10)
+        m.fit("vi", total_size=20, max_iters=10)
