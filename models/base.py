@@ -40,6 +40,10 @@ log density is not defined (a GAN) sets ``has_density = False``.
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib
+import inspect
+import warnings
 
 import pyro
 import pyro.distributions as dist
@@ -54,6 +58,49 @@ REGISTRY: dict[str, type] = {}
 
 OPERATIONS = ("sample", "log_prob", "log_marginal", "marginalize", "condition", "posterior",
               "mle", "fit")
+
+
+def renamed_keywords(**renames: str):
+    """Decorator: the function still accepts the old keyword names ``renames`` (``old=
+    "new"``), with a ``DeprecationWarning``; giving both names is a ``TypeError``."""
+
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            for old, new in renames.items():
+                if old in kwargs:
+                    if new in kwargs:
+                        raise TypeError(f"{fn.__qualname__}: give {new} only ({old} is its "
+                                        "deprecated name)")
+                    warnings.warn(f"{fn.__qualname__}: {old}= is deprecated; use {new}=",
+                                  DeprecationWarning, stacklevel=2)
+                    kwargs[new] = kwargs.pop(old)
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
+
+
+def deprecated_record(old: str, field: str | None = None) -> property:
+    """A read-only property ``old`` returning the fit record ``info`` (or its entry
+    ``field``): the deprecated name of the record, kept so user code keeps working."""
+
+    def get(self):
+        warnings.warn(f"{type(self).__name__}.{old} is deprecated; use .info",
+                      DeprecationWarning, stacklevel=2)
+        return self.info if field is None else self.info[field]
+
+    where = "``info``" if field is None else f"``info[{field!r}]``"
+    return property(get, doc=f"Deprecated name of {where} (the same record; read-only).")
+
+
+def training_record(result, **extra) -> dict:
+    """The ``info`` record of a zoo network trained by :func:`genprog.optim.minimize`:
+    ``loss_trace`` (list of float, one per optimizer step), ``num_steps`` (steps taken),
+    ``converged`` (the plateau rule fired before ``max_iters``), then ``extra``."""
+    return {"loss_trace": list(result.trace), "num_steps": result.num_iters,
+            "converged": result.converged, **extra}
 
 
 def sample_rows(n: int | None, d, name: str = "y"):
@@ -218,8 +265,6 @@ class ZooModel(Model):
         if (method == "auto" and y is not None and len(self.observed) == 1
                 and self._has("_log_prob_estimate") and not self._has("_log_prob_rows")
                 and not self.missing_parameters()):
-            import inspect
-
             if "seed" in inspect.signature(self._log_prob_estimate).parameters:
                 options = {**options, "seed": seed}
             est = self.log_prob_estimate(y, **options)
@@ -374,8 +419,6 @@ class GenerativeClassifier(ZooModel):
 def capabilities():
     """The capability table of every zoo class: a pandas DataFrame, one row per class,
     one column per operation (see :meth:`ZooModel.capabilities`)."""
-    import importlib
-
     import pandas as pd
 
     importlib.import_module("genprog.models")  # registers every class

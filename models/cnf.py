@@ -26,8 +26,16 @@ from torch import nn
 from torch.distributions import constraints
 from torchdiffeq import odeint
 
-from .base import EstimatedMarginal, ZooModel, conditional_by_inference, sample_rows
-from .training import minimize
+from genprog.optim import minimize
+
+from .base import (
+    EstimatedMarginal,
+    ZooModel,
+    conditional_by_inference,
+    renamed_keywords,
+    sample_rows,
+    training_record,
+)
 
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -140,6 +148,13 @@ class ContinuousFlow(ZooModel):
     dim : int
     rtol, atol : float
         ODE solver tolerances for ``log_prob`` and sampling (dopri5).
+
+    Attributes
+    ----------
+    info : dict
+        The training record, set by :meth:`mle`: ``loss_trace`` (list of float, the
+        minibatch loss at every Adam step), ``num_steps`` (int, steps taken),
+        ``converged`` (bool, whether the plateau rule fired before ``max_iters``).
     """
 
     mle_kind = "maximum likelihood (Adam, Hutchinson trace)"
@@ -178,13 +193,16 @@ class ContinuousFlow(ZooModel):
         return EstimatedMarginal(self, drop)
 
     @classmethod
-    def mle(cls, y, *, hidden=(32, 32), max_steps: int = 2000, batch_size: int = 256,
+    @renamed_keywords(max_steps="max_iters")
+    def mle(cls, y, *, hidden=(32, 32), max_iters: int = 2000, batch_size: int = 256,
             learning_rate: float = 5e-3, steps_per_solve: int = 8, window: int = 100,
             seed: int = 0, progress: bool | None = None, **tolerances) -> ContinuousFlow:
         """Train on ``y [N, d]`` by maximum likelihood with Hutchinson's trace estimator and
         a fixed-step RK4 solve (``steps_per_solve`` steps over [0, 1]) per minibatch (give
-        roughly standardised data: the base is N(0, I)). Stops on a plateau of the windowed loss (two learning-rate cuts) or warns with a
-        :class:`ConvergenceWarning` at ``max_steps``."""
+        roughly standardised data: the base is N(0, I)). Stops on a plateau of the windowed
+        loss (two learning-rate cuts) or warns with a :class:`ConvergenceWarning` at
+        ``max_iters`` (``max_steps``: its deprecated name); ``info`` on the result is the
+        training record (see :class:`ContinuousFlow`)."""
         y = torch.as_tensor(y, dtype=torch.get_default_dtype())
         if y.dim() != 2 or not torch.isfinite(y).all():
             raise ValueError("ContinuousFlow.mle: y must be a finite [N, d] tensor")
@@ -202,8 +220,8 @@ class ContinuousFlow(ZooModel):
             eps = torch.randint(0, 2, batch.shape, generator=g).to(batch.dtype) * 2 - 1
             return -cnf_log_prob(field, batch, method="rk4", eps=eps, options=opts).mean()
 
-        info = minimize(loss_fn, opt, max_steps=max_steps, window=window,
-                        what="ContinuousFlow.mle", progress=progress)
+        result = minimize(loss_fn, opt, max_iters=max_iters, window=window,
+                          what="ContinuousFlow.mle", progress=progress)
         out = cls(field=field, dim=d, **tolerances)
-        out.info = info
+        out.info = training_record(result)
         return out

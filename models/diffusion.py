@@ -57,9 +57,17 @@ from torch.distributions import constraints
 from torchdiffeq import odeint
 
 from genprog.model import _seeded
+from genprog.optim import minimize
+from genprog.validation import check_int
 
-from .base import EstimatedMarginal, ZooModel, conditional_by_inference, sample_rows
-from .training import minimize
+from .base import (
+    EstimatedMarginal,
+    ZooModel,
+    conditional_by_inference,
+    renamed_keywords,
+    sample_rows,
+    training_record,
+)
 
 SDES = ("vp", "ve")
 
@@ -355,6 +363,13 @@ class Diffusion(ZooModel):
     name : str, optional
         Prefix under which ``score`` is registered with ``pyro.module`` (unique by default).
 
+    Attributes
+    ----------
+    info : dict
+        The training record, set by :meth:`mle`: ``loss_trace`` (list of float, the
+        minibatch loss at every Adam step), ``num_steps`` (int, steps taken),
+        ``converged`` (bool, whether the plateau rule fired before ``max_iters``).
+
     Examples
     --------
     >>> import torch
@@ -476,8 +491,9 @@ class Diffusion(ZooModel):
                              None)
 
     @classmethod
+    @renamed_keywords(max_steps="max_iters")
     def mle(cls, y, *, sde: str = "vp", hidden=(64, 64), score: nn.Module | None = None,
-            max_steps: int = 10000, batch_size: int = 256, learning_rate: float = 5e-3,
+            max_iters: int = 10000, batch_size: int = 256, learning_rate: float = 5e-3,
             window: int = 1000, seed: int = 0, progress: bool | None = None,
             **options) -> Diffusion:
         """Train a score network on ``y [N, d]`` by denoising score matching.
@@ -488,7 +504,7 @@ class Diffusion(ZooModel):
         Give roughly standardised data (VP's prior is ``N(0, I)``; for VE choose
         ``sigma_max`` above the largest pairwise distance). Stops on a plateau of the
         windowed loss (after two learning-rate cuts by 5) or warns with a
-        :class:`ConvergenceWarning` at ``max_steps``.
+        :class:`ConvergenceWarning` at ``max_iters``.
 
         Parameters
         ----------
@@ -498,7 +514,8 @@ class Diffusion(ZooModel):
             Widths of the default :class:`ScoreNet`.
         score : nn.Module, optional
             A score model to train instead of a fresh ScoreNet.
-        max_steps, batch_size, window : int
+        max_iters, batch_size, window : int
+            (``max_steps``: the deprecated name of ``max_iters``.)
         learning_rate : float
         seed : int
         progress : bool, optional
@@ -522,9 +539,8 @@ class Diffusion(ZooModel):
             y = y.to(torch.get_default_dtype())
         if y.dim() != 2 or y.shape[0] < 2 or not bool(torch.isfinite(y).all()):
             raise ValueError("Diffusion.mle: y must be a finite [N, d] tensor with N >= 2")
-        for name, v in (("max_steps", max_steps), ("batch_size", batch_size), ("window", window)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"Diffusion.mle: {name} must be a positive int, got {v!r}")
+        for name, v in (("max_iters", max_iters), ("batch_size", batch_size), ("window", window)):
+            check_int(f"Diffusion.mle: {name}", v)
         n, d = y.shape
         sde_obj = DiffusionSDE(sde, **{k: options[k] for k in
                                        ("beta_min", "beta_max", "sigma_min", "sigma_max")
@@ -544,10 +560,10 @@ class Diffusion(ZooModel):
             idx = torch.randint(0, n, (min(batch_size, n),), generator=g, device=y.device)
             return _dsm_loss(score, sde_obj, y[idx], t_min, g)
 
-        info = minimize(loss_fn, opt, max_steps=max_steps, window=window, what="Diffusion.mle",
-                        progress=progress)
+        result = minimize(loss_fn, opt, max_iters=max_iters, window=window, what="Diffusion.mle",
+                          progress=progress)
         out = cls(score=score, dim=d, sde=sde, **options)
-        out.info = info
+        out.info = training_record(result)
         return out
 
 

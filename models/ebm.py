@@ -45,10 +45,10 @@ from torch.distributions import constraints
 
 from genprog.estimate import Estimate
 from genprog.model import _seeded
+from genprog.monte_carlo import log_mean_exp
+from genprog.optim import minimize
 
-from .base import ZooModel, sample_rows
-from .rbm import _log_mean_exp_with_stderr
-from .training import minimize
+from .base import ZooModel, deprecated_record, renamed_keywords, sample_rows, training_record
 
 _LOG_2PI = math.log(2 * math.pi)
 METHODS = ("score_matching", "contrastive_divergence")
@@ -237,7 +237,7 @@ def ais_log_partition(energy, dim: int, *, base_loc, base_scale, num_particles: 
     if not bool(torch.isfinite(logw).all()):
         raise FloatingPointError("AIS: non-finite importance weights (is exp(-E) integrable, "
                                  "the base wide enough?)")
-    value, se, ess = _log_mean_exp_with_stderr(logw)
+    value, se, ess = map(float, log_mean_exp(logw))
     est = Estimate(value, se, "ais", num_samples=num_particles,
                    num_evaluations=num_particles * K * (mala_steps + 1),
                    wall_time_s=time.perf_counter() - start,
@@ -295,6 +295,18 @@ class EnergyBasedModel(ZooModel):
     name : str, optional
         Prefix under which ``energy`` is registered with ``pyro.module``.
 
+    Attributes
+    ----------
+    info : dict
+        The record of what was run on the model. :meth:`mle` sets ``loss_trace`` (list of
+        float, the minibatch loss at every Adam step), ``num_steps`` (int, steps taken),
+        ``converged`` (bool, whether the plateau rule fired before ``max_iters``) and
+        ``method`` (the training objective); :meth:`sample` sets ``last_sample``, a dict
+        with the Langevin chains' ``step_size`` (float, the final one) and
+        ``acceptance_rate`` (float, mean over the second half; 1 for ``"ula"``).
+    last_sample_info : dict
+        Deprecated name of ``info["last_sample"]``.
+
     Examples
     --------
     >>> import torch
@@ -305,6 +317,7 @@ class EnergyBasedModel(ZooModel):
 
     mle_kind = "score matching or contrastive divergence"
     sampling_kind = "estimated (MALA chains)"
+    last_sample_info = deprecated_record("last_sample_info", "last_sample")
 
     def __init__(self, *, energy: nn.Module, dim: int, base_loc=0.0, base_scale=2.0,
                  name: str | None = None):
@@ -381,7 +394,7 @@ class EnergyBasedModel(ZooModel):
         -------
         dict
             ``{"y": [n, d]}`` (``[n, N, d]`` for a model conditioned on ``N`` rows);
-            the attribute ``last_sample_info`` holds ``step_size`` and ``acceptance_rate``.
+            ``info["last_sample"]`` holds ``step_size`` and ``acceptance_rate``.
         """
         if method not in ("mala", "ula"):
             raise ValueError(f"EnergyBasedModel.sample: method must be 'mala' or 'ula', got {method!r}")
@@ -398,7 +411,7 @@ class EnergyBasedModel(ZooModel):
                                       init, ais_options)
             x, info = langevin(self.energy_net, x0, steps=steps, step_size=step_size,
                                adjust=method == "mala")
-        self.last_sample_info = info
+        self.info = {**getattr(self, "info", {}), "last_sample": info}
         return {"y": x.reshape(*shape, self.kwargs["dim"])}
 
     def _initial_states(self, energy, coords, total, init, ais_options):
@@ -459,8 +472,9 @@ class EnergyBasedModel(ZooModel):
 
     # ------------------------------------------------------------------ training
     @classmethod
+    @renamed_keywords(max_steps="max_iters")
     def mle(cls, y, *, method: str = "score_matching", hidden=(64, 64), energy=None,
-            noise_scale: float | None = 0.1, max_steps: int = 3000, batch_size: int = 256,
+            noise_scale: float | None = 0.1, max_iters: int = 3000, batch_size: int = 256,
             learning_rate: float = 2e-3, window: int = 200, cd_steps: int = 20,
             cd_step_size: float = 0.01, buffer_size: int = 5000, reinit: float = 0.05,
             regularization: float = 0.1, seed: int = 0, progress: bool | None = None,
@@ -485,7 +499,8 @@ class EnergyBasedModel(ZooModel):
             Widths of the default :class:`EnergyNet`.
         energy : nn.Module, optional
             An energy network to train instead.
-        max_steps, batch_size, window : int
+        max_iters, batch_size, window : int
+            (``max_steps``: the deprecated name of ``max_iters``.)
         learning_rate : float
         seed : int
         progress : bool, optional
@@ -493,12 +508,13 @@ class EnergyBasedModel(ZooModel):
             ``base_loc``, ``base_scale``, ``name``: passed to the constructor.
 
         Stops on a plateau of the windowed loss (after two learning-rate cuts by 5) or
-        warns with a :class:`ConvergenceWarning` at ``max_steps``.
+        warns with a :class:`ConvergenceWarning` at ``max_iters``.
 
         Returns
         -------
         EnergyBasedModel
-            With ``info``: ``loss_trace``, ``num_steps``, ``converged``, ``method``.
+            With ``info``: ``loss_trace``, ``num_steps``, ``converged``, ``method`` (see
+            :class:`EnergyBasedModel`).
         """
         if method not in METHODS:
             raise ValueError(f"EnergyBasedModel.mle: method must be one of {METHODS}, got {method!r}")
@@ -511,7 +527,7 @@ class EnergyBasedModel(ZooModel):
             y = y.to(torch.get_default_dtype())
         if y.dim() != 2 or y.shape[0] < 2 or not bool(torch.isfinite(y).all()):
             raise ValueError("EnergyBasedModel.mle: y must be a finite [N, d] tensor with N >= 2")
-        for name, v in (("max_steps", max_steps), ("batch_size", batch_size), ("window", window),
+        for name, v in (("max_iters", max_iters), ("batch_size", batch_size), ("window", window),
                         ("cd_steps", cd_steps), ("buffer_size", buffer_size)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"EnergyBasedModel.mle: {name} must be a positive int, got {v!r}")
@@ -542,10 +558,10 @@ class EnergyBasedModel(ZooModel):
                                              reinit, regularization, base_loc, base_scale, g)
             return loss
 
-        info = minimize(loss_fn, opt, max_steps=max_steps, window=window,
-                        what=f"EnergyBasedModel.mle ({method})", progress=progress)
+        result = minimize(loss_fn, opt, max_iters=max_iters, window=window,
+                          what=f"EnergyBasedModel.mle ({method})", progress=progress)
         out = cls(energy=energy, dim=d, **options)
-        out.info = {**info, "method": method}
+        out.info = training_record(result, method=method)
         return out
 
 
@@ -587,7 +603,18 @@ def _cd_loss(energy, x, buffer, steps, h, reinit, alpha, base_loc, base_scale, g
 class EnergyConditional:
     """``p(y_rest | y_given) ∝ exp(-E(y_given, y_rest))`` for an :class:`EnergyBasedModel`:
     ``sample`` by Langevin on the other coordinates (the normaliser cancels), ``log_prob``
-    by AIS for the conditional normaliser ``Z(y_given) = int exp(-E) dy_rest``."""
+    by AIS for the conditional normaliser ``Z(y_given) = int exp(-E) dy_rest``.
+
+    Attributes
+    ----------
+    info : dict
+        Set by :meth:`sample`: ``last_sample``, a dict with the chains' ``step_size`` and
+        ``acceptance_rate`` (as :attr:`EnergyBasedModel.info`).
+    last_sample_info : dict
+        Deprecated name of ``info["last_sample"]``.
+    """
+
+    last_sample_info = deprecated_record("last_sample_info", "last_sample")
 
     def __init__(self, model: EnergyBasedModel, obs: dict):
         self.model = model
@@ -618,7 +645,7 @@ class EnergyConditional:
             x0 = self.model._initial_states(self.energy, self.rest, n, init, ais_options)
             x, info = langevin(self.energy, x0, steps=steps, step_size=step_size,
                                adjust=method == "mala")
-        self.last_sample_info = info
+        self.info = {"last_sample": info}
         return {"y": x}
 
     def log_partition_estimate(self, *, num_particles: int = 256, num_temps: int = 200,

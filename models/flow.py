@@ -20,8 +20,16 @@ import pyro.distributions.transforms as T
 import torch
 from torch.distributions import constraints
 
-from .base import EstimatedMarginal, ZooModel, conditional_by_inference, sample_rows
-from .training import minimize
+from genprog.optim import minimize
+
+from .base import (
+    EstimatedMarginal,
+    ZooModel,
+    conditional_by_inference,
+    renamed_keywords,
+    sample_rows,
+    training_record,
+)
 
 KINDS = ("affine_coupling", "spline_coupling", "affine_autoregressive", "spline_autoregressive")
 
@@ -101,6 +109,13 @@ class Flow(ZooModel):
     dim : int
         ``d``.
 
+    Attributes
+    ----------
+    info : dict
+        The training record, set by :meth:`mle`: ``loss_trace`` (list of float, the
+        minibatch loss at every Adam step), ``num_steps`` (int, steps taken),
+        ``converged`` (bool, whether the plateau rule fired before ``max_iters``).
+
     Examples
     --------
     >>> import torch, pyro.distributions.transforms as T
@@ -171,8 +186,9 @@ class Flow(ZooModel):
 
     # ------------------------------------------------------------------ training
     @classmethod
+    @renamed_keywords(max_steps="max_iters")
     def mle(cls, y, *, kind: str = "spline_coupling", layers: int = 4, hidden: int = 32,
-            count_bins: int = 8, transforms=None, max_steps: int = 5000, batch_size: int = 256,
+            count_bins: int = 8, transforms=None, max_iters: int = 5000, batch_size: int = 256,
             learning_rate: float = 5e-3, window: int = 100, seed: int = 0,
             progress: bool | None = None) -> Flow:
         """Train a flow by maximum likelihood on ``y [N, d]``.
@@ -181,9 +197,10 @@ class Flow(ZooModel):
         mean negative log-likelihood of minibatches is minimised by Adam. Every
         ``window`` steps the mean loss of the window is compared with the previous one;
         when the change is within noise the learning rate is cut by 5x, and after two
-        cuts training stops. Reaching ``max_steps`` first raises a
+        cuts training stops. Reaching ``max_iters`` first raises a
         :class:`~genprog.errors.ConvergenceWarning`. ``info`` on the result holds the loss
-        trace, the number of steps and whether it converged.
+        trace, the number of steps and whether it converged (see :class:`Flow`).
+        ``max_steps`` is the deprecated name of ``max_iters``.
         """
         y = torch.as_tensor(y, dtype=torch.get_default_dtype())
         if y.dim() != 2:
@@ -211,7 +228,7 @@ class Flow(ZooModel):
             idx = torch.randint(0, n, (min(batch_size, n),), generator=g)
             return -flow.distribution().log_prob(y[idx]).mean()
 
-        info = minimize(loss_fn, opt, max_steps=max_steps, window=window, what="Flow.mle",
-                        progress=progress)
-        flow.info = info
+        result = minimize(loss_fn, opt, max_iters=max_iters, window=window, what="Flow.mle",
+                          progress=progress)
+        flow.info = training_record(result)
         return flow

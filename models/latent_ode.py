@@ -67,10 +67,13 @@ import torch
 from torch import nn
 from torchdiffeq import odeint
 
+from genprog.errors import EstimatorWarning
 from genprog.estimate import Estimate
+from genprog.monte_carlo import log_mean_exp
+from genprog.optim import minimize
+from genprog.validation import check_float, check_int
 
-from .base import ZooModel
-from .training import minimize
+from .base import ZooModel, renamed_keywords, training_record
 
 LIKELIHOODS = ("normal", "lognormal")
 SOLVERS = ("rk4", "dopri5")
@@ -273,24 +276,6 @@ def _observation(loc, noise, likelihood, mask):
     return base.to_event(1)
 
 
-def _log_mean_exp(logw: torch.Tensor):
-    """Per column of ``logw [S, N]``: ``log mean_s w``, its delta-method stderr and the
-    Kish ESS, each ``[N]`` (float64)."""
-    lw = logw.detach().to(torch.float64)
-    S = lw.shape[0]
-    m = lw.max(0).values
-    w = torch.exp(lw - m)
-    mean = w.mean(0)
-    se = w.std(0) / (math.sqrt(S) * mean) if S > 1 else torch.full_like(mean, math.inf)
-    return m + torch.log(mean), se, w.sum(0) ** 2 / (w ** 2).sum(0)
-
-
-def _check_int(name, value, minimum=1):
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
-
-
 # ---------------------------------------------------------------------- result records
 @dataclass(frozen=True)
 class LatentMAP:
@@ -385,6 +370,14 @@ class LatentODE(ZooModel):
     name : str, optional
         Prefix of the networks in Pyro's param store (default: unique per instance).
 
+    Attributes
+    ----------
+    info : dict
+        The training record, set by :meth:`mle`: ``loss_trace`` (list of float, the
+        negative ELBO per subject of the minibatch at every Adam step), ``num_steps`` (int,
+        steps taken), ``converged`` (bool, whether the plateau rule fired before
+        ``max_iters``), ``wall_time_s`` (float, training time in seconds).
+
     Examples
     --------
     >>> import torch
@@ -402,7 +395,7 @@ class LatentODE(ZooModel):
                  time_scale: float = 1.0, dose_ref: float | None = None, solver: str = "rk4",
                  step_size: float = 0.05, rtol: float = 1e-6, atol: float = 1e-8,
                  name: str | None = None):
-        latent_dim = _check_int("LatentODE: latent_dim", latent_dim)
+        latent_dim = check_int("LatentODE: latent_dim", latent_dim)
         for label, net in (("dynamics", dynamics), ("decoder", decoder)):
             if not isinstance(net, nn.Module):
                 raise TypeError(f"LatentODE: {label} must be a torch.nn.Module, got {type(net).__name__}")
@@ -414,8 +407,7 @@ class LatentODE(ZooModel):
             raise ValueError(f"LatentODE: solver must be one of {SOLVERS}, got {solver!r}")
         for label, v in (("obs_noise", obs_noise), ("time_scale", time_scale),
                          ("step_size", step_size), ("rtol", rtol), ("atol", atol)):
-            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
-                raise ValueError(f"LatentODE: {label} must be a positive number, got {v!r}")
+            check_float(f"LatentODE: {label}", v, minimum=0.0, open_minimum=True)
         if dose_ref is not None and not (isinstance(dose_ref, (int, float)) and dose_ref > 0):
             raise ValueError(f"LatentODE: dose_ref must be a positive number, got {dose_ref!r}")
         if name is None:
@@ -648,7 +640,7 @@ class LatentODE(ZooModel):
         -------
         LatentMAP  (batch ``[N]``; ``[1]`` for one subject)
         """
-        num_starts = _check_int("LatentODE.map_latent: num_starts", num_starts)
+        num_starts = check_int("LatentODE.map_latent: num_starts", num_starts)
         s, y, m, factor, _ = self._data(times, y, mask, dose, "map_latent")
         N, k = y.shape[0], self.latent_dim
         ref = self._ref()
@@ -759,7 +751,7 @@ class LatentODE(ZooModel):
         if method not in PROFILE_METHODS:
             raise ValueError(f"LatentODE.predict_profile: method must be one of {PROFILE_METHODS}, "
                              f"got {method!r}")
-        n = _check_int("LatentODE.predict_profile: n", n, 2)
+        n = check_int("LatentODE.predict_profile: n", n, 2)
         if not 0 < level < 1:
             raise ValueError(f"LatentODE.predict_profile: level must be in (0, 1), got {level!r}")
         single = torch.as_tensor(y_obs).dim() == 1
@@ -823,8 +815,8 @@ class LatentODE(ZooModel):
         if method not in ESTIMATE_METHODS:
             raise ValueError(f"LatentODE._log_prob_estimate: unknown method {method!r}; choose "
                              f"from {ESTIMATE_METHODS}")
-        num_samples = _check_int("LatentODE._log_prob_estimate: num_samples", num_samples, 2)
-        batch_size = _check_int("LatentODE._log_prob_estimate: batch_size", batch_size)
+        num_samples = check_int("LatentODE._log_prob_estimate: num_samples", num_samples, 2)
+        batch_size = check_int("LatentODE._log_prob_estimate: batch_size", batch_size)
         start = time.perf_counter()
         s, yy, m, factor, _ = self._data(times, y, mask, dose, "_log_prob_estimate")
         g = torch.Generator(device=yy.device).manual_seed(int(seed))
@@ -846,10 +838,8 @@ class LatentODE(ZooModel):
             _, logw = self._laplace_is(mp, times, y, mask, dose, num_samples, g)
         if not bool(torch.isfinite(logw).any(0).all()):
             raise RuntimeError(f"LatentODE._log_prob_estimate({method!r}): a subject has no finite weight")
-        values, se, ess = _log_mean_exp(logw)
+        values, se, ess = log_mean_exp(logw.transpose(0, 1))  # over the S draws of each row
         if bool((ess < 0.01 * num_samples).any()):
-            from genprog.infer.evidence import EstimatorWarning
-
             warnings.warn(f"LatentODE._log_prob_estimate({method!r}): effective sample size "
                           f"{float(ess.min()):.1f} of {num_samples} for some subject; the estimate "
                           "and its stderr are unreliable", EstimatorWarning, stacklevel=2)
@@ -862,11 +852,12 @@ class LatentODE(ZooModel):
 
     # ------------------------------------------------------------------ training
     @classmethod
+    @renamed_keywords(max_steps="max_iters")
     def mle(cls, times, y, *, mask=None, dose=None, latent_dim: int = 2, hidden=(32,),
             encoder_hidden: int = 16, time_dependent: bool = False, likelihood: str = "normal", obs_noise: float | None = None,
             time_scale: float | None = None, dose_ref: float | None = None, solver: str = "rk4",
             step_size: float = 0.05, dynamics=None, decoder=None, encoder=None,
-            max_steps: int = 2000, batch_size: int | None = None, learning_rate: float = 1e-2,
+            max_iters: int = 2000, batch_size: int | None = None, learning_rate: float = 1e-2,
             num_particles: int = 1, window: int = 100, seed: int = 0,
             progress: bool | None = None) -> LatentODE:
         """Train on a population ``times [N, T]`` (or ``[T]`` shared), ``y [N, T]`` (NaN or
@@ -877,7 +868,8 @@ class LatentODE(ZooModel):
         subjects (default: all), minimised by Adam over the dynamics, decoder, encoder and
         (when ``obs_noise`` is None) the observation noise. Every ``window`` steps the mean
         loss is compared with the previous window's; within noise the learning rate is cut
-        by 5x, and after two cuts training stops; reaching ``max_steps`` first warns with a
+        by 5x, and after two cuts training stops; reaching ``max_iters`` (deprecated name:
+        ``max_steps``) first warns with a
         :class:`~genprog.errors.ConvergenceWarning`. Runs in a private Pyro param-store scope
         with torch's RNG forked and seeded.
 
@@ -889,13 +881,13 @@ class LatentODE(ZooModel):
         -------
         LatentODE
             With ``info``: ``loss_trace`` (negative ELBO per subject, per step),
-            ``num_steps``, ``converged``, ``wall_time_s``.
+            ``num_steps``, ``converged``, ``wall_time_s`` (see :class:`LatentODE`).
         """
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"LatentODE.mle: likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
-        latent_dim = _check_int("LatentODE.mle: latent_dim", latent_dim)
-        max_steps = _check_int("LatentODE.mle: max_steps", max_steps)
-        window = _check_int("LatentODE.mle: window", window)
+        latent_dim = check_int("LatentODE.mle: latent_dim", latent_dim)
+        max_iters = check_int("LatentODE.mle: max_iters", max_iters)
+        window = check_int("LatentODE.mle: window", window)
         yt = torch.as_tensor(y) if not torch.is_tensor(y) else y
         if not yt.is_floating_point():
             yt = yt.to(torch.get_default_dtype())
@@ -917,7 +909,7 @@ class LatentODE(ZooModel):
         if dose is not None and dose_ref is None:
             dose_ref = float(torch.as_tensor(dose, dtype=torch.float64).median())
         N = yt.shape[0]
-        batch_size = N if batch_size is None else _check_int("LatentODE.mle: batch_size", batch_size)
+        batch_size = N if batch_size is None else check_int("LatentODE.mle: batch_size", batch_size)
         devices = [yt.device] if yt.device.type == "cuda" else []
         start_time = time.perf_counter()
         with torch.random.fork_rng(devices=devices), pyro.get_param_store().scope():
@@ -976,13 +968,13 @@ class LatentODE(ZooModel):
                        torch.randperm(N, generator=g, device=yt.device)[:batch_size])
                 return elbo.differentiable_loss(train_model, guide, idx) / len(idx)
 
-            info = minimize(loss_fn, opt, max_steps=max_steps, window=window,
-                            what="LatentODE.mle", progress=progress, clip_grad=(params, 100.0))
+            result = minimize(loss_fn, opt, max_iters=max_iters, window=window,
+                              what="LatentODE.mle", progress=progress, clip_grad=(params, 100.0))
         out = cls(dynamics=dynamics, decoder=decoder, encoder=encoder, latent_dim=latent_dim,
                   obs_noise=float(log_noise.detach().exp()), likelihood=likelihood,
                   time_scale=time_scale, dose_ref=dose_ref, solver=solver, step_size=step_size,
                   name=name)
-        out.info = {**info, "wall_time_s": time.perf_counter() - start_time}
+        out.info = training_record(result, wall_time_s=time.perf_counter() - start_time)
         return out
 
 

@@ -15,17 +15,16 @@ Shapes: ``d`` (``dim``) coordinates; data ``[N, d]`` of 0/1 floats.
 
 from __future__ import annotations
 
-import math
-
 import pyro.distributions as dist
 import torch
 from torch import nn
 from torch.distributions import constraints
 
 from genprog.estimate import Estimate
+from genprog.monte_carlo import log_mean_exp
+from genprog.optim import minimize
 
-from .base import ZooModel, sample_rows
-from .training import minimize
+from .base import ZooModel, renamed_keywords, sample_rows, training_record
 
 
 class MaskedLinear(nn.Linear):
@@ -119,6 +118,13 @@ class MADE(ZooModel):
     ----------
     net : MADENet
         Its masked network (trained by :meth:`mle`).
+
+    Attributes
+    ----------
+    info : dict
+        The training record, set by :meth:`mle`: ``loss_trace`` (list of float, the
+        minibatch loss at every Adam step), ``num_steps`` (int, steps taken),
+        ``converged`` (bool, whether the plateau rule fired before ``max_iters``).
     """
 
     mle_kind = "maximum likelihood (Adam)"
@@ -205,13 +211,10 @@ class MADE(ZooModel):
         g = torch.Generator(device=y.device).manual_seed(seed)
         s = 1 if is_prefix else num_samples
         _, logw = self._sis(torch.nan_to_num(y), observed, s, g)
-        value = torch.logsumexp(logw, 0) - math.log(s)
+        value, stderr, ess = map(float, log_mean_exp(logw))
         if is_prefix:
-            return Estimate(float(value), 0.0, "exact", details={"source": "prefix of the ordering"})
-        w = torch.exp(logw - logw.max())
-        rel = float(w.std() / (w.mean() * math.sqrt(s)))
-        ess = float(w.sum() ** 2 / (w ** 2).sum())
-        return Estimate(float(value), rel, "sis", num_samples=s, num_evaluations=s * self.net.dim,
+            return Estimate(value, 0.0, "exact", details={"source": "prefix of the ordering"})
+        return Estimate(value, stderr, "sis", num_samples=s, num_evaluations=s * self.net.dim,
                         details={"ess": ess})
 
     def complete(self, y, n: int = 100, num_samples: int = 2000, seed: int = 0) -> torch.Tensor:
@@ -240,13 +243,15 @@ class MADE(ZooModel):
 
     # ------------------------------------------------------------------ training
     @classmethod
-    def mle(cls, y, *, hidden=(128,), order=None, max_steps: int = 3000, batch_size: int = 128,
+    @renamed_keywords(max_steps="max_iters")
+    def mle(cls, y, *, hidden=(128,), order=None, max_iters: int = 3000, batch_size: int = 128,
             learning_rate: float = 1e-3, weight_decay: float = 0.0, window: int = 100,
             seed: int = 0, progress: bool | None = None) -> MADE:
         """Train by maximum likelihood on binary data ``y [N, d]`` (Adam on minibatches;
         the learning rate is cut by 5x when the windowed mean loss stops improving beyond
         noise, and training stops after two cuts; a :class:`ConvergenceWarning` if
-        ``max_steps`` comes first). ``info`` holds the loss trace."""
+        ``max_iters`` comes first). ``info`` holds the loss trace (see :class:`MADE`).
+        ``max_steps`` is the deprecated name of ``max_iters``."""
         y = torch.as_tensor(y, dtype=torch.get_default_dtype())
         if y.dim() != 2:
             raise ValueError(f"MADE.mle: y must be [N, d], got shape {list(y.shape)}")
@@ -264,10 +269,10 @@ class MADE(ZooModel):
             idx = torch.randint(0, n, (min(batch_size, n),), generator=g)
             return -model.log_prob(y[idx]).mean()
 
-        info = minimize(loss_fn, opt, max_steps=max_steps, window=window, what="MADE.mle",
-                        progress=progress)
+        result = minimize(loss_fn, opt, max_iters=max_iters, window=window, what="MADE.mle",
+                          progress=progress)
         out = cls(net=net)
-        out.info = info
+        out.info = training_record(result)
         return out
 
 

@@ -32,6 +32,7 @@ from pyro.distributions import TorchDistribution, constraints
 
 from genprog.estimate import Estimate
 from genprog.model import _seeded
+from genprog.monte_carlo import log_mean_exp
 
 from .base import ZooModel
 from .gaussian import check_int, data_matrix, keep_float64, set_param
@@ -429,7 +430,7 @@ class RBM(ZooModel):
                 logw = logw + log_pstar(v, betas[k]) - log_pstar(v, betas[k - 1])
                 v, _ = gibbs_steps(v, W, b, c, 1, beta=float(betas[k]), base_bias=bA)
             log_za = H * math.log(2.0) + float(torch.nn.functional.softplus(bA).sum())
-            value, se, ess = _log_mean_exp_with_stderr(logw)
+            value, se, ess = map(float, log_mean_exp(logw))
         return Estimate(log_za + value, se, "ais", num_samples=num_particles,
                         num_evaluations=num_particles * num_temps,
                         wall_time_s=time.perf_counter() - start,
@@ -528,18 +529,3 @@ class RBM(ZooModel):
         model = cls(W=W, b=b, c=c).to(device=x.device, dtype=x.dtype)
         model.cd_info = CDInfo(epochs, total, persistent, tuple(recon))
         return model
-
-
-def _log_mean_exp_with_stderr(logw: torch.Tensor, dim: int = -1):
-    """``log mean exp(logw)`` along ``dim``, its delta-method stderr ``sd(w)/(sqrt(M) mean(w))``
-    and the effective sample size ``(sum w)^2 / sum w^2``."""
-    M = logw.shape[dim]
-    m = logw.max(dim, keepdim=True).values
-    w = torch.exp(logw - m)
-    mean = w.mean(dim)
-    value = (m.squeeze(dim) + torch.log(mean))
-    se = w.std(dim) / (math.sqrt(M) * mean)
-    ess = w.sum(dim) ** 2 / (w ** 2).sum(dim)
-    if value.dim() == 0:
-        return float(value), float(se), float(ess)
-    return value, se, ess

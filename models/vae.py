@@ -44,13 +44,15 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
+from genprog.errors import EstimatorWarning
 from genprog.estimate import Estimate
-from genprog.infer.evidence import EstimatorWarning
 from genprog.infer.hamiltonian import kinetic_energy, leapfrog, sample_momentum
+from genprog.monte_carlo import log_mean_exp
+from genprog.optim import minimize
+from genprog.validation import check_int
 
-from .base import ZooModel
-from .gaussian import check_int, set_param
-from .training import minimize
+from .base import ZooModel, renamed_keywords, training_record
+from .gaussian import set_param
 
 LIKELIHOODS = ("gaussian", "bernoulli")
 ESTIMATE_METHODS = ("iwae", "ais")
@@ -172,20 +174,6 @@ def _elementwise_log_lik(out, y, likelihood: str, scale):
     return dist.Normal(loc, scale).log_prob(y)
 
 
-def _log_mean_exp_rows(logw: torch.Tensor):
-    """Per column of ``logw [S, N]``: ``log mean_s w``, its delta-method standard error
-    ``sd(w) / (sqrt(S) mean(w))`` and the Kish ESS, each ``[N]`` (float64)."""
-    lw = logw.detach().to(torch.float64)
-    S = lw.shape[0]
-    m = lw.max(0).values
-    w = torch.exp(lw - m)
-    mean = w.mean(0)
-    value = m + torch.log(mean)
-    se = w.std(0) / (math.sqrt(S) * mean) if S > 1 else torch.full_like(mean, math.inf)
-    ess = w.sum(0) ** 2 / (w ** 2).sum(0)
-    return value, se, ess
-
-
 def _check_method_options(method: str, options: dict, valid) -> None:
     unknown = set(options) - set(valid)
     if unknown:
@@ -212,6 +200,14 @@ class VAE(ZooModel):
         Fixed Gaussian observation scale, when the decoder returns only the mean.
     name : str, optional
         Prefix of the networks' names in Pyro's param store (default: unique per instance).
+
+    Attributes
+    ----------
+    info : dict
+        The training record, set by :meth:`mle`: ``loss_trace`` (list of float, the
+        negative ELBO per row of the minibatch at every Adam step), ``num_steps`` (int,
+        steps taken), ``converged`` (bool, whether the plateau rule fired before
+        ``max_iters``).
 
     Examples
     --------
@@ -447,7 +443,7 @@ class VAE(ZooModel):
                      "num_leapfrog": L}
         if not bool(torch.isfinite(logw).any(0).all()):
             raise RuntimeError(f"VAE._log_prob_estimate({method!r}): a row has no finite weight")
-        values, se, ess = _log_mean_exp_rows(logw)
+        values, se, ess = log_mean_exp(logw.transpose(0, 1))  # over the S draws of each row
         if bool((ess < 0.01 * num_samples).any()):
             warnings.warn(f"VAE._log_prob_estimate({method!r}): the effective sample size of "
                           f"some row is {float(ess.min()):.1f} of {num_samples}; the estimate "
@@ -637,8 +633,9 @@ class VAE(ZooModel):
 
     # ------------------------------------------------------------------ training
     @classmethod
+    @renamed_keywords(max_steps="max_iters")
     def mle(cls, y, *, latent_dim: int = 8, hidden=(64,), likelihood: str = "gaussian",
-            scale=None, encoder=None, decoder=None, max_steps: int = 5000, batch_size: int = 128,
+            scale=None, encoder=None, decoder=None, max_iters: int = 5000, batch_size: int = 128,
             learning_rate: float = 3e-3, num_particles: int = 1, window: int = 100, seed: int = 0,
             progress: bool | None = None) -> VAE:
         """Train a VAE on ``y [N, d]`` by maximising the ELBO.
@@ -648,7 +645,8 @@ class VAE(ZooModel):
         both networks (stochastic variational inference). Every ``window`` steps the mean
         loss of the window is compared with the previous one; when the change is within
         noise the learning rate is cut by 5x, and after two cuts training stops. Reaching
-        ``max_steps`` first raises a :class:`~genprog.errors.ConvergenceWarning`.
+        ``max_iters`` (deprecated name: ``max_steps``) first raises a
+        :class:`~genprog.errors.ConvergenceWarning`.
         Training runs in a private Pyro param-store scope and with torch's RNG forked and
         seeded with ``seed``, so it neither reads nor leaves global state.
 
@@ -667,7 +665,7 @@ class VAE(ZooModel):
         -------
         VAE
             With ``info``: ``loss_trace`` (negative ELBO per row, per step), ``num_steps``,
-            ``converged``.
+            ``converged`` (see :class:`VAE`).
         """
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"VAE.mle: likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
@@ -681,7 +679,7 @@ class VAE(ZooModel):
         if likelihood == "bernoulli" and not bool(((t == 0) | (t == 1)).all()):
             raise ValueError("VAE.mle: y must hold 0/1 values for likelihood='bernoulli'")
         latent_dim = check_int("VAE.mle: latent_dim", latent_dim)
-        max_steps = check_int("VAE.mle: max_steps", max_steps)
+        max_iters = check_int("VAE.mle: max_iters", max_iters)
         batch_size = check_int("VAE.mle: batch_size", batch_size)
         window = check_int("VAE.mle: window", window)
         N, d = t.shape
@@ -718,9 +716,9 @@ class VAE(ZooModel):
                 batch = t[idx]
                 return elbo.differentiable_loss(model, guide, batch) / batch.shape[0]
 
-            info = minimize(loss_fn, opt, max_steps=max_steps, window=window, what="VAE.mle",
-                            progress=progress)
-        vae.info = info
+            result = minimize(loss_fn, opt, max_iters=max_iters, window=window, what="VAE.mle",
+                              progress=progress)
+        vae.info = training_record(result)
         return vae
 
 

@@ -39,7 +39,7 @@ print(f"train {tuple(train.shape)}, test {tuple(test.shape)}")
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", ConvergenceWarning)  # CI runs stop early on purpose
     vae = VAE.mle(train, latent_dim=latent_dim, hidden=hidden, likelihood="bernoulli",
-                  max_steps=steps, seed=0)
+                  max_iters=steps, seed=0)
 trace = vae.info["loss_trace"]
 print(f"trained {vae.info['num_steps']} steps (converged: {vae.info['converged']}); "
       f"-ELBO per image {sum(trace[:20]) / 20:.1f} -> {sum(trace[-20:]) / 20:.1f}")

@@ -41,10 +41,10 @@ train, test = moons(2000, 0), moons(1000, 1)
 
 # 1. train -------------------------------------------------------------------------
 flow = Flow.mle(train, kind="spline_coupling", layers=2 if smoke else 4, hidden=16 if smoke else 64,
-                max_steps=300 if smoke else 4000, learning_rate=1e-2 if smoke else 5e-3)
+                max_iters=300 if smoke else 4000, learning_rate=1e-2 if smoke else 5e-3)
 print(f"spline flow: {flow.info['num_steps']} steps, converged={flow.info['converged']}")
 standard = (train - train.mean(0)) / train.std(0)
-cnf = ContinuousFlow.mle(standard, hidden=(32, 32), max_steps=60 if smoke else 1500,
+cnf = ContinuousFlow.mle(standard, hidden=(32, 32), max_iters=60 if smoke else 1500,
                          batch_size=256, learning_rate=1e-2)
 print(f"continuous flow: {cnf.info['num_steps']} steps")
 

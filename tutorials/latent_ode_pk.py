@@ -67,7 +67,7 @@ with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
     model = LatentODE.mle(train["times"], train["y"], dose=train["dose"], likelihood="lognormal",
                           latent_dim=3, hidden=(32,), step_size=0.1, learning_rate=0.03,
-                          max_steps=120 if smoke else 2000, window=40 if smoke else 100, seed=0)
+                          max_iters=120 if smoke else 2000, window=40 if smoke else 100, seed=0)
 print(model, f"trained {model.info['num_steps']} steps in {model.info['wall_time_s']:.1f} s")
 
 # 3. Embedding: posterior means of z0 from the encoder, coloured by the true clearance.

@@ -78,7 +78,7 @@ def test_training_lowers_the_loss():
     y = torch.randn(500, 2, generator=g) * torch.tensor([1.0, 0.3]) + torch.tensor([0.5, 0.0])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        flow = ContinuousFlow.mle(y, hidden=(16,), max_steps=120, batch_size=128, window=40,
+        flow = ContinuousFlow.mle(y, hidden=(16,), max_iters=120, batch_size=128, window=40,
                                   learning_rate=1e-2)
     trace = flow.info["loss_trace"]
     assert np.mean(trace[-40:]) < np.mean(trace[:40]) - 0.1

@@ -139,7 +139,7 @@ def test_score_matching_training_lowers_the_loss():
     held = _mixture_draws(400, seed=1).float()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        m = Diffusion.mle(y, hidden=(32, 32), max_steps=300, batch_size=128, window=100)
+        m = Diffusion.mle(y, hidden=(32, 32), max_iters=300, batch_size=128, window=100)
     trace = m.info["loss_trace"]
     assert np.mean(trace[-100:]) < np.mean(trace[:100]) - 0.1
     untrained = Diffusion(score=ScoreNet(2, DiffusionSDE("vp"), hidden=(32, 32)), dim=2)
@@ -192,7 +192,7 @@ def test_bad_input_is_named():
     with pytest.raises(ValueError, match="finite"):
         Diffusion.mle(torch.tensor([[float("nan"), 0.0], [0.0, 0.0]]))
     with pytest.raises(TypeError, match="unknown option"):
-        Diffusion.mle(torch.zeros(4, 2), max_steps=1, beta=3.0)
+        Diffusion.mle(torch.zeros(4, 2), max_iters=1, beta=3.0)
 
 
 @pytest.mark.gpu
@@ -205,6 +205,6 @@ def test_runs_on_cuda():
     assert lp.device.type == "cuda" and torch.isfinite(lp).all()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        t = Diffusion.mle(_mixture_draws(200, seed=0).float().cuda(), hidden=(16,), max_steps=20,
+        t = Diffusion.mle(_mixture_draws(200, seed=0).float().cuda(), hidden=(16,), max_iters=20,
                           window=10)
     assert next(t.score.parameters()).device.type == "cuda"

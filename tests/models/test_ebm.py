@@ -83,7 +83,7 @@ def test_log_prob_estimate_and_log_marginal_are_calibrated():
 def test_mala_samples_match_exact_draws():
     m = _mixture_model()
     y = m.sample(800, seed=0, steps=400)["y"]
-    assert y.shape == (800, 2) and 0.4 < m.last_sample_info["acceptance_rate"] < 0.8
+    assert y.shape == (800, 2) and 0.4 < m.info["last_sample"]["acceptance_rate"] < 0.8
     assert mmd_test(y, _mixture_draws(800, seed=1), num_permutations=200).p_value > 0.01
     # power at this size: the mixture with its weights swapped is rejected
     assert mmd_test(y, _mixture_draws(800, seed=2, weights=W[::-1]),
@@ -141,7 +141,7 @@ def _train(method, steps, **kw):
     y = _mixture_draws(1000, seed=0).float()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        return EnergyBasedModel.mle(y, method=method, max_steps=steps, window=100, **kw)
+        return EnergyBasedModel.mle(y, method=method, max_iters=steps, window=100, **kw)
 
 
 @pytest.mark.parametrize("method,kw", [
@@ -168,7 +168,7 @@ def test_trained_ebm_beats_a_gaussian_in_held_out_log_likelihood(method):
     held = _mixture_draws(500, seed=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        m = EnergyBasedModel.mle(y.float(), method=method, max_steps=3000)
+        m = EnergyBasedModel.mle(y.float(), method=method, max_iters=3000)
     m = m.to(dtype=D64)
     est = m.log_prob_estimate(held, num_particles=512, num_temps=400)
     per_row = est.value / 500
@@ -198,7 +198,7 @@ def test_bad_input_is_named():
     with pytest.raises(ValueError, match="finite"):
         EnergyBasedModel.mle(torch.tensor([[float("inf"), 0.0], [0.0, 0.0]]))
     with pytest.raises(TypeError, match="unknown option"):
-        EnergyBasedModel.mle(torch.zeros(4, 2), max_steps=1, temperature=2.0)
+        EnergyBasedModel.mle(torch.zeros(4, 2), max_iters=1, temperature=2.0)
 
 
 @pytest.mark.gpu
@@ -213,5 +213,5 @@ def test_runs_on_cuda():
         warnings.simplefilter("ignore", ConvergenceWarning)
         for method in ("score_matching", "contrastive_divergence"):
             t = EnergyBasedModel.mle(_mixture_draws(200, seed=0).float().cuda(), method=method,
-                                     hidden=(16,), max_steps=20, window=10)
+                                     hidden=(16,), max_iters=20, window=10)
             assert next(t.energy_net.parameters()).device.type == "cuda"

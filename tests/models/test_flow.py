@@ -115,7 +115,7 @@ def test_trained_flow_beats_a_gaussian_on_two_moons():
     train, test = _moons(1000, 0), _moons(1000, 1)
     with warnings.catch_warnings():  # a short run may stop before the plateau
         warnings.simplefilter("ignore", ConvergenceWarning)
-        flow = Flow.mle(train, kind="spline_coupling", layers=2, hidden=16, max_steps=300,
+        flow = Flow.mle(train, kind="spline_coupling", layers=2, hidden=16, max_iters=300,
                         batch_size=256, learning_rate=1e-2, window=100)
     held_out = flow.log_prob(y=test) / len(test)
     gauss = st.multivariate_normal(train.mean(0).numpy(), np.cov(train.numpy().T))

@@ -19,7 +19,7 @@ import torch
 
 from genprog import pk
 from genprog.errors import ConvergenceWarning
-from genprog.infer.evidence import EstimatorWarning
+from genprog.errors import EstimatorWarning
 from genprog.models.latent_ode import (
     LatentODE,
     LinearDecoder,
@@ -236,7 +236,7 @@ def linear_fit():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         m = LatentODE.mle(*train, latent_dim=2, hidden=(32,), step_size=0.1, learning_rate=0.03,
-                          max_steps=300, window=50, seed=0, progress=False)
+                          max_iters=300, window=50, seed=0, progress=False)
     return train, test, m
 
 
@@ -281,7 +281,7 @@ def _train(train, steps, seed=0):
         warnings.simplefilter("ignore", ConvergenceWarning)
         return LatentODE.mle(train["times"], train["y"], dose=train["dose"], likelihood="lognormal",
                              latent_dim=3, hidden=(32,), step_size=0.1, learning_rate=0.03,
-                             max_steps=steps, window=50, seed=seed, progress=False)
+                             max_iters=steps, window=50, seed=seed, progress=False)
 
 
 @pytest.mark.slow

@@ -105,7 +105,7 @@ def test_trained_made_beats_independent_bernoulli_on_digits():
     train, test = x[perm[:1400]], x[perm[1400:]]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
-        m = MADE.mle(train, hidden=(128,), max_steps=400, batch_size=128, learning_rate=3e-3)
+        m = MADE.mle(train, hidden=(128,), max_iters=400, batch_size=128, learning_rate=3e-3)
     with torch.no_grad():
         made_lp = float(m.log_prob(y=test)) / len(test)
     p = ((train.sum(0) + 1) / (len(train) + 2)).clamp(1e-4, 1 - 1e-4)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from genprog.errors import ConvergenceWarning
-from genprog.infer.evidence import EstimatorWarning
+from genprog.errors import EstimatorWarning
 from genprog.models.gaussian import PPCA
 from genprog.models.made import binarized_digits
 from genprog.models.vae import (
@@ -133,9 +133,9 @@ def test_input_validation():
     with pytest.raises(ValueError, match="encoder"):
         no_encoder.posterior_estimate(Y)
     with pytest.raises(ValueError, match="0/1"):
-        VAE.mle(Y, likelihood="bernoulli", max_steps=2)
+        VAE.mle(Y, likelihood="bernoulli", max_iters=2)
     with pytest.raises(ValueError, match="NaN"):
-        VAE.mle(torch.full((4, 3), float("nan")), max_steps=2)
+        VAE.mle(torch.full((4, 3), float("nan")), max_iters=2)
 
 
 def test_two_instances_do_not_share_parameters_in_the_param_store():
@@ -163,7 +163,7 @@ def digits():
 def digits_vae(digits):
     train, _ = digits
     with pytest.warns(ConvergenceWarning):
-        vae = VAE.mle(train, latent_dim=4, hidden=(32,), likelihood="bernoulli", max_steps=300,
+        vae = VAE.mle(train, latent_dim=4, hidden=(32,), likelihood="bernoulli", max_iters=300,
                       batch_size=128, learning_rate=3e-3, seed=0, progress=False)
     return vae
 
@@ -209,7 +209,7 @@ def test_gaussian_vae_trains_with_learned_scale_and_inpaints():
     *_, ppca, _ = _ppca(orthogonal=False)
     Y = ppca.sample(400, seed=4)["y"].float()
     with pytest.warns(ConvergenceWarning):
-        vae = VAE.mle(Y, latent_dim=K, hidden=(16,), max_steps=150, batch_size=64, seed=0,
+        vae = VAE.mle(Y, latent_dim=K, hidden=(16,), max_iters=150, batch_size=64, seed=0,
                       progress=False)
     assert isinstance(vae.decoder, MLPDecoder) and isinstance(vae.encoder, GaussianEncoder)
     est = vae._log_prob_estimate(Y[:20], num_samples=100)
@@ -225,7 +225,7 @@ def test_longer_digits_training_gains_more(digits):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)  # stopping early or not, both fine
         vae = VAE.mle(train, latent_dim=8, hidden=(128,), likelihood="bernoulli",
-                      max_steps=6000, batch_size=128, learning_rate=3e-3, seed=0, progress=False)
+                      max_iters=6000, batch_size=128, learning_rate=3e-3, seed=0, progress=False)
     base = float(independent_bernoulli_log_prob(train, test).sum())
     with warnings.catch_warnings():
         # after longer training the encoder is too narrow for a few held-out rows (low ESS):
