@@ -6,7 +6,10 @@ Saved fits are ArviZ netCDF files (no pickle): :meth:`Fit.save` / :func:`load`.
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -15,6 +18,10 @@ from . import arviz_convert
 from .infer import evidence
 from .rng import seeded
 from .vectorize import sample_sites
+
+
+#: version of the metadata Fit.save writes (``posterior.attrs["genprog_format"]``)
+SAVE_FORMAT = 1
 
 
 class Fit:
@@ -178,14 +185,44 @@ class Fit:
         return self.model.log_marginal(method, seed=seed, **options)
 
     # ------------------------------------------------------------------ files
-    def save(self, path) -> None:
-        """Write the fit to a netCDF file (ArviZ layout; no pickle)."""
+    def save(self, path, overwrite: bool = False) -> None:
+        """Write the fit to a netCDF file (ArviZ layout; no pickle).
+
+        The file is written next to ``path`` under a temporary name and renamed at the end,
+        so an interrupted save leaves the old file (or none), never half a file.
+
+        Parameters
+        ----------
+        path : str or Path
+        overwrite : bool
+            Replace an existing file (otherwise an existing ``path`` is an error).
+
+        Raises
+        ------
+        FileExistsError
+            ``path`` exists and ``overwrite`` is False.
+        """
+        path = Path(path)
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"Fit.save: {path} exists; pass overwrite=True to replace it")
+        if path.is_dir():
+            raise IsADirectoryError(f"Fit.save: {path} is a folder; give a file name such as run.nc")
         idata = self.to_arviz()
         scalars = {k: v for k, v in self.info.items() if isinstance(v, (bool, int, float, str))}
-        idata.posterior.attrs["genprog_method"] = self.method
-        idata.posterior.attrs["genprog_seed"] = -1 if self.seed is None else int(self.seed)
-        idata.posterior.attrs["genprog_info"] = json.dumps(scalars)
-        idata.to_netcdf(str(path), engine="h5netcdf")
+        attrs = idata.posterior.attrs
+        attrs["genprog_method"] = self.method
+        attrs["genprog_seed"] = -1 if self.seed is None else int(self.seed)
+        attrs["genprog_info"] = json.dumps(scalars)
+        attrs["genprog_format"] = SAVE_FORMAT
+        attrs["genprog_sites"] = json.dumps({k: list(v.shape[2:]) for k, v in self.draws.items()})
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+        os.close(fd)
+        try:
+            idata.to_netcdf(tmp, engine="h5netcdf")
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
     def __repr__(self) -> str:
         return (f"Fit(method={self.method!r}, chains={self.num_chains}, draws={self.num_draws}, "
@@ -202,25 +239,106 @@ def deterministic_sites(model, values: dict, n: int, lead: tuple) -> dict:
             for k, v in model.density().deterministic_values(values, n).items()}
 
 
+def _read_idata(path: Path):
+    import arviz as az
+
+    if not path.exists():
+        raise FileNotFoundError(f"gp.load: no file {path}")
+    if path.is_dir():
+        raise IsADirectoryError(f"gp.load: {path} is a folder, not a saved fit (.nc file)")
+    try:
+        idata = az.from_netcdf(str(path), engine="h5netcdf")
+        idata.load()
+    except Exception as e:  # noqa: BLE001 -- h5py/xarray raise many types for a bad file
+        raise ValueError(f"gp.load: {path} is not a readable ArviZ netCDF file "
+                         f"({type(e).__name__}: {str(e)[:200]})") from None
+    if "posterior" not in idata.groups():
+        raise ValueError(f"gp.load: {path} has no 'posterior' group (groups: {list(idata.groups())})")
+    return idata
+
+
+def _json_attr(path: Path, attrs, key: str, default):
+    raw = attrs.get(key)
+    if raw is None:
+        return default
+    try:
+        value = json.loads(str(raw))
+    except (ValueError, RecursionError):
+        raise ValueError(f"gp.load: {path}: attribute {key!r} is not valid JSON") from None
+    if not isinstance(value, type(default)):
+        raise ValueError(f"gp.load: {path}: attribute {key!r} should hold a {type(default).__name__}, "
+                         f"got {type(value).__name__}")
+    return value
+
+
+def _draws_of(path: Path, post) -> dict:
+    draws = {}
+    for k in post.data_vars:
+        values = np.asarray(post[k].values)
+        if values.dtype.kind not in "biuf" or values.ndim < 2:
+            raise ValueError(f"gp.load: {path}: posterior variable {k!r} is not numeric "
+                             f"[chain, draw, ...] (dtype {values.dtype}, shape {values.shape})")
+        draws[k] = torch.from_numpy(values.copy())
+    if not draws:
+        raise ValueError(f"gp.load: {path}: the posterior group holds no variables")
+    return draws
+
+
+def check_draws_match(draws: dict, model, where: str) -> None:
+    """Every latent site of ``model`` has draws ``[chain, draw, *site_shape]`` and every
+    variable is a site of the model; otherwise a ValueError naming the difference."""
+    sites = model.structure.sites
+    latent = {n for n, s in sites.items() if s.kind == "latent"}
+    known = set(sites) | {f"{n}_missing" for n in sites}
+    missing = sorted(latent - set(draws))
+    extra = sorted(set(draws) - known)
+    if missing or extra:
+        raise ValueError(f"{where}: the draws do not match the model's sites (model latents "
+                         f"without draws: {missing}; variables the model lacks: {extra})")
+    for name, v in draws.items():
+        if name in sites and sites[name].kind in ("latent", "deterministic"):
+            if tuple(v.shape[2:]) != tuple(sites[name].shape):
+                raise ValueError(f"{where}: site {name!r} has shape {tuple(sites[name].shape)} in "
+                                 f"the model but {tuple(v.shape[2:])} in the draws")
+
+
 def load(path, model=None) -> Fit:
     """Read a fit written by :meth:`Fit.save`. Loading reads arrays only (no code runs).
+
+    A netCDF file that genprog did not write (another tool's ArviZ output) loads as
+    draws only (``method="external"``); ``predict`` on it needs a model whose sites match.
 
     Parameters
     ----------
     path : str or Path
     model : genprog.Model, optional
-        The conditioned model, to enable ``predict``/``log_marginal`` on the loaded fit.
-    """
-    import arviz as az
+        The conditioned model, to enable ``predict``/``log_marginal`` on the loaded fit;
+        its latent sites and shapes must match the saved draws.
 
-    idata = az.from_netcdf(str(path), engine="h5netcdf")
-    idata.load()
+    Raises
+    ------
+    FileNotFoundError, IsADirectoryError
+        No such file.
+    ValueError
+        The file is damaged, not an ArviZ netCDF file, lacks a posterior group, has
+        malformed genprog metadata, or does not match ``model``.
+    """
+    path = Path(path)
+    idata = _read_idata(path)
     post = idata.posterior
-    draws = {k: torch.from_numpy(np.asarray(post[k].values).copy()) for k in post.data_vars}
+    draws = _draws_of(path, post)
     stats = {}
     if "sample_stats" in idata.groups():
         stats = {k: np.asarray(idata.sample_stats[k].values) for k in idata.sample_stats.data_vars}
-    info = json.loads(post.attrs.get("genprog_info", "{}"))
-    seed = int(post.attrs.get("genprog_seed", -1))
-    return Fit(str(post.attrs.get("genprog_method", "unknown")), model, draws, stats,
-               None if seed < 0 else seed, info, idata=idata)
+    ours = "genprog_method" in post.attrs
+    info = _json_attr(path, post.attrs, "genprog_info", {})
+    try:
+        seed = int(post.attrs.get("genprog_seed", -1))
+    except (TypeError, ValueError):
+        raise ValueError(f"gp.load: {path}: attribute 'genprog_seed' is not an int") from None
+    if model is not None:
+        check_draws_match(draws, model, f"gp.load({path})")
+    method = str(post.attrs["genprog_method"]) if ours else "external"
+    if not ours:
+        info = {"source": str(path), "note": "not written by genprog: draws only"}
+    return Fit(method, model, draws, stats, None if seed < 0 else seed, info, idata=idata)

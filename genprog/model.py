@@ -216,6 +216,25 @@ class Model:
         return JointDensity(self.program, self.args, self.kwargs, self.structure,
                             missing=missing, base_program=self.base_program)
 
+    def _fixed_value(self, name: str, value) -> torch.Tensor:
+        """``fit(fixed={name: value})``'s value as a tensor of the site's shape inside its
+        support, or an error naming the site."""
+        what = f"fit(fixed=...): site {name!r}"
+        t = as_tensor(value, self.device, self.dtype, name=what)
+        if not torch.is_tensor(t):
+            if isinstance(t, bool) or not isinstance(t, (int, float)):
+                raise TypeError(f"{what} needs a number or tensor, got {type(value).__name__} {value!r:.40}")
+            t = torch.tensor(float(t), device=self.device, dtype=self.dtype or torch.get_default_dtype())
+        info = self.base_structure.sites[name]
+        if tuple(t.shape) != info.shape:
+            raise ValueError(f"{what} has shape {info.shape}, got {tuple(t.shape)}")
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{what}: values must be finite, got {t.flatten()[:5].tolist()}")
+        if not bool(torch.as_tensor(info.support.check(t)).all()):
+            raise ValueError(f"{what}: value(s) outside the site's support {info.support}: "
+                             f"{t.flatten()[:5].tolist()}")
+        return t
+
     def _check_names(self, names, what: str, allowed=None):
         sites = self.base_structure.sites
         allowed = allowed if allowed is not None else [
@@ -305,6 +324,12 @@ class Model:
                     f"condition: site {name!r} has shape {info.shape}, got values of shape "
                     f"{tuple(t.shape)}"
                 )
+            if t.is_floating_point() and bool(torch.isinf(t).any()):
+                idx = [int(i) for i in torch.isinf(t).nonzero()[0]]
+                raise ValueError(
+                    f"condition: site {name!r} has an infinite value at index {idx}; observations "
+                    "must be finite (NaN marks a missing entry)"
+                )
             nan = torch.isnan(t) if t.is_floating_point() else torch.zeros_like(t, dtype=torch.bool)
             if not info.discrete and not t.is_floating_point():
                 t = t.to(self.dtype or torch.get_default_dtype())
@@ -382,6 +407,11 @@ class Model:
                 raise ValueError(
                     f"log_prob: site {name!r} has shape {info.shape}; got {tuple(t.shape)} "
                     f"(expected {info.shape} or [N, *{info.shape}])"
+                )
+            if info.support is not None and not bool(torch.as_tensor(info.support.check(t)).all()):
+                raise ValueError(
+                    f"log_prob: site {name!r} got value(s) outside its support {info.support}; "
+                    "the density there is 0 (log p = -inf)"
                 )
             if n is not None:
                 if batched_n not in (None, n):
@@ -552,15 +582,18 @@ class Model:
             clash = set(fixed) & set(self.observed)
             if clash:
                 raise ValueError(f"fit(fixed=...): site(s) {sorted(clash)} are observed")
-            fixed_t = {k: as_tensor(v, self.device, self.dtype, name=f"fixed {k!r}") for k, v in fixed.items()}
-            fixed_t = {k: (v if torch.is_tensor(v) else torch.tensor(
-                float(v), device=self.device, dtype=self.dtype or torch.get_default_dtype()))
-                for k, v in fixed_t.items()}
-            for k, v in fixed_t.items():
-                info = self.base_structure.sites[k]
-                if tuple(v.shape) != info.shape:
-                    raise ValueError(f"fit(fixed=...): site {k!r} has shape {info.shape}, got {tuple(v.shape)}")
+            fixed_t = {k: self._fixed_value(k, v) for k, v in fixed.items()}
             model = self.with_fixed(fixed_t)
+            try:
+                model.structure
+            except ValueError as e:
+                if "Expected parameter" not in str(e):
+                    raise
+                given = {k: v.flatten()[:3].tolist() for k, v in fixed_t.items()}
+                raise ValueError(
+                    f"fit(fixed=...): the model cannot be evaluated with the fixed value(s) {given} "
+                    f"(sites {sorted(fixed_t)}): {str(e).splitlines()[0]}"
+                ) from None
         if not model.structure.observed:
             raise ValueError(f"fit({method!r}): the model has no observed sites; condition() it first")
         if options.get("point"):

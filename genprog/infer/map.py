@@ -19,23 +19,27 @@ from ..errors import ConvergenceWarning
 from ..optim import OptimizationResult, maximize
 from ..rng import make_generator
 from ..validation import check_int, check_seed
-from .init import initial_points
+from .init import initial_points, nonfinite_sites
 from .record import InferenceRecord
 
 
-def _check_finite_start(what: str, density, z0: torch.Tensor) -> None:
-    """The log density must be finite at the starting point; otherwise name the sites."""
+def check_finite_start(what: str, density, z0: torch.Tensor, jacobian: bool = True) -> None:
+    """The log density must be finite at every starting point ``z0 [C, D]``; otherwise a
+    ValueError naming the chains and the sites whose density is not finite."""
     with torch.no_grad():
-        lp = density.log_joint(z0[None], jacobian=False)[0]
-    if math.isfinite(float(lp)):
+        try:
+            lp = density.log_joint(z0, jacobian=jacobian)
+        except ValueError as e:
+            raise ValueError(f"{what}: the model cannot be evaluated at the starting point: {e}") from None
+    bad = (~torch.isfinite(lp)).nonzero().flatten().tolist()
+    if not bad:
         return
-    values, _ = density.constrain(z0[None])
-    bad = [k for k, v in values.items() if not torch.isfinite(v).all()]
-    where = f" (non-finite start values at site(s) {bad})" if bad else ""
+    sites = nonfinite_sites(density, z0[bad[0]])
+    where = f"; non-finite log density at site(s) {sites}" if sites else ""
     raise ValueError(
-        f"{what}: the log density is {float(lp)} at the starting point{where}; the model's "
-        "density is zero or undefined there — check the observed data against each site's "
-        "support and the priors, or give init={site: value}"
+        f"{what}: the log density is {float(lp[bad[0]])} at the starting point of chain(s) "
+        f"{bad[:10]}{where}. The model's density is zero or undefined there — check the "
+        "observed data against each site's support and the priors, or give init={site: value}"
     )
 
 
@@ -68,7 +72,7 @@ def map_estimate(model, *, seed: int = 0, max_iters: int = 1000, init="median"):
     density = model.density()
     g = make_generator(seed, model.device)
     z0 = initial_points(density, 1, init, g, jitter=0.0)[0]
-    _check_finite_start("MAP", density, z0)
+    check_finite_start("MAP", density, z0[None], jacobian=False)
     res = maximize(lambda z: density.log_joint(z, jacobian=False), z0, max_iters)
     _check_result("MAP", res)
     with torch.no_grad():
@@ -121,7 +125,7 @@ def laplace_approximation(density, z0, max_iters=1000):
     ValueError
         When the Hessian at the mode is not positive definite.
     """
-    _check_finite_start("Laplace", density, z0)
+    check_finite_start("Laplace", density, z0[None])
     res = maximize(lambda z: density.log_joint(z, jacobian=True), z0, max_iters)
     _check_result("Laplace mode search", res)
     with torch.enable_grad():

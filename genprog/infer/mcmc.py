@@ -23,13 +23,13 @@ from pyro.infer import HMC, MCMC, NUTS
 from pyro.infer.autoguide.initialization import init_to_value
 
 from ..rng import make_generator, seeded
-from ..validation import check_choice, check_int, check_seed
+from ..validation import check_choice, check_float, check_int, check_seed
 from . import chees as chees_sampler
 from .hmc import sample_hmc
 from .nuts import sample_nuts
 from .compiled import MODES, compile_potential
 from .init import initial_points
-from .map import hold_at_map
+from .map import check_finite_start, hold_at_map
 from .record import InferenceRecord
 
 BACKENDS = ("genprog", "pyro")
@@ -47,6 +47,11 @@ def _run(model, kernel, *, chains, warmup, draws, seed, init, point, backend, pr
     draws = check_int("fit: draws", draws)
     seed = check_seed("fit: seed", seed)
     check_choice("fit: backend", backend, BACKENDS)
+    if "target_accept" in options:
+        check_float("fit: target_accept", options["target_accept"], 0.0, 1.0, True, True)
+    for name in ("max_tree_depth", "num_steps", "max_leapfrog_steps"):
+        if options.get(name) is not None:
+            check_int(f"fit: {name}", options[name])
     _check_compile(compile)
     start = time.perf_counter()
     model, held = hold_at_map(model, point, seed)
@@ -55,6 +60,7 @@ def _run(model, kernel, *, chains, warmup, draws, seed, init, point, backend, pr
         raise ValueError(f"fit({kernel!r}): the model has no continuous latent sites to sample")
     g = make_generator(seed, model.device)
     z0 = initial_points(density, chains, init, g)
+    check_finite_start(f"fit({kernel!r})", density, z0)
     if backend == "pyro":
         z, stats, extra = _run_pyro(model, density, kernel, z0, warmup, draws, seed, options)
     else:
