@@ -5,12 +5,16 @@
     genprog fit theo_sd.csv --structure 1cmt-oral --iiv ka,cl,v --error combined \\
         --covariate cl=WT --method mle --out results/
 
-``--structure`` is ``one``/``two``/``three`` (with ``--absorption``) or the short form
-``{1,2,3}cmt-{oral,iv,infusion,zero-order}``. Without a data file (``genprog fit``) the
+``--structure`` is ``one``/``two``/``three`` (with ``--absorption``), the short form
+``{1,2,3}cmt-{oral,iv,infusion,zero-order}``, or a Michaelis-Menten ODE model
+``mm-{oral,iv,infusion,zero-order}`` (:func:`genprog.pk.michaelis_menten`: ``vmax``, ``km``,
+``v``, ``ka``/``d1``). ``--iov cl,v --occasion OCC`` adds inter-occasion variability over
+the data set's ``OCC`` column. ``--method`` is ``mle`` (FOCE-I), ``saem``, ``vi`` or
+``nuts``; ``--threads N`` limits the CPU threads. Without a data file (``genprog fit``) the
 bundled theophylline example (``pk.dataset_path("theo_sd")``) is fitted.
 
 It prints the data summary (:func:`genprog.pk.describe`), the parameter table and, for
-``--method mle``, -2LL/OFV/AIC/BIC, and writes into ``--out`` (default ``genprog-fit``):
+point fits, -2LL/OFV/AIC/BIC, and writes into ``--out`` (default ``genprog-fit``):
 ``summary.csv``, ``individual.csv`` (individual parameters: at the EBEs, with the etas,
 for ``mle``; posterior means for ``vi``/``nuts``), ``residuals.csv`` (with NPDE),
 ``gof.png``, ``vpc.png``, ``npde.png``, ``individual.png`` (the first ``--individual``
@@ -18,17 +22,40 @@ subjects); for ``vi``/``nuts`` also ``posterior.nc`` (ArviZ InferenceData as net
 :func:`genprog.load`). ``vi`` and ``nuts`` show a progress bar on a terminal
 (``--progress``/``--no-progress`` to force it).
 
+Results are written atomically: into a temporary folder ``.NAME.partial-*`` next to
+``--out``, renamed to ``--out`` when everything is written. An existing non-empty ``--out``
+is refused unless ``--overwrite`` (and even then only when it holds nothing but genprog
+results). The output folder is checked before the fit. An interrupt (Ctrl-C) leaves the
+old results or none, and exits with status 130 and one line.
+
 ``describe`` prints the data summary only. Problems with the input (a missing or
-malformed file, a parameter the structure lacks, a covariate the file lacks) are one
-``error: ...`` line on stderr and exit status 2, never a traceback.
+malformed file, a parameter the structure lacks, a covariate the file lacks, an output
+folder that cannot be written) are one ``error: ...`` line on stderr and exit status 2,
+never a traceback; a fit that fails or gives non-finite estimates is one line and exit
+status 1 (``--traceback`` shows the Python traceback instead, for bug reports).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import inspect
+import math
+import os
+import shutil
+import signal
 import sys
+import tempfile
+import threading
 import warnings
 from pathlib import Path
+
+import pandas as pd
+import torch
+
+from genprog.pk import dataset_path, diagnostics, ode, structural
+from genprog.pk.data import DataWarning, check_compartments, describe, read_nonmem
+from genprog.pk.population import PopulationModel
 
 STRUCTURES = {"one": "OneCompartment", "two": "TwoCompartment", "three": "ThreeCompartment"}
 ABSORPTIONS = ("first_order", "iv", "zero_order")
@@ -36,11 +63,22 @@ _COUNTS = {"1": "one", "2": "two", "3": "three"}
 _ROUTES = {"oral": "first_order", "po": "first_order", "iv": "iv", "bolus": "iv",
            "infusion": "iv", "zero-order": "zero_order", "zero_order": "zero_order"}
 ERRORS = ("additive", "proportional", "combined", "exponential")
-METHODS = ("mle", "vi", "nuts")
+METHODS = ("mle", "saem", "vi", "nuts")
+#: Files a fit writes; ``--overwrite`` replaces a folder holding only these.
+RESULT_FILES = frozenset({"summary.csv", "individual.csv", "residuals.csv", "gof.png",
+                          "vpc.png", "npde.png", "individual.png", "posterior.nc"})
+EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
 
 
 class UsageError(Exception):
     """A problem with the command's input, reported as ``error: ...`` (exit status 2)."""
+
+
+class FitFailed(Exception):
+    """The fit or the writing of its results failed (exit status 1)."""
+
+
+# ---- arguments -----------------------------------------------------------------------------
 
 
 def _count(minimum: int):
@@ -57,17 +95,23 @@ def _count(minimum: int):
 
 
 def _structure(text: str):
-    """``one``/``two``/``three`` -> (name, None); ``2cmt-oral`` -> ("two", "first_order")."""
+    """``one``/``two``/``three`` -> (name, None); ``2cmt-oral`` -> ("two", "first_order");
+    ``mm-iv`` -> ("mm", "iv")."""
     key = text.strip().lower()
     if key in STRUCTURES:
         return key, None
+    if key.startswith("mm"):
+        route = key[2:].lstrip("-_")
+        if route in _ROUTES or route == "":
+            return "mm", _ROUTES.get(route, "first_order")
     n, sep, route = key.partition("cmt")
     route = route.lstrip("-_")
     if sep and n in _COUNTS and (route in _ROUTES or route == ""):
         return _COUNTS[n], _ROUTES.get(route, "first_order")
+    routes = ", ".join(sorted(set(_ROUTES) - {"po", "bolus", "zero_order"}))
     raise argparse.ArgumentTypeError(
-        f"expected one, two, three or NCMT-ROUTE (N in 1-3, ROUTE in "
-        f"{', '.join(sorted(set(_ROUTES) - {'po', 'bolus', 'zero_order'}))}), got {text!r}")
+        f"expected one, two, three, NCMT-ROUTE (N in 1-3) or mm-ROUTE (Michaelis-Menten), "
+        f"ROUTE in {routes}; got {text!r}")
 
 
 def _prog() -> str:
@@ -89,14 +133,19 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("data", nargs="?", default=None,
                    help="CSV file (NONMEM conventions); default: the bundled theo_sd example")
     f.add_argument("--structure", type=_structure, default=("one", None),
-                   help="one, two, three (with --absorption), or e.g. 1cmt-oral, 2cmt-iv, "
-                        "1cmt-infusion, 1cmt-zero-order")
+                   help="one, two, three (with --absorption), e.g. 1cmt-oral, 2cmt-iv, "
+                        "1cmt-infusion, 1cmt-zero-order, or Michaelis-Menten mm-oral, mm-iv")
     f.add_argument("--absorption", choices=ABSORPTIONS, default=None,
                    help="absorption (default first_order; implied by NCMT-ROUTE)")
     f.add_argument("--iiv", default=None,
                    help="comma-separated parameters with IIV, or 'none' "
-                        "(default: cl, the central volume and ka if absorbed first-order)")
+                        "(default: cl or vmax, the central volume and ka if absorbed first-order)")
     f.add_argument("--omega", choices=("diagonal", "block"), default="diagonal")
+    f.add_argument("--iov", default=None, metavar="PARAMS",
+                   help="comma-separated parameters with inter-occasion variability "
+                        "(needs --occasion)")
+    f.add_argument("--occasion", default=None, metavar="COL",
+                   help="the data set's occasion column (for --iov)")
     f.add_argument("--error", choices=ERRORS, default="combined")
     f.add_argument("--covariate", action="append", default=[], metavar="PARAM=COV[:KIND]",
                    help="covariate effect, e.g. cl=WT or cl=WT:allometric (kinds: power, "
@@ -108,6 +157,8 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--warmup", type=_count(0), default=500, help="NUTS warmup iterations")
     f.add_argument("--draws", type=_count(1), default=500, help="draws kept (NUTS per chain; VI)")
     f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--threads", type=_count(1), default=None,
+                   help="CPU threads for the fit (default: torch's)")
     f.add_argument("--n-sim", type=_count(1), default=200, dest="n_sim", help="VPC replicates")
     f.add_argument("--npde-sim", type=_count(2), default=1000, dest="npde_sim",
                    help="NPDE replicates")
@@ -116,7 +167,15 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar for vi/nuts (default: on a terminal)")
     f.add_argument("--out", default="genprog-fit", help="output folder (created if needed)")
+    f.add_argument("--overwrite", action="store_true",
+                   help="replace an existing non-empty --out (only genprog results in it)")
+    f.add_argument("--traceback", action="store_true",
+                   help="on a failure, show the Python traceback (for bug reports)")
     return p
+
+
+def _names(text: str) -> list:
+    return [p.strip().lower() for p in text.split(",") if p.strip()]
 
 
 def _covariates(specs) -> dict:
@@ -132,89 +191,260 @@ def _covariates(specs) -> dict:
     return effects
 
 
-def _model(args, data):
-    from . import PopulationModel, structural
-
-    name, implied = args.structure
-    if implied is not None and args.absorption is not None and args.absorption != implied:
-        raise UsageError(f"--absorption {args.absorption} contradicts --structure (implies {implied})")
-    absorption = implied or args.absorption or "first_order"
-    structure = getattr(structural, STRUCTURES[name])(absorption=absorption)
-    params = structure.parameters
-    if args.iiv is None:
-        iiv = [p for p in ("cl", "v", "v1", "ka") if p in params]
-    elif args.iiv.strip().lower() == "none":
-        iiv = []
-    else:
-        iiv = [p.strip().lower() for p in args.iiv.split(",") if p.strip()]
-    dvid = args.dvid
-    if dvid is not None and dvid not in data.dvid_names:
-        raise UsageError(f"--dvid: no observation type {dvid!r} in the data "
-                         f"(it has {data.dvid_names})")
-    model = PopulationModel(structure=structure, random_effects=iiv, error=args.error,
-                            covariates=_covariates(args.covariate), omega=args.omega, dvid=dvid)
-    model.check_data(data)
-    return model
-
-
-def _fit(args, model, data, err):
-    what = {"mle": "population maximum likelihood (FOCE-I)", "vi": "variational inference",
-            "nuts": f"NUTS, {args.chains} chains x ({args.warmup} warmup + {args.draws} draws)"}
-    print(f"fitting: {what[args.method]} ...", file=err, flush=True)
-    if args.method == "mle":
-        return model.fit(data, "mle", seed=args.seed)
-    if args.method == "vi":
-        return model.fit(data, "vi", draws=args.draws, seed=args.seed, progress=args.progress)
-    return model.fit(data, "nuts", chains=args.chains, warmup=args.warmup, draws=args.draws,
-                     seed=args.seed, progress=args.progress)
-
-
-def _report_warnings(caught, err) -> None:
-    for w in caught:
-        if issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning, FutureWarning)):
-            continue
-        print(f"warning: {w.message}", file=err)
+# ---- data and model ------------------------------------------------------------------------
 
 
 def _read(args, err):
-    from . import dataset_path
-    from .data import read_nonmem
-
     path = args.data
     if path is None:
         path = dataset_path("theo_sd")
         print(f"no data file given: fitting the bundled example theo_sd ({path})", file=err)
-    return read_nonmem(path, lloq=args.lloq)
+    occasion = getattr(args, "occasion", None)
+    return read_nonmem(path, lloq=args.lloq, time_varying=[occasion] if occasion else None)
 
 
-def _describe(data) -> str:
-    from .data import describe
+def _structure_model(args):
+    name, implied = args.structure
+    if implied is not None and args.absorption is not None and args.absorption != implied:
+        raise UsageError(f"--absorption {args.absorption} contradicts --structure "
+                         f"(implies {implied})")
+    absorption = implied or args.absorption or "first_order"
+    if name == "mm":
+        return ode.michaelis_menten(absorption=absorption)
+    return getattr(structural, STRUCTURES[name])(absorption=absorption)
 
-    return describe(data)
+
+def _model(args, data):
+    structure = _structure_model(args)
+    params = structure.parameters
+    if args.iiv is None:
+        iiv = [p for p in ("cl", "vmax", "v", "v1", "ka") if p in params]
+    elif args.iiv.strip().lower() == "none":
+        iiv = []
+    else:
+        iiv = _names(args.iiv)
+    iov = _names(args.iov) if args.iov else []
+    if iov and not args.occasion:
+        raise UsageError("--iov needs --occasion COL (the data set's occasion column)")
+    if args.occasion and not iov:
+        raise UsageError("--occasion is used only with --iov PARAMS")
+    dvid = args.dvid
+    if dvid is not None and dvid not in data.dvid_names:
+        raise UsageError(f"--dvid: no observation type {dvid!r} in the data "
+                         f"(it has {data.dvid_names})")
+    covariates = _covariates(args.covariate)
+    _check_covariates_in(data, covariates)
+    model = PopulationModel(structure=structure, random_effects=iiv, error=args.error,
+                            covariates=covariates, omega=args.omega, dvid=dvid,
+                            iov=iov, occasion=args.occasion)
+    model.check_data(data)
+    check_compartments(data, structure)
+    return model
 
 
-def _run_fit(args, model, data, outdir, out, err) -> int:
-    import pandas as pd
+def _check_covariates_in(data, covariates) -> None:
+    """A covariate that was read as time-varying or not read gets its own message."""
+    time_varying = {k.lower(): k for k in data.time_varying}
+    ignored = {str(k).lower(): (k, why) for k, why in
+               data.summary.get("ignored_columns", {}).items()}
+    for param, effects in covariates.items():
+        for name, _ in effects:
+            key = name.lower()
+            if key in time_varying:
+                raise UsageError(
+                    f"--covariate {param}={name}: {time_varying[key]} varies within subjects "
+                    "(read as time-varying; see the notes above); a covariate effect needs "
+                    "one value per subject - fix the data or choose another covariate")
+            if key in ignored:
+                raise UsageError(f"--covariate {param}={name}: column {ignored[key][0]} was "
+                                 f"not read: {ignored[key][1]}")
 
-    from .diagnostics import plot_gof, plot_individual, plot_npde, residuals, vpc
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+# ---- output folder -------------------------------------------------------------------------
+
+
+class _Output:
+    """``--out``, written atomically: a staging folder next to it, renamed at the end."""
+
+    def __init__(self, path, overwrite: bool):
+        self.path = Path(path).expanduser().absolute()
+        self.overwrite = overwrite
+        self.staging: Path | None = None
+
+    def check(self) -> None:
+        """Refuse, before any fit, what cannot or should not be written (UsageError)."""
+        out = self.path
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"--out {out} exists and is not a folder; choose a folder")
+        if out.is_dir():
+            present = sorted(p.name for p in out.iterdir())
+            if present and not self.overwrite:
+                raise UsageError(f"--out {out} exists and is not empty ({_listing(present)}); "
+                                 "add --overwrite to replace it, or choose another folder")
+            foreign = [n for n in present if n not in RESULT_FILES]
+            if foreign:
+                raise UsageError(f"--out {out} holds files that genprog did not write "
+                                 f"({_listing(foreign)}); --overwrite would delete them: "
+                                 "choose another folder")
+            if Path.cwd().resolve().is_relative_to(out.resolve()):
+                raise UsageError(f"--out {out} is the current folder (or holds it); choose "
+                                 "another folder")
+        parent = out.parent
         try:
-            fit = _fit(args, model, data, err)
-        except (ValueError, TypeError) as e:
-            _report_warnings(caught, err)
-            print(f"error: fit failed: {_message(e)}", file=err)
-            return 2
-    _report_warnings(caught, err)
-    table = fit.summary()
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"--out {out}: cannot create its parent folder ({_message(e)})") \
+                from None
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise UsageError(f"--out {out}: cannot write in {parent} (permission denied); "
+                             "choose another folder")
+
+    def stage(self) -> Path:
+        """Create the staging folder (the real writability check, before the fit)."""
+        try:
+            self.staging = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.partial-",
+                                                 dir=self.path.parent))
+            self.staging.chmod(0o777 & ~_umask())   # mkdtemp's 0700 -> a normal folder
+        except OSError as e:
+            raise UsageError(f"--out {self.path}: cannot write in {self.path.parent} "
+                             f"({_message(e)}); choose another folder") from None
+        return self.staging
+
+    def commit(self) -> None:
+        """Replace ``--out`` by the staging folder (interrupts deferred meanwhile)."""
+        with _interrupts_ignored():
+            old = None
+            if self.path.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.old-",
+                                            dir=self.path.parent))
+                os.rename(self.path, old / "results")
+            try:
+                os.rename(self.staging, self.path)
+            except OSError:
+                if old is not None:
+                    os.rename(old / "results", self.path)
+                raise
+            self.staging = None
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def discard(self) -> None:
+        """Remove the staging folder (after a failure or an interrupt)."""
+        if self.staging is not None:
+            with _interrupts_ignored():
+                shutil.rmtree(self.staging, ignore_errors=True)
+            self.staging = None
+
+
+@contextlib.contextmanager
+def _interrupts_ignored():
+    """SIGINT is ignored inside the block (main thread only): a rename pair is not split."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _listing(names, most: int = 5) -> str:
+    return ", ".join(names[:most]) + (f", ... ({len(names) - most} more)" if len(names) > most else "")
+
+
+# ---- fit -----------------------------------------------------------------------------------
+
+
+def _fit(args, model, data, err):
+    what = {"mle": "population maximum likelihood (FOCE-I)", "saem": "SAEM",
+            "vi": "variational inference",
+            "nuts": f"NUTS, {args.chains} chains x ({args.warmup} warmup + {args.draws} draws)"}
+    options = {"seed": args.seed}
+    if args.method in ("vi", "nuts"):
+        options.update(draws=args.draws, progress=args.progress)
+    if args.method == "nuts":
+        options.update(chains=args.chains, warmup=args.warmup)
+    if args.threads is not None:
+        if "threads" in inspect.signature(model.fit).parameters:
+            options["threads"] = args.threads
+        else:
+            torch.set_num_threads(args.threads)
+    print(f"fitting: {what[args.method]} ...", file=err, flush=True)
+    try:
+        return model.fit(data, args.method, **options)
+    except (ValueError, TypeError) as e:
+        if args.traceback:
+            raise
+        if args.method == "saem" and "saem" in str(e).lower():
+            raise UsageError("--method saem: SAEM is not available in this version of "
+                             f"genprog ({_message(e)}); use --method mle") from None
+        raise UsageError(f"fit failed: {_message(e)}") from None
+
+
+def _check_finite(fit, table: pd.DataFrame) -> None:
+    """FitFailed when an estimate (or -2LL) is not finite."""
+    column = next((c for c in ("estimate", "mean", "median") if c in table.columns), None)
+    if column is not None:
+        values = pd.to_numeric(table[column], errors="coerce")
+        bad = values[~values.map(math.isfinite)]
+        if len(bad):
+            shown = ", ".join(f"{k}: {v}" for k, v in list(bad.items())[:6])
+            raise FitFailed(f"the fit gave non-finite estimates ({shown}); check the data "
+                            "(units, outliers) and the model, or try another --method")
+    m2ll = getattr(fit, "minus2ll", None)
+    if m2ll is not None and not math.isfinite(float(m2ll)):
+        raise FitFailed(f"the fit gave a non-finite -2LL ({float(m2ll)}); check the data "
+                        "(units, outliers) and the model, or try another --method")
+
+
+def _report_warnings(caught, err, skip=()) -> None:
+    seen = set()
+    for w in caught:
+        if issubclass(w.category, (DeprecationWarning, PendingDeprecationWarning,
+                                   FutureWarning, *skip)):
+            continue
+        text = " ".join(str(w.message).split())
+        if text not in seen:
+            seen.add(text)
+            print(f"warning: {text}", file=err)
+
+
+def _run_fit(args, model, data, output, out, err) -> int:
+    """Fit, then write every result into the staging folder and commit it."""
+    output = output if isinstance(output, _Output) else _Output(output, args.overwrite)
+    stage = output.stage()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                fit = _fit(args, model, data, err)
+            finally:
+                _report_warnings(caught, err)
+        table = fit.summary()
+        _check_finite(fit, table)
+        written = _write_results(args, model, data, fit, table, stage, out, err)
+        output.commit()
+    finally:
+        output.discard()
+    print(f"\nwrote {', '.join(written)} to {output.path}", file=out)
+    return 0
+
+
+def _write_results(args, model, data, fit, table, stage, out, err) -> list:
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(f"\n{model.structure} | IIV {list(model.random_effects)} | {model.error} error | "
               f"method {args.method}", file=out)
         print(table.to_string(float_format=lambda x: f"{x:.4g}"), file=out)
-    table.to_csv(outdir / "summary.csv", float_format="%.8g")
+    table.to_csv(stage / "summary.csv", float_format="%.8g")
     written = ["summary.csv"]
-    if args.method == "mle":
+    if getattr(fit, "minus2ll", None) is not None:
         print(f"\n-2LL {fit.minus2ll:.3f}   OFV {fit.ofv:.3f}   AIC {fit.aic:.3f}   "
               f"BIC {fit.bic:.3f}   (n_obs {fit.n_obs}, n_params {fit.n_params}, "
               f"converged {fit.converged})", file=out)
@@ -222,61 +452,90 @@ def _run_fit(args, model, data, outdir, out, err) -> int:
         print(f"\nelpd_loo {table.attrs['elpd_loo']:.3f} (se {table.attrs['elpd_loo_se']:.3f}, "
               f"p_loo {table.attrs['p_loo']:.2f})", file=out)
     individual = fit.individual_parameters()
-    if args.method == "mle":
+    eta = getattr(fit, "eta", None)
+    if torch.is_tensor(eta):
         for j, p in enumerate(model.random_effects):
-            individual[f"eta_{p}"] = fit.eta[:, j].cpu().numpy()
-    individual.to_csv(outdir / "individual.csv", float_format="%.8g")
+            individual[f"eta_{p}"] = eta[:, j].detach().cpu().numpy()
+    individual.to_csv(stage / "individual.csv", float_format="%.8g")
     written.append("individual.csv")
-    residuals(fit, npde=True, n_sim=args.npde_sim, seed=args.seed).to_csv(
-        outdir / "residuals.csv", index=False, float_format="%.8g")
-    written.append("residuals.csv")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        plot_gof(fit).savefig(outdir / "gof.png", dpi=110)
-        vpc(fit, n_sim=args.n_sim, seed=args.seed).savefig(outdir / "vpc.png", dpi=110)
-        fig = plot_npde(fit, n_sim=args.npde_sim, seed=args.seed)
-        fig.savefig(outdir / "npde.png", dpi=110)
+        diagnostics.residuals(fit, npde=True, n_sim=args.npde_sim, seed=args.seed).to_csv(
+            stage / "residuals.csv", index=False, float_format="%.8g")
+        written.append("residuals.csv")
+        diagnostics.plot_gof(fit).savefig(stage / "gof.png", dpi=110)
+        diagnostics.vpc(fit, n_sim=args.n_sim, seed=args.seed).savefig(stage / "vpc.png", dpi=110)
+        fig = diagnostics.plot_npde(fit, n_sim=args.npde_sim, seed=args.seed)
+        fig.savefig(stage / "npde.png", dpi=110)
         written += ["gof.png", "vpc.png", "npde.png"]
         a = fig.npde_table.attrs
         print(f"\nNPDE: mean {a['mean']:.3f}, variance {a['variance']:.3f}, "
               f"global p {a['p_global']:.3g}", file=out)
         if args.individual:
-            plot_individual(fit, subjects=list(data.ids)[:args.individual]).savefig(
-                outdir / "individual.png", dpi=110)
+            diagnostics.plot_individual(fit, subjects=list(data.ids)[:args.individual]).savefig(
+                stage / "individual.png", dpi=110)
             written.append("individual.png")
     _report_warnings(caught, err)
-    if args.method != "mle":
-        fit.save(outdir / "posterior.nc")
+    if args.method in ("vi", "nuts"):
+        fit.save(stage / "posterior.nc")
         written.append("posterior.nc")
-    print(f"\nwrote {', '.join(written)} to {outdir}", file=out)
-    return 0
+    return written
+
+
+# ---- main ----------------------------------------------------------------------------------
 
 
 def main(argv=None) -> int:
     """Run the command line with ``argv`` (default ``sys.argv[1:]``); returns the exit
-    status: 0 success, 2 bad input (one ``error: ...`` line on stderr; argparse's own
-    usage errors exit 2 as well)."""
+    status: 0 success, 1 the fit failed (one ``error: ...`` line), 2 bad input (one
+    ``error: ...`` line on stderr; argparse's own usage errors exit 2 as well), 130
+    interrupted (one ``interrupted: ...`` line)."""
     try:
         args = _parser().parse_args(argv)
     except SystemExit as e:  # --help, or argparse's usage error (already printed)
-        return e.code if isinstance(e.code, int) else 2
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
     out, err = sys.stdout, sys.stderr
+    output = _Output(args.out, args.overwrite) if args.command == "fit" else None
     try:
-        data = _read(args, err)
-        if args.command == "describe":
-            print(_describe(data), file=out)
-            return 0
-        print(_describe(data), file=out)
-        model = _model(args, data)
-        outdir = Path(args.out)
-        outdir.mkdir(parents=True, exist_ok=True)
+        return _command(args, output, out, err)
+    except KeyboardInterrupt:
+        where = "" if output is None else (
+            f"; {output.path} left as it was" if output.path.exists()
+            else f"; nothing written to {output.path}")
+        print(f"interrupted{where}", file=err, flush=True)
+        return EXIT_INTERRUPTED
     except (UsageError, ValueError, TypeError, OSError) as e:
+        if getattr(args, "traceback", False):
+            raise
         print(f"error: {_message(e)}", file=err)
-        return 2
-    return _run_fit(args, model, data, outdir, out, err)
+        return EXIT_USAGE
+    except Exception as e:   # the fit or the diagnostics failed: one line, not a traceback
+        if getattr(args, "traceback", False):
+            raise
+        what = str(e) if isinstance(e, FitFailed) else f"{type(e).__name__}: {_message(e)}"
+        print(f"error: fit failed: {' '.join(what.split())} (--traceback for details)"
+              if not isinstance(e, FitFailed) else f"error: {what}", file=err)
+        return EXIT_FAILED
+
+
+def _command(args, output, out, err) -> int:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            data = _read(args, err)
+            if args.command == "describe":
+                print(describe(data), file=out)
+                return 0
+            print(describe(data), file=out)
+            model = _model(args, data)
+        finally:   # describe shows the data notes itself
+            _report_warnings(caught, err,
+                             skip=(DataWarning,) if args.command == "describe" else ())
+    output.check()
+    return _run_fit(args, model, data, output, out, err)
 
 
 def _message(e: Exception) -> str:
     if isinstance(e, OSError) and e.filename:
         return f"{e.strerror or type(e).__name__}: {e.filename}"
-    return str(e) or type(e).__name__
+    return " ".join(str(e).split()) or type(e).__name__

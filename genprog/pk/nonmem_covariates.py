@@ -19,7 +19,7 @@ import pandas as pd
 
 from genprog.pk.nonmem_table import Table
 
-__all__ = ["Covariates", "RESERVED", "read_covariates"]
+__all__ = ["RESERVED", "Covariates", "read_covariates"]
 
 #: NONMEM data items (never covariates); ``C`` is NONMEM's comment-flag column.
 RESERVED = ("ID", "TIME", "DV", "AMT", "EVID", "MDV", "CMT", "RATE", "DUR", "DURATION",
@@ -96,6 +96,10 @@ def read_covariates(t: Table, subj: np.ndarray, ids: list, covariates=None,
                              f"({_first_change(t, column(k), subj, ids)}): read as "
                              "time-varying (name it in covariates= to read each subject's "
                              "first value, or in time_varying= to confirm)")
+    if not implicit_tv and covariates is None:
+        for k in candidates:
+            if k not in cov_keys and k not in tv_keys and column(k).varies:
+                ignored[t.label(k)] = "varies within subjects (not named in time_varying=)"
     for k in cat_keys:
         if k not in cov_keys and k not in tv_keys:
             raise ValueError(f"categorical: {t.label(k)!r} is not read as a covariate "

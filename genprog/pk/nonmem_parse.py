@@ -111,7 +111,7 @@ def parse_file(path: Path) -> ParsedFile:
         frame = frame.drop(columns=frame.columns[0])
     if skipped:
         notes.append(f"{len(skipped)} comment row{'s' if len(skipped) > 1 else ''} skipped "
-                     f"(NONMEM's IGNORE=#/@/C: lines {_lines(skipped)})")
+                     f"(NONMEM's IGNORE=#/@/C: line{'s' if len(skipped) > 1 else ''} {_lines(skipped)})")
     return ParsedFile(frame, np.asarray(lines, dtype=np.int64), notes)
 
 
@@ -164,7 +164,7 @@ def _checked(text: str, name: str, encoding: str) -> str:
 def _records(text: str, name: str) -> list:
     """``[(line, fields), ...]``; comma-separated unless the header has no comma."""
     lines = text.splitlines()
-    first = next((ln for ln in lines if ln.strip()), "")
+    first = _header_line(lines)
     if "," not in first and ";" in first:
         raise ValueError(f"{name} line 1: the separator is ';'; genprog reads comma- or "
                          "whitespace-separated files: save it as CSV with ',' between values "
@@ -180,6 +180,18 @@ def _records(text: str, name: str) -> list:
             raise ValueError(f"{name} line {reader.line_num}: malformed CSV ({e})") from None
         return out
     return [(i + 1, ln.split()) for i, ln in enumerate(lines)]
+
+
+def _header_line(lines) -> str:
+    """The line that holds the header: the first non-blank one naming an ID column among
+    the leading comment lines, else the first non-blank one (it decides the separator)."""
+    blank = [ln for ln in lines if ln.strip()]
+    for ln in blank:
+        if "ID" in (f.strip().lstrip("#@").strip().upper() for f in re.split(r"[,;\s]+", ln)):
+            return ln
+        if ln.strip()[:1] not in ("#", "@"):
+            break
+    return blank[0] if blank else ""
 
 
 def _header(records, name):

@@ -226,13 +226,13 @@ def _canonical_ids(t, s):
         else:
             out[i] = str(u).strip()
     if numeric:
-        values = np.array([abs(v) if v is not None else 0 for v in out], dtype=object)
-        big = np.array([v > _EXACT_INT for v in values], dtype=bool)
+        t.fail([isinstance(v, float) and not np.isfinite(v) for v in out], "ID", lambda i: (
+            f"ID is infinite ({raw[i]!r})"))
+        big = np.array([v is not None and abs(v) > _EXACT_INT for v in out], dtype=bool)
         t.fail(big, "ID", lambda i: (
             f"ID {raw[i]} is beyond 2^53 = {_EXACT_INT}: such IDs lose digits as "
             "floating-point numbers, and two subjects can merge; renumber the subjects "
             "(or make the IDs text, e.g. with a letter in front)"))
-        t.fail([isinstance(v, float) and not np.isfinite(v) for v in out], "ID", "ID is infinite")
     return out
 
 
