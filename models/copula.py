@@ -47,7 +47,7 @@ from pyro.distributions import constraints
 from pyro.distributions.torch_distribution import TorchDistribution
 from pyro.distributions.transforms import biject_to
 
-from .base import ZooModel
+from .base import ZooModel, renamed_keywords
 
 __all__ = ["GaussianCopula", "NormalScoreShift", "marginal_cdf", "marginal_icdf"]
 
@@ -55,20 +55,20 @@ _SQRT2 = math.sqrt(2.0)
 
 
 # ---------------------------------------------------------------------------- cdf / icdf
-def _betainc(a, b, x, tol: float = 4e-16, max_iter: int = 300):
+def _betainc(a, b, x, tol: float = 4e-16, max_iters: int = 300):
     """Regularised incomplete beta ``I_x(a, b)`` (continued fraction, modified Lentz,
     iterated to relative change ``tol``; the symmetry ``I_x(a, b) = 1 - I_{1-x}(b, a)``
     where the fraction converges faster)."""
     a, b, x = torch.broadcast_tensors(a, b, x)
     flip = x > (a + 1) / (a + b + 2)
     val = _betainc_cf(torch.where(flip, b, a), torch.where(flip, a, b),
-                      torch.where(flip, 1 - x, x), tol, max_iter)
+                      torch.where(flip, 1 - x, x), tol, max_iters)
     out = torch.where(flip, 1 - val, val)
     out = torch.where(x <= 0, torch.zeros_like(out), out)
     return torch.where(x >= 1, torch.ones_like(out), out)
 
 
-def _betainc_cf(a, b, x, tol=4e-16, max_iter=300):
+def _betainc_cf(a, b, x, tol=4e-16, max_iters=300):
     """``I_x(a, b)`` by its continued fraction (accurate for ``x < (a + 1) / (a + b + 2)``)."""
     x = x.clamp(1e-300, 1 - 1e-16)
     tiny = 1e-300
@@ -79,7 +79,7 @@ def _betainc_cf(a, b, x, tol=4e-16, max_iter=300):
     c = torch.ones_like(x)
     d = 1 / guard(1 - (a + b) * x / (a + 1))
     h = d
-    for m in range(1, max_iter + 1):
+    for m in range(1, max_iters + 1):
         m2 = 2 * m
         delta = torch.ones_like(h)
         for step in (m * (b - m) * x / ((a + m2 - 1) * (a + m2)),
@@ -412,7 +412,8 @@ class GaussianCopula(ZooModel):
 
     # ------------------------------------------------------------------ maximum likelihood
     @classmethod
-    def mle(cls, y, marginals, *, max_iter: int = 200, dtype=torch.float64):
+    @renamed_keywords(max_iter="max_iters")
+    def mle(cls, y, marginals, *, max_iters: int = 200, dtype=torch.float64):
         """Two-step maximum likelihood: each marginal family by its own MLE (closed form for
         Normal and LogNormal; L-BFGS on the unconstrained parameters from moment-matched
         starting values otherwise), then the correlation of the normal scores
@@ -423,7 +424,7 @@ class GaussianCopula(ZooModel):
         y : array [N, d]
         marginals : list of d distribution classes (``dist.Gamma``, ...) or instances (kept
             fixed)
-        max_iter : int
+        max_iters : int
             L-BFGS iterations per marginal.
 
         Returns
@@ -438,7 +439,7 @@ class GaussianCopula(ZooModel):
             raise ValueError(f"mle: y has {yt.shape[1]} columns but {len(marginals)} marginals were given")
         if not torch.isfinite(yt).all():
             raise ValueError("mle: y has NaN or infinite entries")
-        fitted = [(_fit_marginal(m, yt[:, i], i, max_iter) if isinstance(m, type) else m)
+        fitted = [(_fit_marginal(m, yt[:, i], i, max_iters) if isinstance(m, type) else m)
                   for i, m in enumerate(marginals)]
         z = torch.stack([_normal_scores(m, yt[:, i]) for i, m in enumerate(fitted)], 1)
         zc = z - z.mean(0)
@@ -450,7 +451,7 @@ class GaussianCopula(ZooModel):
         return cls(corr=corr, marginals=fitted).to(dtype=dtype)
 
 
-def _fit_marginal(family, y, i, max_iter):
+def _fit_marginal(family, y, i, max_iters):
     """Maximum likelihood fit of a univariate ``family`` to ``y [N]``."""
     if not issubclass(family, torch.distributions.Distribution):
         raise TypeError(f"mle: marginal {i} must be a distribution class, got {family!r}")
@@ -483,7 +484,7 @@ def _fit_marginal(family, y, i, max_iter):
     raw = {n: (biject_to(c).inv(init[n].clamp_min(1e-6)) if n in init
                else torch.zeros((), dtype=y.dtype, device=y.device)).detach().clone().requires_grad_(True)
            for n, c in cons.items()}
-    opt = torch.optim.LBFGS(list(raw.values()), max_iter=max_iter, line_search_fn="strong_wolfe",
+    opt = torch.optim.LBFGS(list(raw.values()), max_iter=max_iters, line_search_fn="strong_wolfe",
                             tolerance_grad=1e-10, tolerance_change=1e-14)
 
     def closure():

@@ -15,7 +15,7 @@ Normal-Wishart base as in Bishop 2006 ch. 10 and scikit-learn's
 ``BayesianGaussianMixture``) and returns the finite mixture at the variational point
 estimate (``E_q[weights]``, ``E_q[means]``, ``E_q[precision]^-1``): its ``log p`` is the
 exact log density of that plug-in mixture — not the DP's marginal likelihood, which only
-the ELBO (``vi_info.elbo``) bounds from below.
+the ELBO (``info.elbo``) bounds from below.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import torch
 
 from genprog.errors import ConvergenceWarning
 
-from .base import ZooModel
+from .base import ZooModel, deprecated_record, renamed_keywords
 from .gaussian import (
     _split_obs,
     check_int,
@@ -78,6 +78,17 @@ class DirichletProcessMixture(ZooModel):
     base_mean, base_scale : float
         The base measure's normal prior on the means.
 
+    Attributes
+    ----------
+    info : VIInfo
+        Set by :meth:`fit_variational`, the fit record (:class:`VIInfo`): ``elbo`` (float,
+        evidence lower bound at the returned ``q``, nats), ``num_iters`` (int),
+        ``converged`` (bool), ``trace`` (tuple of float, ELBO after each iteration),
+        ``stick_params`` (Tensor ``[T-1, 2]``, the Beta parameters of ``q(v_t)``),
+        ``responsibilities`` (Tensor ``[N, T]``, ``q(z_n)`` of the training rows).
+    vi_info : VIInfo
+        Deprecated name of ``info`` (the same record; read-only).
+
     Examples
     --------
     >>> import torch
@@ -89,6 +100,7 @@ class DirichletProcessMixture(ZooModel):
     """
 
     mle_kind = "variational (truncated stick-breaking, mean field)"
+    vi_info = deprecated_record("vi_info")
 
     def __init__(self, *, weights=None, means=None, covariances=None, alpha=None,
                  truncation=None, dim=None, base_mean: float = 0.0, base_scale: float = 10.0):
@@ -229,10 +241,11 @@ class DirichletProcessMixture(ZooModel):
 
     # ------------------------------------------------------------------ variational fit
     @classmethod
+    @renamed_keywords(max_iter="max_iters")
     def fit_variational(cls, data, truncation: int = 10, alpha: float = 1.0, *,
                         mean_prior=None, mean_precision_prior: float = 1.0,
                         degrees_of_freedom_prior: float | None = None, covariance_prior=None,
-                        max_iter: int = 500, tol: float = 1e-8, n_init: int = 1,
+                        max_iters: int = 500, tol: float = 1e-8, n_init: int = 1,
                         seed: int = 0) -> DirichletProcessMixture:
         """Mean-field VI for the truncated DP Gaussian mixture.
 
@@ -254,7 +267,7 @@ class DirichletProcessMixture(ZooModel):
             ``nu_0`` of the Wishart (default ``d``).
         covariance_prior : array ``[d, d]``, optional
             ``W_0^{-1}`` (default: the data covariance), scikit-learn's convention.
-        max_iter, tol : int, float
+        max_iters, tol : int, float
             Stop when the ELBO per row changes by less than ``tol`` nats.
         n_init : int
             Restarts; the highest ELBO wins.
@@ -264,13 +277,13 @@ class DirichletProcessMixture(ZooModel):
         -------
         DirichletProcessMixture
             The finite mixture at the variational point estimate (``truncation`` components,
-            most with negligible weight), with a :class:`VIInfo` as attribute ``vi_info``.
+            most with negligible weight), with a :class:`VIInfo` as attribute ``info``.
             A ``ConvergenceWarning`` is raised when the best restart stopped unconverged.
         """
         y = data_matrix(cls, data, "fit_variational")
         T = check_int("DirichletProcessMixture.fit_variational: truncation", truncation)
         n_init = check_int("DirichletProcessMixture.fit_variational: n_init", n_init)
-        max_iter = check_int("DirichletProcessMixture.fit_variational: max_iter", max_iter)
+        max_iters = check_int("DirichletProcessMixture.fit_variational: max_iters", max_iters)
         N = y.shape[0]
         if T > N:
             raise ValueError(f"DirichletProcessMixture.fit_variational: truncation {T} exceeds "
@@ -282,17 +295,17 @@ class DirichletProcessMixture(ZooModel):
         g = torch.Generator(device=y.device).manual_seed(seed)
         best = None
         for _ in range(n_init):
-            q, info = _cavi(y, _kmeans_pp(y, T, g), float(alpha), prior, max_iter, tol)
+            q, info = _cavi(y, _kmeans_pp(y, T, g), float(alpha), prior, max_iters, tol)
             if best is None or info.elbo > best[1].elbo:
                 best = (q, info)
         q, info = best
         if not info.converged:
             warnings.warn(f"DirichletProcessMixture.fit_variational: stopped unconverged after "
-                          f"{info.num_iters} iterations; raise max_iter", ConvergenceWarning,
+                          f"{info.num_iters} iterations; raise max_iters", ConvergenceWarning,
                           stacklevel=2)
         model = cls(weights=q.weights(), means=q.m, covariances=q.covariances(), alpha=float(alpha),
                     ).to(device=y.device, dtype=y.dtype)
-        model.vi_info = info
+        model.info = info
         return model
 
     @classmethod
@@ -451,11 +464,11 @@ def _elbo(y, r, alpha, p: _NWPrior, q: _Q) -> float:
     return float(e_lik_and_z + ent_z + e_p_v - e_q_v + e_p_mu_lam - e_q_mu_lam)
 
 
-def _cavi(y, r, alpha, prior, max_iter, tol):
+def _cavi(y, r, alpha, prior, max_iters, tol):
     N = y.shape[0]
     trace, converged = [], False
     q = _m_step(y, r, alpha, prior)
-    for it in range(1, max_iter + 1):
+    for it in range(1, max_iters + 1):
         r = torch.softmax(_log_rho(y, q), dim=-1)
         q = _m_step(y, r, alpha, prior)
         trace.append(_elbo(y, r, alpha, prior, q))

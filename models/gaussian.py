@@ -25,7 +25,7 @@ import torch
 from genprog.errors import ConvergenceWarning
 from genprog.inputs import as_tensor
 
-from .base import ZooModel
+from .base import ZooModel, deprecated_record, renamed_keywords
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
@@ -177,7 +177,7 @@ class EMInfo:
 def warn_unconverged(what: str, info: EMInfo) -> None:
     if not info.converged:
         warnings.warn(f"{what}: EM stopped unconverged after {info.num_iters} iterations "
-                      f"(mean log-likelihood {info.trace[-1]:.6g}); raise max_iter or tol",
+                      f"(mean log-likelihood {info.trace[-1]:.6g}); raise max_iters or tol",
                       ConvergenceWarning, stacklevel=3)
 
 
@@ -521,6 +521,17 @@ class FactorAnalysis(_FactorModel):
     dim, k : int, optional
         ``d`` and ``k``; needed only when ``W`` is not given.
 
+    Attributes
+    ----------
+    info : EMInfo
+        Set by :meth:`mle`, the fit record (:class:`~genprog.models.gaussian.EMInfo`):
+        ``log_likelihood`` (float, total log-likelihood of the data at the returned
+        parameters, nats), ``num_iters`` (int, EM iterations), ``converged`` (bool,
+        whether the change in mean log-likelihood per row fell below ``tol``), ``trace``
+        (tuple of float, mean log-likelihood per row after each iteration).
+    em_info : EMInfo
+        Deprecated name of ``info`` (the same record; read-only).
+
     Examples
     --------
     >>> import torch
@@ -530,6 +541,7 @@ class FactorAnalysis(_FactorModel):
     """
 
     mle_kind = "EM"
+    em_info = deprecated_record("em_info")
 
     def __init__(self, *, W=None, mu=None, psi=None, dim=None, k=None):
         dim, k = check_int("FactorAnalysis: dim", dim), check_int("FactorAnalysis: k", k)
@@ -573,7 +585,8 @@ class FactorAnalysis(_FactorModel):
         return FactorAnalysis(W=W, mu=mu, psi=self.kwargs["psi"][a])
 
     @classmethod
-    def mle(cls, data, k: int, *, max_iter: int = 2000, tol: float = 1e-9,
+    @renamed_keywords(max_iter="max_iters")
+    def mle(cls, data, k: int, *, max_iters: int = 2000, tol: float = 1e-9,
             min_psi: float = 1e-8) -> FactorAnalysis:
         """Maximum likelihood by EM (Rubin & Thayer 1982), started from the PPCA fit.
 
@@ -581,7 +594,7 @@ class FactorAnalysis(_FactorModel):
         ----------
         data : array ``[N, d]`` (no NaN)
         k : int, ``1 <= k < d``
-        max_iter : int
+        max_iters : int
         tol : float
             Stop when the mean log-likelihood per row changes by less than ``tol`` nats.
         min_psi : float
@@ -591,7 +604,7 @@ class FactorAnalysis(_FactorModel):
         Returns
         -------
         FactorAnalysis
-            With the fit record :class:`EMInfo` as attribute ``em_info``; a
+            With the fit record :class:`EMInfo` as attribute ``info``; a
             ``ConvergenceWarning`` is raised if EM stops unconverged.
         """
         y = data_matrix(cls, data, "mle")
@@ -616,7 +629,7 @@ class FactorAnalysis(_FactorModel):
             # E over the data of log N(y; mu, C) from the sufficient statistic S
             return lr.log_prob(torch.zeros_like(mu)) - 0.5 * torch.trace(torch.linalg.solve(C, S))
 
-        for it in range(1, max_iter + 1):
+        for it in range(1, max_iters + 1):
             Wp = W / psi.unsqueeze(-1)                      # Psi^-1 W
             G = torch.cholesky_inverse(torch.linalg.cholesky(eye + W.T @ Wp))  # cov of z | y
             beta = G @ Wp.T                                 # E[z | y] = beta (y - mu)
@@ -634,7 +647,7 @@ class FactorAnalysis(_FactorModel):
                       trace=tuple(trace))
         warn_unconverged("FactorAnalysis.mle", info)
         model = cls(W=W, mu=mu, psi=psi).to(device=y.device, dtype=y.dtype)
-        model.em_info = info
+        model.info = info
         return model
 
 

@@ -46,7 +46,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 
-from .base import ZooModel
+from .base import ZooModel, renamed_keywords
 
 __all__ = ["RBF", "GaussianProcess", "Kernel", "Matern32", "Matern52", "Periodic"]
 
@@ -562,8 +562,9 @@ class GaussianProcess(ZooModel):
 
     # ------------------------------------------------------------------ maximum likelihood
     @classmethod
+    @renamed_keywords(max_iter="max_iters")
     def mle(cls, x, y, kernel=None, noise=None, mean=0.0, *, init: dict | None = None,
-            max_iter: int = 500, dtype=torch.float64):
+            max_iters: int = 500, dtype=torch.float64):
         """Maximum likelihood hyperparameters: the exact log marginal likelihood
         ``log N(y; mean, K + noise I)`` maximised by L-BFGS over the logarithms of the
         hyperparameters left ``None`` (values given in ``kernel``, ``noise`` or ``mean``
@@ -580,7 +581,7 @@ class GaussianProcess(ZooModel):
             Starting values by flat name (default: lengthscales the median pairwise
             distance, variances ``var(y)``, noise ``var(y) / 10``, period a quarter of the
             input range, mean ``mean(y)``).
-        max_iter : int
+        max_iters : int
             L-BFGS iterations.
 
         Returns
@@ -654,7 +655,7 @@ class GaussianProcess(ZooModel):
             return dist.MultivariateNormal(loc, scale_tril=chol).log_prob(yt).sum()
 
         if params:
-            opt = torch.optim.LBFGS(params, lr=1.0, max_iter=max_iter, history_size=20,
+            opt = torch.optim.LBFGS(params, lr=1.0, max_iter=max_iters, history_size=20,
                                     tolerance_grad=1e-9, tolerance_change=1e-12,
                                     line_search_fn="strong_wolfe")
 

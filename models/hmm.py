@@ -29,7 +29,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 
-from .base import ZooModel
+from .base import ZooModel, deprecated_record, renamed_keywords
 from .gaussian import (
     EMInfo,
     check_int,
@@ -82,6 +82,17 @@ class HMM(ZooModel):
         ``T``, the sequence length of a draw; needed to sample or to condition.
         ``log_prob``, ``posterior`` and ``viterbi`` take sequences of any length.
 
+    Attributes
+    ----------
+    info : EMInfo
+        Set by :meth:`mle`, the fit record (:class:`~genprog.models.gaussian.EMInfo`):
+        ``log_likelihood`` (float, total log-likelihood of the data at the returned
+        parameters, nats), ``num_iters`` (int, EM iterations: M-steps of the best restart), ``converged`` (bool,
+        whether the change in mean log-likelihood per sequence fell below ``tol``), ``trace``
+        (tuple of float, mean log-likelihood per sequence before each M-step and at the end).
+    em_info : EMInfo
+        Deprecated name of ``info`` (the same record; read-only).
+
     Examples
     --------
     >>> import torch
@@ -95,6 +106,7 @@ class HMM(ZooModel):
 
     supports_missing = True
     mle_kind = "EM"
+    em_info = deprecated_record("em_info")
 
     def __init__(self, *, initial=None, transition=None, emission_probs=None, means=None,
                  covariances=None, emission=None, covariance_type=None, k=None,
@@ -367,8 +379,9 @@ class HMM(ZooModel):
 
     # ------------------------------------------------------------------ Baum-Welch
     @classmethod
+    @renamed_keywords(max_iter="max_iters")
     def mle(cls, data, k: int, *, emission: str | None = None, num_symbols: int | None = None,
-            covariance_type: str = "full", max_iter: int = 200, tol: float = 1e-8,
+            covariance_type: str = "full", max_iters: int = 200, tol: float = 1e-8,
             n_init: int = 1, seed: int = 0, init: HMM | None = None,
             min_covar: float = 1e-6) -> HMM:
         """Maximum likelihood by Baum-Welch (EM on the complete-data likelihood).
@@ -385,7 +398,7 @@ class HMM(ZooModel):
         num_symbols : int, optional
             ``M`` (default: largest symbol + 1).
         covariance_type : {"full", "diag"}
-        max_iter, tol : int, float
+        max_iters, tol : int, float
             Stop when the mean log-likelihood per sequence changes by less than ``tol``.
         n_init : int
             Random restarts (seeds ``seed, seed+1, ...``); the best log-likelihood wins.
@@ -397,7 +410,7 @@ class HMM(ZooModel):
         Returns
         -------
         HMM
-            With the fit record :class:`~genprog.models.gaussian.EMInfo` as ``em_info``
+            With the fit record :class:`~genprog.models.gaussian.EMInfo` as ``info``
             (``num_iters``: M-steps; ``trace``: mean log-likelihood per sequence before each
             M-step and at the end; a ``ConvergenceWarning`` is raised if EM stops unconverged). Partially missing
             Gaussian vectors are supported with ``covariance_type="diag"`` only.
@@ -418,14 +431,14 @@ class HMM(ZooModel):
             for i in range(n_init)]
         best = None
         for start in starts:
-            model, info = _baum_welch(start.to(device=y.device, dtype=y.dtype), y, max_iter, tol,
+            model, info = _baum_welch(start.to(device=y.device, dtype=y.dtype), y, max_iters, tol,
                                       min_covar)
             if best is None or info.log_likelihood > best[1].log_likelihood:
                 best = (model, info)
         model, info = best
         warn_unconverged("HMM.mle", info)
         model = model._with_params(length=int(y.shape[1])).to(device=y.device, dtype=y.dtype)
-        model.em_info = info
+        model.info = info
         return model
 
 
@@ -538,11 +551,11 @@ def _dirichlet(gen, K, M, dt):
     return g / g.sum(-1, keepdim=True)
 
 
-def _baum_welch(model: HMM, y, max_iter, tol, min_covar):
+def _baum_welch(model: HMM, y, max_iters, tol, min_covar):
     N, T = y.shape[:2]
     p = dict(model.params)
     trace, prev, converged, it = [], None, False, 0
-    for it in range(max_iter + 1):  # it = M-steps done so far
+    for it in range(max_iters + 1):  # it = M-steps done so far
         logB = model.log_emission(y)
         alpha, logZ = model._forward(logB)
         ll = float(logZ.sum())
@@ -552,7 +565,7 @@ def _baum_welch(model: HMM, y, max_iter, tol, min_covar):
         if prev is not None and abs(ll / N - prev) < tol:
             converged = True
             break
-        if it == max_iter:
+        if it == max_iters:
             break
         prev = ll / N
         beta = model._backward(logB)

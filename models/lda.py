@@ -36,7 +36,7 @@ from genprog.estimate import Estimate
 from genprog.inputs import as_tensor
 from genprog.model import _seeded
 
-from .base import ZooModel
+from .base import ZooModel, deprecated_record, renamed_keywords
 from .gaussian import check_int, keep_float64, set_param
 
 _TINY = 1e-100
@@ -69,6 +69,17 @@ class LDA(ZooModel):
     topic_concentration : float
         The topics' Dirichlet prior concentration (used when ``topics`` is None).
 
+    Attributes
+    ----------
+    info : LDAInfo
+        Set by :meth:`mle`, the fit record (:class:`LDAInfo`): ``elbo`` (float, evidence
+        lower bound on ``sum_d log p(y_d | N_d)`` at the returned parameters, nats),
+        ``num_iters`` (int), ``converged`` (bool), ``trace`` (tuple of float, ELBO per word
+        after each iteration), ``doc_topic`` (Tensor ``[D, K]``, variational Dirichlet
+        parameters of the training documents).
+    em_info : LDAInfo
+        Deprecated name of ``info`` (the same record; read-only).
+
     Examples
     --------
     >>> import torch
@@ -78,6 +89,7 @@ class LDA(ZooModel):
     """
 
     mle_kind = "variational EM"
+    em_info = deprecated_record("em_info")
 
     def __init__(self, *, topics=None, alpha=None, k=None, vocab_size=None, doc_length: int = 100,
                  topic_concentration: float = 0.1):
@@ -150,7 +162,8 @@ class LDA(ZooModel):
         return x, single
 
     # ------------------------------------------------------------------ variational posterior
-    def posterior_estimate(self, y, *, max_iter: int = 200, tol: float = 1e-6):
+    @renamed_keywords(max_iter="max_iters")
+    def posterior_estimate(self, y, *, max_iters: int = 200, tol: float = 1e-6):
         """Mean-field approximation ``q(theta_d) = Dirichlet(gamma_d)`` of ``p(theta_d | y_d)``
         (Blei et al. 2003, the E-step of variational EM; approximate, no error bar).
 
@@ -166,7 +179,7 @@ class LDA(ZooModel):
         self._require_parameters("posterior_estimate")
         x, single = self._counts(y, "posterior_estimate")
         with self.context():
-            gamma, _ = _e_step(x, self.kwargs["topics"], self._alpha(), max_iter, tol)
+            gamma, _ = _e_step(x, self.kwargs["topics"], self._alpha(), max_iters, tol)
         return dist.Dirichlet(gamma[0] if single else gamma)
 
     def _log_prob_estimate(self, y, *, num_samples: int = 1000, proposal: str = "variational",
@@ -249,7 +262,8 @@ class LDA(ZooModel):
 
     # ------------------------------------------------------------------ variational EM
     @classmethod
-    def mle(cls, data, k: int, *, alpha=None, max_iter: int = 200, tol: float = 1e-6,
+    @renamed_keywords(max_iter="max_iters")
+    def mle(cls, data, k: int, *, alpha=None, max_iters: int = 200, tol: float = 1e-6,
             n_init: int = 1, seed: int = 0, doc_length: int | None = None) -> LDA:
         """Variational EM (Blei et al. 2003): mean-field E-steps for every document at once
         (``q(theta_d) = Dirichlet(gamma_d)``, token assignments summed in closed form per
@@ -263,7 +277,7 @@ class LDA(ZooModel):
             Number of topics.
         alpha : float or array ``[K]``, optional
             Fixed concentration; None learns an asymmetric one (initialised at ``1 / K``).
-        max_iter : int
+        max_iters : int
         tol : float
             Stop when the ELBO per word changes by less than ``tol`` nats.
         n_init : int
@@ -275,7 +289,7 @@ class LDA(ZooModel):
         Returns
         -------
         LDA
-            With a :class:`LDAInfo` as attribute ``em_info``; a ``ConvergenceWarning`` when the
+            With a :class:`LDAInfo` as attribute ``info``; a ``ConvergenceWarning`` when the
             best restart stopped unconverged.
         """
         keep = torch.is_tensor(data) and data.is_floating_point()
@@ -305,17 +319,17 @@ class LDA(ZooModel):
             noise = -torch.log(torch.rand(K, V, generator=g, device=x.device, dtype=x.dtype))
             topics = freq * noise
             topics = topics / topics.sum(-1, keepdim=True)
-            res = _variational_em(x, topics, a0.clone(), learn_alpha, max_iter, tol)
+            res = _variational_em(x, topics, a0.clone(), learn_alpha, max_iters, tol)
             if best is None or res[2].elbo > best[2].elbo:
                 best = res
         topics, a, info = best
         if not info.converged:
             warnings.warn(f"LDA.mle: variational EM stopped unconverged after {info.num_iters} "
-                          "iterations; raise max_iter or tol", ConvergenceWarning, stacklevel=2)
+                          "iterations; raise max_iters or tol", ConvergenceWarning, stacklevel=2)
         if doc_length is None:
             doc_length = max(1, round(float(x.sum(-1).mean())))
         model = cls(topics=topics, alpha=a, doc_length=doc_length).to(device=x.device, dtype=x.dtype)
-        model.em_info = info
+        model.info = info
         return model
 
 
@@ -342,14 +356,14 @@ class LDAInfo:
     doc_topic: torch.Tensor
 
 
-def _e_step(x, topics, alpha, max_iter, tol):
+def _e_step(x, topics, alpha, max_iters, tol):
     """Mean-field E-step for every document: ``gamma [D, K]`` and the ELBO ``[D]``.
 
     With ``phi_dwk ∝ exp(E[log theta_dk]) topics_kw`` in closed form, ``gamma_d = alpha +
     sum_w y_dw phi_dw``, iterated to a fixed point (vectorized over documents)."""
     D = x.shape[0]
     gamma = alpha + x.sum(-1, keepdim=True) / alpha.shape[0]
-    for _ in range(max_iter):
+    for _ in range(max_iters):
         e = torch.exp(torch.digamma(gamma) - torch.digamma(gamma.sum(-1, keepdim=True)))
         norm = (e @ topics).clamp_min(_TINY)
         new = alpha + e * ((x / norm) @ topics.T)
@@ -380,10 +394,10 @@ def _inverse_digamma(y, iters: int = 6):
     return x
 
 
-def _variational_em(x, topics, alpha, learn_alpha, max_iter, tol):
+def _variational_em(x, topics, alpha, learn_alpha, max_iters, tol):
     words = float(x.sum())
     trace, converged, gamma = [], False, None
-    for it in range(1, max_iter + 1):
+    for it in range(1, max_iters + 1):
         gamma, _ = _e_step(x, topics, alpha, 100, 1e-5)
         e = torch.exp(torch.digamma(gamma) - torch.digamma(gamma.sum(-1, keepdim=True)))
         norm = (e @ topics).clamp_min(_TINY)

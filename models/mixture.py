@@ -14,7 +14,7 @@ import pyro.distributions as dist
 import torch
 from pyro.ops.indexing import Vindex
 
-from .base import ZooModel
+from .base import ZooModel, deprecated_record, renamed_keywords
 from .gaussian import (
     EMInfo,
     _plate,
@@ -45,6 +45,17 @@ class GaussianMixture(ZooModel):
     k, dim : int, optional
         ``K`` and ``d``; needed only when the parameters that carry them are not given.
 
+    Attributes
+    ----------
+    info : EMInfo
+        Set by :meth:`mle`, the fit record (:class:`~genprog.models.gaussian.EMInfo`):
+        ``log_likelihood`` (float, total log-likelihood of the data at the returned
+        parameters, nats), ``num_iters`` (int, EM iterations of the best restart), ``converged`` (bool,
+        whether the change in mean log-likelihood per row fell below ``tol``), ``trace``
+        (tuple of float, mean log-likelihood per row after each iteration).
+    em_info : EMInfo
+        Deprecated name of ``info`` (the same record; read-only).
+
     Examples
     --------
     >>> import torch
@@ -57,6 +68,7 @@ class GaussianMixture(ZooModel):
 
     supports_missing = True
     mle_kind = "EM"
+    em_info = deprecated_record("em_info")
 
     def __init__(self, *, weights=None, means=None, covariances=None, k=None, dim=None):
         k, dim = check_int("GaussianMixture: k", k), check_int("GaussianMixture: dim", dim)
@@ -186,7 +198,8 @@ class GaussianMixture(ZooModel):
 
     # ------------------------------------------------------------------ EM
     @classmethod
-    def mle(cls, data, k: int, *, n_init: int = 3, max_iter: int = 500, tol: float = 1e-8,
+    @renamed_keywords(max_iter="max_iters")
+    def mle(cls, data, k: int, *, n_init: int = 3, max_iters: int = 500, tol: float = 1e-8,
             reg_covar: float = 1e-6, seed: int = 0) -> GaussianMixture:
         """Maximum likelihood by EM, best of ``n_init`` k-means++ starts.
 
@@ -197,7 +210,7 @@ class GaussianMixture(ZooModel):
             Number of components.
         n_init : int
             Restarts; the fit with the highest log-likelihood is returned.
-        max_iter : int
+        max_iters : int
         tol : float
             Stop when the mean log-likelihood per row changes by less than ``tol`` nats.
         reg_covar : float
@@ -208,7 +221,7 @@ class GaussianMixture(ZooModel):
         Returns
         -------
         GaussianMixture
-            With :class:`genprog.models.gaussian.EMInfo` as attribute ``em_info``; a
+            With :class:`genprog.models.gaussian.EMInfo` as attribute ``info``; a
             ``ConvergenceWarning`` is raised if the best restart stopped unconverged.
         """
         y = data_matrix(cls, data, "mle")
@@ -220,13 +233,13 @@ class GaussianMixture(ZooModel):
         g = torch.Generator(device=y.device).manual_seed(seed)
         best = None
         for _ in range(n_init):
-            params, info = _em(y, _kmeans_pp(y, k, g), max_iter, tol, reg_covar)
+            params, info = _em(y, _kmeans_pp(y, k, g), max_iters, tol, reg_covar)
             if best is None or info.log_likelihood > best[1].log_likelihood:
                 best = (params, info)
         (w, m, c), info = best
         warn_unconverged("GaussianMixture.mle", info)
         model = cls(weights=w, means=m, covariances=c).to(device=y.device, dtype=y.dtype)
-        model.em_info = info
+        model.info = info
         return model
 
 
@@ -258,12 +271,12 @@ def _m_step(y, r, reg_covar):
     return w, m, c
 
 
-def _em(y, r, max_iter, tol, reg_covar):
+def _em(y, r, max_iters, tol, reg_covar):
     """EM from responsibilities ``r``; returns ``((w, m, c), EMInfo)``."""
     N = y.shape[0]
     trace, prev, converged, it = [], None, False, 0
     w, m, c = _m_step(y, r, reg_covar)
-    for it in range(1, max_iter + 1):
+    for it in range(1, max_iters + 1):
         lp = torch.log(w) + dist.MultivariateNormal(m, covariance_matrix=c).log_prob(y.unsqueeze(1))
         ll = torch.logsumexp(lp, -1)
         mean_ll = float(ll.mean())

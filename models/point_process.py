@@ -62,7 +62,7 @@ import torch
 from pyro.distributions import constraints
 from pyro.distributions.torch_distribution import TorchDistribution
 
-from .base import ZooModel
+from .base import ZooModel, renamed_keywords
 
 __all__ = [
     "HawkesProcess",
@@ -798,7 +798,8 @@ class HawkesProcess(_PointProcess):
         return self._distribution().compensator(y)
 
     @classmethod
-    def mle(cls, y, T, *, init: dict | None = None, max_events=None, max_iter: int = 200):
+    @renamed_keywords(max_iter="max_iters")
+    def mle(cls, y, T, *, init: dict | None = None, max_events=None, max_iters: int = 200):
         """Maximum likelihood ``mu, alpha, beta`` from padded sequences ``y [N, M]`` on
         ``[0, T)``: the exact log likelihood maximised by L-BFGS over the log parameters
         (start: ``mu`` half the event rate, ``beta`` the event rate, ``alpha = beta / 2``;
@@ -817,7 +818,7 @@ class HawkesProcess(_PointProcess):
             raise TypeError(f"mle: unknown init name(s) {sorted(unknown)}; names: mu, alpha, beta")
         raw = torch.tensor([math.log(start[k]) for k in ("mu", "alpha", "beta")],
                            dtype=torch.float64, device=yt.device, requires_grad=True)
-        opt = torch.optim.LBFGS([raw], max_iter=max_iter, line_search_fn="strong_wolfe",
+        opt = torch.optim.LBFGS([raw], max_iter=max_iters, line_search_fn="strong_wolfe",
                                 tolerance_grad=1e-10, tolerance_change=1e-14)
 
         def closure():

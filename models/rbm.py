@@ -34,7 +34,7 @@ from genprog.estimate import Estimate
 from genprog.model import _seeded
 from genprog.monte_carlo import log_mean_exp
 
-from .base import ZooModel
+from .base import ZooModel, deprecated_record
 from .gaussian import check_int, data_matrix, keep_float64, set_param
 
 #: Largest layer enumerated by default for log Z (2^20 states).
@@ -226,6 +226,16 @@ class RBM(ZooModel):
         Exact ``log Z`` (hence ``log_prob``) when ``min(V, H) <= max_enumerate`` (default 20:
         ``2^20`` states, vectorized in chunks).
 
+    Attributes
+    ----------
+    info : CDInfo
+        Set by :meth:`mle`, the fit record (:class:`CDInfo`): ``epochs`` (int, passes over
+        the data), ``num_updates`` (int, minibatch updates), ``persistent`` (bool, PCD or
+        CD-k), ``reconstruction_error`` (tuple of float, mean squared one-step
+        reconstruction error per epoch).
+    cd_info : CDInfo
+        Deprecated name of ``info`` (the same record; read-only).
+
     Examples
     --------
     >>> import torch
@@ -235,6 +245,7 @@ class RBM(ZooModel):
     """
 
     mle_kind = "persistent contrastive divergence"
+    cd_info = deprecated_record("cd_info")
 
     def __init__(self, *, W=None, b=None, c=None, n_visible=None, n_hidden=None,
                  max_enumerate: int = MAX_ENUMERATE):
@@ -479,7 +490,7 @@ class RBM(ZooModel):
         -------
         RBM
             Initialised at ``W ~ N(0, 0.01^2)``, ``b = logit(mean of the data)`` (the
-            independent-Bernoulli fit), ``c = 0``; a :class:`CDInfo` as attribute ``cd_info``.
+            independent-Bernoulli fit), ``c = 0``; a :class:`CDInfo` as attribute ``info``.
         """
         x = data_matrix(cls, data, "mle")
         if not bool(((x == 0) | (x == 1)).all()):
@@ -527,5 +538,5 @@ class RBM(ZooModel):
                 step += 1
             recon.append(err / per_epoch)
         model = cls(W=W, b=b, c=c).to(device=x.device, dtype=x.dtype)
-        model.cd_info = CDInfo(epochs, total, persistent, tuple(recon))
+        model.info = CDInfo(epochs, total, persistent, tuple(recon))
         return model

@@ -27,7 +27,7 @@ import torch
 
 from genprog.inputs import as_tensor
 
-from .base import ZooModel
+from .base import ZooModel, deprecated_record, renamed_keywords
 from .gaussian import check_int, check_positive_definite, keep_float64, set_param
 
 _LOG_2PI = math.log(2 * math.pi)
@@ -78,7 +78,7 @@ class OptimInfo:
     num_iters : int
         Optimiser iterations run.
     converged : bool
-        Whether the optimiser stopped on its tolerance before ``max_iter``.
+        Whether the optimiser stopped on its tolerance before ``max_iters``.
     """
 
     log_likelihood: float
@@ -109,6 +109,16 @@ class LinearGaussianSSM(ZooModel):
         ``T`` of a draw; needed to sample or condition (``log_prob``, ``filter``,
         ``posterior`` and ``forecast`` take sequences of any length).
 
+    Attributes
+    ----------
+    info : OptimInfo
+        Set by :meth:`mle`, the fit record (:class:`OptimInfo`): ``log_likelihood``
+        (float, total log-likelihood at the returned parameters, nats), ``num_iters`` (int,
+        L-BFGS iterations), ``converged`` (bool, whether L-BFGS stopped on its tolerance
+        before ``max_iters``).
+    fit_info : OptimInfo
+        Deprecated name of ``info`` (the same record; read-only).
+
     Examples
     --------
     >>> import torch
@@ -122,6 +132,7 @@ class LinearGaussianSSM(ZooModel):
 
     supports_missing = True
     mle_kind = "numerical (L-BFGS on the exact Kalman log p)"
+    fit_info = deprecated_record("fit_info")
 
     def __init__(self, *, A=None, C=None, Q=None, R=None, m0=None, P0=None, state_dim=None,
                  obs_dim=None, length=None):
@@ -350,8 +361,9 @@ class LinearGaussianSSM(ZooModel):
 
     # ------------------------------------------------------------------ maximum likelihood
     @classmethod
+    @renamed_keywords(max_iter="max_iters")
     def mle(cls, data, state_dim: int, *, fixed: dict | None = None, init: dict | None = None,
-            max_iter: int = 500, tol: float = 1e-9, seed: int = 0) -> LinearGaussianSSM:
+            max_iters: int = 500, tol: float = 1e-9, seed: int = 0) -> LinearGaussianSSM:
         """Maximum likelihood by L-BFGS on the exact Kalman log-likelihood (missing entries
         integrated out).
 
@@ -367,7 +379,7 @@ class LinearGaussianSSM(ZooModel):
         init : dict, optional
             Starting values of estimated parameters (default: ``A = 0.9 I``, random ``C``,
             ``Q``, ``R`` from the data variance, ``m0 = 0``, ``P0 = I``).
-        max_iter : int
+        max_iters : int
         tol : float
             Tolerance on the change of the mean log-likelihood per observed entry.
         seed : int
@@ -375,7 +387,7 @@ class LinearGaussianSSM(ZooModel):
         Returns
         -------
         LinearGaussianSSM
-            With the record :class:`OptimInfo` as ``fit_info``.
+            With the record :class:`OptimInfo` as ``info``.
         """
         h = check_int("LinearGaussianSSM.mle: state_dim", state_dim)
         y = as_tensor(data, None, data.dtype if torch.is_tensor(data) and data.is_floating_point()
@@ -431,7 +443,7 @@ class LinearGaussianSSM(ZooModel):
         def objective():
             return -_log_prob(build(), y).sum() / nobs
 
-        opt = torch.optim.LBFGS(list(raw.values()), max_iter=max_iter, tolerance_change=tol,
+        opt = torch.optim.LBFGS(list(raw.values()), max_iter=max_iters, tolerance_change=tol,
                                 tolerance_grad=1e-10, line_search_fn="strong_wolfe",
                                 history_size=20)
 
@@ -448,8 +460,8 @@ class LinearGaussianSSM(ZooModel):
             vals = {k: v.detach() for k, v in build().items()}
             ll = float(_log_prob(vals, y).sum())
         model = cls(**vals, length=int(y.shape[1])).to(device=dev, dtype=dt)
-        model.fit_info = OptimInfo(log_likelihood=ll, num_iters=n_iter,
-                                   converged=n_iter < max_iter)
+        model.info = OptimInfo(log_likelihood=ll, num_iters=n_iter,
+                                   converged=n_iter < max_iters)
         return model
 
 

@@ -49,7 +49,7 @@ def bic(model, data):
 fits = {k: GaussianMixture.mle(train, k=k, seed=0) for k in range(1, 6)}
 scores = {k: bic(m, train) for k, m in fits.items()}
 for k, s in scores.items():
-    print(f"K={k}: BIC {s:10.1f}  (EM iterations {fits[k].em_info.num_iters})")
+    print(f"K={k}: BIC {s:10.1f}  (EM iterations {fits[k].info.num_iters})")
 best_k = min(scores, key=scores.get)
 gm = fits[best_k]
 print(f"chosen K = {best_k}; weights {gm.kwargs['weights'].numpy().round(3)}")

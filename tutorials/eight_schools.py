@@ -61,7 +61,7 @@ map_fit = posterior_model.fit("map")
 print("MAP mu, tau:", float(map_fit.draws["mu"][0, 0]), float(map_fit.draws["tau"][0, 0]))
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", gp.ConvergenceWarning)  # short runs in CI
-    vi_fit = posterior_model.fit("vi", guide="full_rank", max_steps=500 if smoke else 20000, progress=False)
+    vi_fit = posterior_model.fit("vi", guide="full_rank", max_iters=500 if smoke else 20000, progress=False)
     nuts_fit = posterior_model.fit("nuts", chains=chains, warmup=warmup, draws=draws, seed=0, progress=False)
 print("VI ELBO:", vi_fit.info["final_elbo"], "converged:", vi_fit.info["converged"])
 print(nuts_fit.summary(var_names=["mu", "tau"]))

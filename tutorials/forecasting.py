@@ -44,7 +44,7 @@ print(f"series: {T} steps, {int(torch.isnan(y).sum())} missing in {gaps}; {H} he
 # A and C fix the structure; the noise covariances Q, R are estimated
 m0 = torch.tensor([y[0, 0], 0.0, 0.0], dtype=D)
 fit = LinearGaussianSSM.mle(y, state_dim=3, fixed={"A": A, "C": C, "m0": m0, "P0": 10 * torch.eye(3, dtype=D)})
-print(f"MLE: log-likelihood {fit.fit_info.log_likelihood:.2f} after {fit.fit_info.num_iters} "
+print(f"MLE: log-likelihood {fit.info.log_likelihood:.2f} after {fit.info.num_iters} "
       f"L-BFGS iterations; R = {float(fit.kwargs['R']):.3f} (true 0.25), "
       f"diag Q = {torch.diagonal(fit.kwargs['Q']).numpy().round(3)} (true [0.05 0.01 0.01])")
 

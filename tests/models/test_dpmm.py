@@ -75,17 +75,17 @@ def test_variational_fit_finds_the_number_of_clusters(k):
 def test_elbo_rises_monotonically_and_restarts_keep_the_best():
     Y, _, _ = _clusters(3, n=300, seed=1)
     m = DirichletProcessMixture.fit_variational(Y, truncation=8, alpha=0.5, n_init=2, seed=3)
-    tr = np.array(m.vi_info.trace)
-    assert m.vi_info.converged and len(tr) >= 3
+    tr = np.array(m.info.trace)
+    assert m.info.converged and len(tr) >= 3
     assert np.all(np.diff(tr) > -1e-8 * np.abs(tr[:-1]))
-    assert m.vi_info.elbo == tr[-1]
-    assert m.vi_info.responsibilities.shape == (300, 8)
-    assert m.vi_info.stick_params.shape == (7, 2)
+    assert m.info.elbo == tr[-1]
+    assert m.info.responsibilities.shape == (300, 8)
+    assert m.info.stick_params.shape == (7, 2)
     assert float(m.kwargs["weights"].sum()) == pytest.approx(1.0, abs=1e-12)
     # the ELBO bounds the plug-in log-likelihood from below only up to the KL terms; it must
     # at least be below the log-likelihood of the data at the fitted point plus the priors'
     # best case (a loose sanity check: finite and of the right size)
-    assert m.vi_info.elbo < float(m.log_prob(y=torch.tensor(Y)))
+    assert m.info.elbo < float(m.log_prob(y=torch.tensor(Y)))
 
 
 @pytest.mark.reference("DirichletProcessMixture", "log_prob", "scipy multivariate_normal mixture")

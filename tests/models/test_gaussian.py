@@ -201,22 +201,22 @@ def test_fa_em_reaches_sklearn_likelihood_and_recovers_parameters():
     psi = rng.uniform(0.2, 0.8, size=6)
     Y = rng.multivariate_normal(np.zeros(6), W @ W.T + np.diag(psi), size=3000)
     fit = FactorAnalysis.mle(Y, k=2)
-    assert fit.em_info.converged
+    assert fit.info.converged
     ours = float(fit.log_prob(y=Y)) / len(Y)
-    assert fit.em_info.log_likelihood / len(Y) == pytest.approx(ours, abs=1e-9)
+    assert fit.info.log_likelihood / len(Y) == pytest.approx(ours, abs=1e-9)
     sk = SkFA(n_components=2).fit(Y)
     assert ours >= sk.score(Y) - 1e-6
     np.testing.assert_allclose(fit.kwargs["psi"].numpy(), psi, atol=0.1)
     Wf = fit.kwargs["W"].numpy()
     np.testing.assert_allclose(Wf @ Wf.T, W @ W.T, atol=0.25)
-    trace = np.array(fit.em_info.trace)
+    trace = np.array(fit.info.trace)
     assert np.all(np.diff(trace) > -1e-10)        # EM never decreases the likelihood
 
 
 def test_fa_em_reports_non_convergence():
     rng = np.random.default_rng(0)
     with pytest.warns(ConvergenceWarning, match="unconverged"):
-        FactorAnalysis.mle(rng.normal(size=(50, 4)), k=1, max_iter=2)
+        FactorAnalysis.mle(rng.normal(size=(50, 4)), k=1, max_iters=2)
 
 
 # ---------------------------------------------------------------------- posterior

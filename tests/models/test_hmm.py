@@ -177,11 +177,11 @@ def test_baum_welch_matches_hmmlearn_and_recovers_truth():
     y = truth.sample(30, seed=0)["y"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        fit = HMM.mle(y, k=2, emission="gaussian", max_iter=300, tol=1e-10)
+        fit = HMM.mle(y, k=2, emission="gaussian", max_iters=300, tol=1e-10)
     order = torch.argsort(fit.kwargs["means"][:, 0])
     assert torch.allclose(fit.kwargs["means"][order], MU * 2, atol=0.25)
     assert torch.allclose(fit.kwargs["transition"][order][:, order], A2, atol=0.06)
-    assert fit.em_info.log_likelihood >= float(truth.log_prob(y=y)) - 1e-6
+    assert fit.info.log_likelihood >= float(truth.log_prob(y=y)) - 1e-6
     # hmmlearn from the same start reaches the same maximum
     ref = hl.GaussianHMM(n_components=2, covariance_type="full", init_params="", params="stmc",
                          n_iter=300, tol=1e-10, min_covar=1e-6, covars_prior=0.0)
@@ -190,7 +190,7 @@ def test_baum_welch_matches_hmmlearn_and_recovers_truth():
     X = y.reshape(-1, 2).numpy()
     ref.fit(X, lengths=[40] * 30)
     refll = sum(ref.score(y[i].numpy()) for i in range(30))
-    assert abs(fit.em_info.log_likelihood - refll) < 1e-3
+    assert abs(fit.info.log_likelihood - refll) < 1e-3
     assert torch.allclose(fit.kwargs["means"][order], torch.from_numpy(ref.means_), atol=1e-3)
 
 
@@ -202,7 +202,7 @@ def test_categorical_baum_welch_with_missing_matches_hmmlearn_without():
                emission_probs=torch.tensor([[.5, .3, .2], [.2, .6, .2], [.3, .3, .4]], dtype=D))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        fit = HMM.mle(y, k=3, init=init, max_iter=25, tol=0.0)
+        fit = HMM.mle(y, k=3, init=init, max_iters=25, tol=0.0)
     ref = hl.CategoricalHMM(n_components=3, n_features=3, init_params="", params="ste",
                             n_iter=25, tol=0.0)
     ref.startprob_, ref.transmat_ = init.kwargs["initial"].numpy(), init.kwargs["transition"].numpy()
@@ -215,8 +215,8 @@ def test_categorical_baum_welch_with_missing_matches_hmmlearn_without():
     y2[:, 5:8] = float("nan")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        fit2 = HMM.mle(y2, k=3, init=init, max_iter=30, tol=0.0)
-    trace = np.array(fit2.em_info.trace)
+        fit2 = HMM.mle(y2, k=3, init=init, max_iters=30, tol=0.0)
+    trace = np.array(fit2.info.trace)
     assert (np.diff(trace) > -1e-9).all()
 
 

@@ -18,8 +18,7 @@ import scipy.stats as st
 import torch
 
 from genprog import pk
-from genprog.errors import ConvergenceWarning
-from genprog.errors import EstimatorWarning
+from genprog.errors import ConvergenceWarning, EstimatorWarning
 from genprog.models.latent_ode import (
     LatentODE,
     LinearDecoder,

@@ -54,10 +54,10 @@ def test_variational_em_recovers_topics(corpus, fitted):
     assert fitted.dtype == F64 and fitted.kwargs["topics"].shape == (4, 40)
     cos, tv = _match(truth.kwargs["topics"].numpy(), fitted.kwargs["topics"].numpy())
     assert cos.min() > 0.99 and tv.max() < 0.08, (cos, tv)
-    info = fitted.em_info
+    info = fitted.info
     assert info.converged and info.doc_topic.shape == (300, 4)
     assert np.all(np.diff(info.trace) > -1e-6)  # the ELBO per word never drops
-    learned = LDA.mle(train, k=4, seed=1, max_iter=100)  # alpha learned too
+    learned = LDA.mle(train, k=4, seed=1, max_iters=100)  # alpha learned too
     a = learned.kwargs["alpha"]
     assert a.shape == (4,) and bool(((a > 0.15) & (a < 0.6)).all()), a  # truth 0.3
 

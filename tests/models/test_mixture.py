@@ -170,7 +170,7 @@ def test_em_recovers_separated_clusters_and_matches_sklearn():
     w, means, covs = _params(seed=9, sep=4.0)
     Y, z = _sample(w, means, covs, 1500)
     fit = GaussianMixture.mle(Y, k=3, seed=0)
-    assert fit.em_info.converged
+    assert fit.info.converged
     order = [int(np.argmin(np.linalg.norm(fit.kwargs["means"].numpy() - m, axis=1))) for m in means]
     assert sorted(order) == [0, 1, 2]
     # well separated: EM lands on the complete-data MLE of the true clusters ...
@@ -183,10 +183,10 @@ def test_em_recovers_separated_clusters_and_matches_sklearn():
     # ... which is near the truth
     np.testing.assert_allclose(fit.kwargs["means"].numpy()[order], means, atol=0.3)
     ours = float(fit.log_prob(y=Y)) / len(Y)
-    assert fit.em_info.log_likelihood / len(Y) == pytest.approx(ours, abs=1e-8)
+    assert fit.info.log_likelihood / len(Y) == pytest.approx(ours, abs=1e-8)
     sk = SkGMM(n_components=3, covariance_type="full", random_state=0, tol=1e-6).fit(Y)
     assert ours >= sk.score(Y) - 1e-5
-    assert np.all(np.diff(fit.em_info.trace) > -1e-9)
+    assert np.all(np.diff(fit.info.trace) > -1e-9)
 
 
 def test_bayesian_map_fit_sums_z_out():

@@ -130,7 +130,7 @@ def test_pcd_raises_exact_log_likelihood():
     assert ll_true > baseline + 1.0  # the problem has structure to learn
     assert ll_fit > ll_init + 1.0
     assert ll_fit > ll_true - 0.1
-    assert len(fit.cd_info.reconstruction_error) == 60
+    assert len(fit.info.reconstruction_error) == 60
 
 
 def test_generic_map_recovers_visible_biases():

@@ -162,7 +162,7 @@ def test_local_level_mle_matches_statsmodels():
     uc.initialize_known(np.zeros(1), 10 * np.eye(1))
     uc.loglikelihood_burn = 0
     res = uc.fit(disp=False)
-    assert abs(fit.fit_info.log_likelihood - res.llf) < 1e-4
+    assert abs(fit.info.log_likelihood - res.llf) < 1e-4
     assert abs(float(fit.kwargs["R"]) - res.params[0]) < 5e-3
     assert abs(float(fit.kwargs["Q"]) - res.params[1]) < 5e-3
     assert abs(float(fit.log_prob(y=y[:, None])) - res.llf) < 1e-4

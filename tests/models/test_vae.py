@@ -11,8 +11,7 @@ import warnings
 import pytest
 import torch
 
-from genprog.errors import ConvergenceWarning
-from genprog.errors import EstimatorWarning
+from genprog.errors import ConvergenceWarning, EstimatorWarning
 from genprog.models.gaussian import PPCA
 from genprog.models.made import binarized_digits
 from genprog.models.vae import (
