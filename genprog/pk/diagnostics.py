@@ -38,8 +38,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .estimation import LaplaceObjective, PopulationFit
+from ..validation import check_int
+from .estimation import LaplaceObjective
+from .population_fit import eta_and_omega, fit_data, fit_point, laplace_objective
+from .simulation import percentile_label, simulate
 from .summary import _shrinkage
+
+_label = percentile_label  # the VPC table's column name of a percentile (tests read it)
 
 __all__ = ["individual_curves", "npde", "npde_tests", "plot_gof", "plot_individual", "plot_npde",
            "residuals", "shrinkage", "simulate", "vpc", "vpc_table"]
@@ -49,73 +54,6 @@ __all__ = ["individual_curves", "npde", "npde_tests", "plot_gof", "plot_individu
 
 
 _SD_FLOOR = 1e-9  # the likelihood's floor on the residual SD (estimation.LaplaceObjective)
-
-
-def _is_bayes(fit) -> bool:
-    return hasattr(fit, "draws") and getattr(fit, "population", None) is not None
-
-
-def _flat_draws(fit) -> dict:
-    """Bayesian draws ``[chain, draw, ...] -> [n, ...]`` in float64, plus sites the fit
-    held fixed."""
-    draws = {k: v.detach().double().reshape(-1, *v.shape[2:]) for k, v in fit.draws.items()}
-    n = next(iter(draws.values())).shape[0]
-    fixed = getattr(getattr(fit, "model", None), "fixed", None) or {}
-    for k, v in fixed.items():
-        draws.setdefault(k, torch.as_tensor(v).double().expand(n, *torch.as_tensor(v).shape))
-    return draws
-
-
-def _bayes_eta(pop, draws) -> torch.Tensor | None:
-    """Etas per draw ``[n, S, P]`` from ``eta_raw`` (non-centred), as the model builds them."""
-    from .population import posterior_etas
-
-    return posterior_etas(pop, draws)
-
-
-def _point(fit):
-    """``(population, data, values, eta)`` of a point or Bayesian population fit, all in
-    float64: ``values`` are population parameters by site (natural scale), ``eta`` the
-    subjects' random effects ``[S, P]`` (EBEs, or posterior means)."""
-    if isinstance(fit, PopulationFit):
-        data = fit.data.to(dtype=torch.float64)
-        values = {k: torch.as_tensor(v).detach().double() for k, v in fit.estimates.items()}
-        return fit.population, data, values, fit.eta.detach().double()
-    if _is_bayes(fit):
-        pop = fit.population
-        data = (fit.dataset if fit.dataset is not None else fit.model.dataset).to(dtype=torch.float64)
-        draws = _flat_draws(fit)
-        sites = list(pop.priors_for(data))
-        missing = [s for s in sites if s not in draws]
-        if missing:
-            raise ValueError(f"diagnostics: the fit has no draws of site(s) {missing}")
-        values = {}
-        for s in sites:
-            if s == "omega_corr":
-                corr = draws[s] @ draws[s].transpose(-1, -2)
-                values[s] = torch.linalg.cholesky(corr.mean(0))
-            else:
-                values[s] = draws[s].median(0).values
-        eta = _bayes_eta(pop, draws)
-        eta = eta.mean(0) if eta is not None else torch.zeros(
-            data.n_subjects, 0, dtype=torch.float64, device=data.obs_dv.device)
-        return pop, data, values, eta
-    raise TypeError(f"expected a population fit (pk.PopulationModel(...).fit(data, method)), "
-                    f"got {type(fit).__name__}")
-
-
-def _fit_data(fit):
-    """The data set a population fit was fitted to."""
-    if isinstance(fit, PopulationFit):
-        return fit.data
-    if _is_bayes(fit):
-        return fit.dataset if fit.dataset is not None else fit.model.dataset
-    raise TypeError(f"expected a population fit (pk.PopulationModel(...).fit(data, method)), "
-                    f"got {type(fit).__name__}")
-
-
-def _objective(pop, data) -> LaplaceObjective:
-    return LaplaceObjective(pop, data, pop.priors_for(data))
 
 
 # ----------------------------------------------------------------------------- residuals
@@ -159,8 +97,8 @@ def _cwres(obj: LaplaceObjective, values, eta, observed, dv, log_scale: bool) ->
 
 def _predictions(fit):
     """``PRED`` and ``IPRED`` ``[S, T]`` (float64) at the fit's point."""
-    pop, data, values, eta = _point(fit)
-    obj = _objective(pop, data)
+    pop, data, values, eta = fit_point(fit)
+    obj = laplace_objective(pop, data)
     with torch.no_grad():
         _, pred = obj.conditional(values, torch.zeros_like(eta) if obj.P else None)
         _, ipred = obj.conditional(values, eta if obj.P else None)
@@ -199,8 +137,8 @@ def residuals(fit, *, npde: bool = False, n_sim: int = 1000, seed: int = 0) -> p
     >>> len(table), list(table.columns[:5])
     (132, ['ID', 'TIME', 'DV', 'PRED', 'IPRED'])
     """
-    pop, data, values, eta = _point(fit)
-    obj = _objective(pop, data)
+    pop, data, values, eta = fit_point(fit)
+    obj = laplace_objective(pop, data)
     observed = pop.observation_mask(data) & ~data.obs_blq
     _, _, sigma = obj.split(values)
     with torch.no_grad():
@@ -251,15 +189,8 @@ def shrinkage(fit) -> pd.Series:
         Indexed by the summary's row names (``omega_ka``, ``omega_cl``, ...); empty for a
         model without random effects.
     """
-    if isinstance(fit, PopulationFit):
-        omega = fit.estimates.get("omega")
-        values = _shrinkage(fit.population, fit.eta, omega) if omega is not None else {}
-    elif _is_bayes(fit):
-        draws = _flat_draws(fit)
-        eta = _bayes_eta(fit.population, draws)
-        values = _shrinkage(fit.population, eta.mean(0), draws["omega"].mean(0)) if eta is not None else {}
-    else:
-        raise TypeError(f"shrinkage: expected a population fit, got {type(fit).__name__}")
+    pop, eta, omega = eta_and_omega(fit)
+    values = _shrinkage(pop, eta, omega) if omega is not None and eta is not None else {}
     return pd.Series(values, dtype=float, name="shrinkage_pct").rename_axis("parameter")
 
 
@@ -340,111 +271,6 @@ def _describe_model(pop) -> str:
 # ----------------------------------------------------------------------------- simulation
 
 
-def _check_count(name: str, n) -> int:
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"{name} must be a positive integer, got {n!r}")
-    return n
-
-
-def _replicates(fit, n: int, gen: torch.Generator):
-    """``(pop, data, values, subject_eta, batched)`` for ``n`` simulation replicates.
-
-    A point fit gives its estimates (unbatched) and EBEs ``[S, P]``; a Bayesian fit gives
-    ``n`` posterior draws picked at random (``values[site]`` with a leading dim ``n``) and
-    the same draws' etas ``[n, S, P]``."""
-    if isinstance(fit, PopulationFit):
-        pop, data, values, eta = _point(fit)
-        return pop, data, values, eta, False
-    if not _is_bayes(fit):
-        raise TypeError(f"expected a population fit (pk.PopulationModel(...).fit(data, method)), "
-                        f"got {type(fit).__name__}")
-    pop, data, _, _ = _point(fit)
-    draws = _flat_draws(fit)
-    n_draws = next(iter(draws.values())).shape[0]
-    idx = torch.randint(n_draws, (n,), generator=gen, device=gen.device)
-    values = {s: draws[s][idx.to(draws[s].device)] for s in pop.priors_for(data)}
-    eta = _bayes_eta(pop, {k: v[idx.to(v.device)] for k, v in draws.items()})
-    if eta is None:
-        eta = torch.zeros(n, data.n_subjects, 0, dtype=torch.float64, device=data.obs_dv.device)
-    return pop, data, values, eta, True
-
-
-def _take(values: dict, batched: bool, sl: slice) -> dict:
-    return {k: v[sl] for k, v in values.items()} if batched else values
-
-
-def _sigma_like(sigma: dict, batched: bool, conc: torch.Tensor) -> dict:
-    """Residual-error parameters shaped to broadcast against ``conc [n, ...]``."""
-    if not batched:
-        return sigma
-    return {k: v.reshape(v.shape[0], *([1] * (conc.dim() - 1))) for k, v in sigma.items()}
-
-
-def _new_etas(obj, values, z: torch.Tensor) -> torch.Tensor | None:
-    """Etas ``~ MVN(0, Omega)`` from standard normals ``z [n, S, P]`` (Omega per replicate
-    when ``values`` are batched)."""
-    if not obj.P:
-        return None
-    return z @ obj.scale_tril(values).transpose(-1, -2)  # [n, S, P] @ ([n,] P, P)
-
-
-def _with_error(pop, conc, sigma, eps):
-    sd = pop.residual_sd(conc, sigma)
-    return conc * torch.exp(sd * eps) if pop.error == "exponential" else conc + sd * eps
-
-
-def simulate(fit, n_sim: int = 200, seed: int = 0) -> torch.Tensor:
-    """Replicate data sets from a fitted model at the data's design.
-
-    For each replicate, new etas ``~ MVN(0, Omega)`` per subject and new residual errors
-    from the model's error model: at the estimated population parameters (point fit), or
-    at a posterior draw picked at random per replicate (Bayesian fit, so parameter
-    uncertainty is propagated); all replicates and subjects at once (vectorised).
-
-    Parameters
-    ----------
-    fit : PopulationFit or PopulationBayesFit
-    n_sim : int
-        Number of replicates.
-    seed : int
-        Seed of the simulation's own generator (torch's global RNG is left untouched).
-
-    Returns
-    -------
-    Tensor [n_sim, S, T]
-        Simulated DV at every observation slot of the data (padding slots hold values too;
-        mask them with ``fit.population.observation_mask(data)``), float64 on the
-        data's device. No censoring is applied.
-    """
-    _check_count("n_sim", n_sim)
-    gen = torch.Generator(device=_fit_data(fit).obs_dv.device).manual_seed(int(seed))
-    pop, data, values, _, batched = _replicates(fit, n_sim, gen)
-    if pop.iov:
-        raise NotImplementedError(
-            "simulate (and vpc, npde): models with inter-occasion variability (iov=...) are "
-            "not simulated yet; residuals() and CWRES do handle them"
-        )
-    obj = _objective(pop, data)
-    S, T = data.obs_dv.shape
-    dtype = data.obs_dv.dtype
-    z = torch.randn(n_sim, S, obj.P, generator=gen, device=gen.device, dtype=dtype)
-    eps = torch.randn(n_sim, S, T, generator=gen, device=gen.device, dtype=dtype)
-    D = max(int(data.dose_time.shape[-1]), 1)
-    chunk = max(1, int(2e7 // (S * T * D)))
-    out = []
-    with torch.no_grad():
-        for start in range(0, n_sim, chunk):
-            sl = slice(start, start + chunk)
-            v = _take(values, batched, sl)
-            typical, betas, sigma = obj.split(v)
-            zc = z[sl]
-            ind = pop.individual_parameters(typical, betas, _new_etas(obj, v, zc), data)
-            ind = {k: t.expand(zc.shape[0], S) for k, t in ind.items()}
-            conc = pop.structure.concentration(ind, data)  # [n, S, T]
-            out.append(_with_error(pop, conc, _sigma_like(sigma, batched, conc), eps[sl]))
-    return torch.cat(out, 0)
-
-
 # ----------------------------------------------------------------------------- NPDE
 
 
@@ -489,11 +315,11 @@ def npde(fit, n_sim: int = 1000, seed: int = 0) -> pd.DataFrame:
     >>> list(table.columns)
     ['ID', 'TIME', 'DV', 'EPRED', 'PDE', 'NPDE']
     """
-    _check_count("n_sim", n_sim)
+    check_int("n_sim", n_sim)
     if n_sim < 2:
         raise ValueError("npde: n_sim must be at least 2")
     sims = simulate(fit, n_sim, seed)
-    pop, data, _, _ = _point(fit)
+    pop, data, _, _ = fit_point(fit)
     observed = (pop.observation_mask(data) & ~data.obs_blq).to(sims.device)
     dv = data.obs_dv.to(sims.device)
     if pop.error == "exponential":
@@ -674,9 +500,9 @@ def individual_curves(fit, n_grid: int = 200) -> pd.DataFrame:
     pandas.DataFrame
         Columns ``ID, TIME, PRED, IPRED``, one row per subject and grid time.
     """
-    _check_count("n_grid", n_grid)
-    pop, data, values, eta = _point(fit)
-    obj = _objective(pop, data)
+    check_int("n_grid", n_grid)
+    pop, data, values, eta = fit_point(fit)
+    obj = laplace_objective(pop, data)
     grid_data, grid, mask = _grid_data(data, pop, n_grid)
     typical, betas, _ = obj.split(values)
     with torch.no_grad():
@@ -721,8 +547,8 @@ def plot_individual(fit, subjects=None, ncols: int = 4, n_grid: int = 200, log: 
     matplotlib.figure.Figure
         One axes per subject, titled ``ID <id>``; each holds two lines, IPRED then PRED.
     """
-    _check_count("ncols", ncols)
-    pop, data, _, _ = _point(fit)
+    check_int("ncols", ncols)
+    pop, data, _, _ = fit_point(fit)
     ids = list(data.ids)
     if subjects is None:
         chosen = ids
@@ -815,10 +641,6 @@ def _assign(t: np.ndarray, edges: np.ndarray) -> np.ndarray:
     return idx
 
 
-def _label(q: float) -> str:
-    return f"p{100 * q:g}".replace(".", "_")
-
-
 def vpc_table(fit, n_sim: int = 200, bins=None, pi=(0.05, 0.5, 0.95), ci: float = 0.95,
               seed: int = 0, prediction_corrected: bool = False) -> pd.DataFrame:
     """The numbers of a visual predictive check, one row per time bin.
@@ -864,7 +686,7 @@ def _vpc(fit, n_sim, bins, pi, ci, seed, prediction_corrected):
         raise ValueError(f"ci must be in (0, 1), got {ci!r}")
     sims = simulate(fit, n_sim, seed)
     pop = fit.population
-    data = _fit_data(fit).to(dtype=torch.float64)
+    data = fit_data(fit).to(dtype=torch.float64)
     observed = (pop.observation_mask(data) & ~data.obs_blq).to(sims.device)
     t = data.obs_time[observed].cpu().numpy()
     dv = data.obs_dv[observed].cpu().numpy()
@@ -881,7 +703,7 @@ def _vpc(fit, n_sim, bins, pi, ci, seed, prediction_corrected):
                 factor[sel] = np.median(pred[sel]) / pred[sel]
         dv, sim = dv * factor, sim * factor
         idx = np.where(ok, idx, -1)
-    labels = [_label(q) for q in pi]
+    labels = [percentile_label(q) for q in pi]
     lo_q, hi_q = (1 - ci) / 2, 1 - (1 - ci) / 2
     rows = []
     for b in range(edges.size - 1):
@@ -939,7 +761,7 @@ def vpc(fit, n_sim: int = 200, bins=None, pi=(0.05, 0.5, 0.95), ci: float = 0.95
     ax.scatter(pts["TIME"][keep], pts["DV"][keep], s=10, color="0.55", alpha=0.6,
                edgecolors="none", label="observed")
     x = table["time"].to_numpy()
-    labels = [_label(q) for q in table.attrs["pi"]]
+    labels = [percentile_label(q) for q in table.attrs["pi"]]
     middle = len(labels) // 2 if len(labels) % 2 else None
     outer = " / ".join(f"{100 * q:g}" for j, q in enumerate(table.attrs["pi"]) if j != middle)
     labelled = set()

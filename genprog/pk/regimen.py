@@ -23,16 +23,10 @@ import pandas as pd
 import pyro
 import torch
 
+from ..validation import check_int
 from .dataset import Dataset
-from .diagnostics import (
-    _check_count,
-    _label,
-    _objective,
-    _point,
-    _replicates,
-    _sigma_like,
-    _with_error,
-)
+from .population_fit import fit_point, laplace_objective, replicate_parameters
+from .simulation import percentile_label, sigma_like, with_residual_error
 
 __all__ = ["Regimen", "simulate_data", "simulate_regimen"]
 
@@ -257,11 +251,11 @@ def simulate_regimen(fit, doses, times, *, subject=None, n: int = 1000, covariat
     ['time', 'typical', 'p5', 'p50', 'p95']
     """
     regimens = _regimens(doses)
-    _check_count("n", n)
+    check_int("n", n)
     pcts = tuple(float(q) for q in percentiles)
     if not pcts or any(not 0 < q < 1 for q in pcts):
         raise ValueError(f"percentiles: expected fractions in (0, 1), got {percentiles!r}")
-    pop, data, point_values, point_eta = _point(fit)
+    pop, data, point_values, point_eta = fit_point(fit)
     t = torch.tensor(np.array(times, dtype=float), dtype=torch.float64, device=data.obs_dv.device)
     if t.dim() != 1 or t.numel() == 0 or not bool(torch.isfinite(t).all()):
         raise ValueError(f"times: expected a non-empty 1-d array of finite times, got {times!r}")
@@ -277,8 +271,8 @@ def simulate_regimen(fit, doses, times, *, subject=None, n: int = 1000, covariat
                              "give covariates only for population simulations")
         index = matches[0]
     gen = torch.Generator(device=data.obs_dv.device).manual_seed(int(seed))
-    _, _, values, subj_eta, batched = _replicates(fit, n, gen)
-    obj = _objective(pop, data)
+    _, _, values, subj_eta, batched = replicate_parameters(fit, n, gen)
+    obj = laplace_objective(pop, data)
     cov = _covariate_values(pop, data, covariates, n, gen, index)
     P = obj.P
     z = torch.randn(n, P, generator=gen, device=gen.device, dtype=torch.float64)
@@ -301,7 +295,7 @@ def simulate_regimen(fit, doses, times, *, subject=None, n: int = 1000, covariat
             conc = pop.structure.concentration({k: x.expand(m) for k, x in ind.items()}, design)
             if residual:
                 _, _, sigma = obj.split(v)
-                conc = _with_error(pop, conc, _sigma_like(sigma, batched, conc), eps[sl])
+                conc = with_residual_error(pop, conc, sigma_like(sigma, batched, conc), eps[sl])
             out.append(conc)
         sims = torch.cat(out, 0).cpu().numpy()  # [n, T]
         if index is None:
@@ -321,7 +315,7 @@ def simulate_regimen(fit, doses, times, *, subject=None, n: int = 1000, covariat
     q = np.quantile(sims, pcts, axis=0)
     table = pd.DataFrame({"time": tt, "typical": typical})
     for j, p in enumerate(pcts):
-        table[_label(p)] = q[j]
+        table[percentile_label(p)] = q[j]
     table.attrs.update({"n": n, "seed": seed, "subject": subject, "residual": residual})
     return table
 
@@ -385,7 +379,7 @@ def simulate_data(model, data: Dataset, params: dict, *, seed: int = 0, lloq: fl
         eta = z @ obj.scale_tril(values).transpose(-1, -2) if obj.P else None
         ind = model.individual_parameters(typical, betas, eta, d64)
         conc = model.structure.concentration({k: v.expand(S) for k, v in ind.items()}, d64)
-        dv = _with_error(model, conc, sigma, eps)
+        dv = with_residual_error(model, conc, sigma, eps)
     observed = model.observation_mask(d64)
     dv = torch.where(observed, dv, d64.obs_dv)
     blq = torch.zeros_like(data.obs_blq)
