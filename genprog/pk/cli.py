@@ -53,11 +53,14 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from genprog.pk import dataset_path, diagnostics, ode, structural
 from genprog.pk.data import DataWarning, check_compartments, describe, read_nonmem
+from genprog.pk.dataset import dataset_path
+from genprog.pk.diagnostics import plot_gof, plot_individual, plot_npde, residuals, vpc
+from genprog.pk.ode import michaelis_menten
 from genprog.pk.population import PopulationModel
+from genprog.pk.structural import OneCompartment, ThreeCompartment, TwoCompartment
 
-STRUCTURES = {"one": "OneCompartment", "two": "TwoCompartment", "three": "ThreeCompartment"}
+STRUCTURES = {"one": OneCompartment, "two": TwoCompartment, "three": ThreeCompartment}
 ABSORPTIONS = ("first_order", "iv", "zero_order")
 _COUNTS = {"1": "one", "2": "two", "3": "three"}
 _ROUTES = {"oral": "first_order", "po": "first_order", "iv": "iv", "bolus": "iv",
@@ -210,8 +213,8 @@ def _structure_model(args):
                          f"(implies {implied})")
     absorption = implied or args.absorption or "first_order"
     if name == "mm":
-        return ode.michaelis_menten(absorption=absorption)
-    return getattr(structural, STRUCTURES[name])(absorption=absorption)
+        return michaelis_menten(absorption=absorption)
+    return STRUCTURES[name](absorption=absorption)
 
 
 def _model(args, data):
@@ -372,7 +375,7 @@ def _fit(args, model, data, err):
     if args.method == "nuts":
         options.update(chains=args.chains, warmup=args.warmup)
     if args.threads is not None:
-        if "threads" in inspect.signature(model.fit).parameters:
+        if _accepts_keyword(model.fit, "threads"):
             options["threads"] = args.threads
         else:
             torch.set_num_threads(args.threads)
@@ -386,6 +389,16 @@ def _fit(args, model, data, err):
             raise UsageError("--method saem: SAEM is not available in this version of "
                              f"genprog ({_message(e)}); use --method mle") from None
         raise UsageError(f"fit failed: {_message(e)}") from None
+
+
+def _accepts_keyword(fn, name: str) -> bool:
+    """Whether ``fn`` takes ``name=``: a named parameter, or ``**options`` whose docstring
+    documents ``name=``."""
+    parameters = inspect.signature(fn).parameters
+    if name in parameters:
+        return True
+    variadic = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    return variadic and f"{name}=" in (inspect.getdoc(fn) or "")
 
 
 def _check_finite(fit, table: pd.DataFrame) -> None:
@@ -460,19 +473,19 @@ def _write_results(args, model, data, fit, table, stage, out, err) -> list:
     written.append("individual.csv")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        diagnostics.residuals(fit, npde=True, n_sim=args.npde_sim, seed=args.seed).to_csv(
+        residuals(fit, npde=True, n_sim=args.npde_sim, seed=args.seed).to_csv(
             stage / "residuals.csv", index=False, float_format="%.8g")
         written.append("residuals.csv")
-        diagnostics.plot_gof(fit).savefig(stage / "gof.png", dpi=110)
-        diagnostics.vpc(fit, n_sim=args.n_sim, seed=args.seed).savefig(stage / "vpc.png", dpi=110)
-        fig = diagnostics.plot_npde(fit, n_sim=args.npde_sim, seed=args.seed)
+        plot_gof(fit).savefig(stage / "gof.png", dpi=110)
+        vpc(fit, n_sim=args.n_sim, seed=args.seed).savefig(stage / "vpc.png", dpi=110)
+        fig = plot_npde(fit, n_sim=args.npde_sim, seed=args.seed)
         fig.savefig(stage / "npde.png", dpi=110)
         written += ["gof.png", "vpc.png", "npde.png"]
         a = fig.npde_table.attrs
         print(f"\nNPDE: mean {a['mean']:.3f}, variance {a['variance']:.3f}, "
               f"global p {a['p_global']:.3g}", file=out)
         if args.individual:
-            diagnostics.plot_individual(fit, subjects=list(data.ids)[:args.individual]).savefig(
+            plot_individual(fit, subjects=list(data.ids)[:args.individual]).savefig(
                 stage / "individual.png", dpi=110)
             written.append("individual.png")
     _report_warnings(caught, err)

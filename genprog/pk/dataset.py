@@ -9,8 +9,23 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from importlib import resources
 
 import torch
+
+#: The public data sets shipped with genprog (``genprog/pk/datasets/NAME.csv``).
+BUNDLED = ("theo_sd", "warfarin", "pheno_sd")
+
+
+def dataset_path(name: str) -> str:
+    """Path of a bundled public data set: ``"theo_sd"``, ``"warfarin"`` or ``"pheno_sd"``.
+
+    >>> dataset_path("theo_sd").endswith("theo_sd.csv")
+    True
+    """
+    if name not in BUNDLED:
+        raise ValueError(f"dataset_path: unknown data set {name!r}; bundled: {BUNDLED}")
+    return str(resources.files("genprog.pk") / "datasets" / f"{name}.csv")
 
 
 @dataclass(frozen=True)

@@ -451,19 +451,26 @@ def test_cli_iov_reaches_the_model(tmp_path, monkeypatch, capsys):
     assert "warning" not in captured.err          # the occasion column is named: no note
 
 
-@pytest.mark.parametrize("has_keyword", [True, False], ids=["fit-takes-threads", "fit-without-threads"])
+@pytest.mark.parametrize("has_keyword", ["named", "documented", None],
+                         ids=["fit-takes-threads", "fit-documents-threads", "fit-without-threads"])
 def test_cli_threads(has_keyword, tmp_path, monkeypatch, capsys):
     seen = {}
 
-    def with_threads(self, data, method="nuts", *, threads=None, **options):
+    def named(self, data, method="nuts", *, threads=None, **options):
         seen["threads"] = threads
+        raise RuntimeError("stop here")
+
+    def documented(self, data, method="nuts", **options):
+        """``threads=`` (every method): torch's thread count during the fit."""
+        seen["threads"] = options.get("threads")
         raise RuntimeError("stop here")
 
     def without(self, data, method="nuts", **options):
         seen["options"], seen["torch"] = options, torch.get_num_threads()
         raise RuntimeError("stop here")
 
-    monkeypatch.setattr(pk.PopulationModel, "fit", with_threads if has_keyword else without)
+    fits = {"named": named, "documented": documented, None: without}
+    monkeypatch.setattr(pk.PopulationModel, "fit", fits[has_keyword])
     before = torch.get_num_threads()
     try:
         rc, _ = _run(["fit", THEO, "--threads", "1", "--out", str(tmp_path / "o")], capsys)
