@@ -727,6 +727,10 @@ class PopulationModel:
             from .estimation import fit_mle
 
             return fit_mle(self, data, **options)
+        if method == "saem":  # SAEM (Monolix / nlmixr2): see genprog.pk.saem.fit_saem
+            from .saem import fit_saem
+
+            return fit_saem(self, data, **options)
         return PopulationBayesFit.wrap(self(data).fit(method, **options), self, data)
 
 
