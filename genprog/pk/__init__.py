@@ -23,8 +23,9 @@ from .diagnostics import (
     vpc,
     vpc_table,
 )
+from .estimation import PopulationFit, fit_mle
 from .ode import ODEModel, linear_compartments, michaelis_menten
-from .population import CovariateEffect, PopulationModel, initial_estimates
+from .population import CovariateEffect, PopulationBayesFit, PopulationModel, initial_estimates
 from .regimen import Regimen, simulate_data, simulate_regimen
 from .structural import (
     Compartments,
@@ -54,12 +55,15 @@ __all__ = [
     "Dataset",
     "ODEModel",
     "OneCompartment",
+    "PopulationBayesFit",
+    "PopulationFit",
     "PopulationModel",
     "Regimen",
     "ThreeCompartment",
     "TwoCompartment",
     "dataset_path",
     "describe",
+    "fit_mle",
     "individual_curves",
     "initial_estimates",
     "linear_compartments",
