@@ -14,6 +14,10 @@ from .copula import GaussianCopula
 from .diffusion import Diffusion
 from .discriminant import GaussianDiscriminant
 from .dpmm import DirichletProcessMixture
+
+# isort: off
+from .rbm import RBM  # registered before EnergyBasedModel: the capability table's row order
+# isort: on
 from .ebm import EnergyBasedModel
 from .flow import Flow
 from .gan import GAN
@@ -26,7 +30,6 @@ from .made import MADE
 from .mixture import GaussianMixture
 from .naive_bayes import NaiveBayes
 from .point_process import HawkesProcess, InhomogeneousPoissonProcess, PoissonProcess
-from .rbm import RBM
 from .state_space import LinearGaussianSSM
 from .vae import VAE
 

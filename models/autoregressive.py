@@ -26,9 +26,10 @@ from pyro.distributions import constraints
 from pyro.distributions.torch_distribution import TorchDistribution
 
 from genprog.inputs import as_tensor
+from genprog.validation import check_int
 
 from .base import ZooModel
-from .gaussian import check_int, keep_float64, set_param
+from .gaussian import keep_float64, set_param
 from .hmm import check_probs
 
 
@@ -192,8 +193,8 @@ class AR(ZooModel):
     mle_kind = "closed form"
 
     def __init__(self, *, coefs=None, sigma=None, intercept=0.0, order=None, length=None):
-        order = check_int("AR: order", order)
-        length = check_int("AR: length", length)
+        order = None if order is None else check_int("AR: order", order)
+        length = None if length is None else check_int("AR: length", length)
         super().__init__(coefs=coefs, sigma=sigma, intercept=intercept, order=order, length=length)
         keep_float64(self)
         p = self.kwargs
@@ -461,9 +462,9 @@ class DiscreteAR(ZooModel):
     mle_kind = "closed form"
 
     def __init__(self, *, order=1, probs=None, initial=None, num_symbols=None, length=None):
-        order = check_int("DiscreteAR: order", order)
-        num_symbols = check_int("DiscreteAR: num_symbols", num_symbols)
-        length = check_int("DiscreteAR: length", length)
+        order = None if order is None else check_int("DiscreteAR: order", order)
+        num_symbols = None if num_symbols is None else check_int("DiscreteAR: num_symbols", num_symbols)
+        length = None if length is None else check_int("DiscreteAR: length", length)
         uniform = isinstance(initial, str)
         if uniform and initial != "uniform":
             raise ValueError(f"DiscreteAR: initial must be an array or 'uniform', got {initial!r}")

@@ -29,6 +29,9 @@ import pyro
 import pyro.distributions as dist
 import torch
 
+from genprog.inputs import as_tensor
+from genprog.validation import check_int
+
 from .base import ZooModel
 
 __all__ = [
@@ -62,10 +65,8 @@ class Node:
 
 class _Leaf(Node):
     def __init__(self, variable: int):
-        if not isinstance(variable, (int, np.integer)) or isinstance(variable, bool) or variable < 0:
-            raise ValueError(f"{type(self).__name__}: variable must be a non-negative int index, "
-                             f"got {variable!r}")
-        self.variable = int(variable)
+        self.variable = check_int(f"{type(self).__name__}: variable (an index)", variable,
+                                  minimum=0)
         self.scope = frozenset({self.variable})
 
     def distribution(self, device, dtype) -> dist.Distribution:  # pragma: no cover - abstract
@@ -418,8 +419,6 @@ class ProbabilisticCircuit(ZooModel):
             The fitted circuit, with ``em_trace`` (mean log-likelihood per row before each
             iteration's M-step; non-decreasing) attached.
         """
-        from genprog.inputs import as_tensor
-
         keep = data.dtype if torch.is_tensor(data) and data.is_floating_point() else None
         x = as_tensor(data, dtype=keep, name="ProbabilisticCircuit.mle: data")
         x = torch.as_tensor(x)
@@ -429,8 +428,7 @@ class ProbabilisticCircuit(ZooModel):
         if x.dim() != 2 or x.shape[1] != model.event_shape[0]:
             raise ValueError(f"ProbabilisticCircuit.mle: data must be [N, {model.event_shape[0]}], "
                              f"got {list(x.shape)}")
-        if not isinstance(iters, int) or iters < 1:
-            raise ValueError(f"ProbabilisticCircuit.mle: iters must be a positive int, got {iters!r}")
+        iters = check_int("ProbabilisticCircuit.mle: iters", iters)
         trace = []
         dev, dt = x.device, x.dtype
         nodes = topological(model.root)

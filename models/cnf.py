@@ -27,6 +27,7 @@ from torch.distributions import constraints
 from torchdiffeq import odeint
 
 from genprog.optim import minimize
+from genprog.validation import check_int
 
 from .base import (
     EstimatedMarginal,
@@ -45,8 +46,7 @@ class VectorField(nn.Module):
 
     def __init__(self, dim: int, hidden=(32, 32)):
         super().__init__()
-        if not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"VectorField: dim must be a positive int, got {dim!r}")
+        dim = check_int("VectorField: dim", dim)
         layers, prev = [], dim + 1
         for width in hidden:
             layers += [nn.Linear(prev, width), nn.Tanh()]
@@ -162,8 +162,7 @@ class ContinuousFlow(ZooModel):
     def __init__(self, *, field: nn.Module, dim: int, rtol: float = 1e-5, atol: float = 1e-7):
         if not isinstance(field, nn.Module):
             raise TypeError(f"ContinuousFlow: field must be an nn.Module, got {type(field).__name__}")
-        if not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"ContinuousFlow: dim must be a positive int, got {dim!r}")
+        dim = check_int("ContinuousFlow: dim", dim)
         if not (rtol > 0 and atol > 0):
             raise ValueError("ContinuousFlow: rtol and atol must be positive")
         super().__init__(field=field, dim=dim, rtol=rtol, atol=atol)

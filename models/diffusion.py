@@ -167,8 +167,7 @@ class ScoreNet(nn.Module):
 
     def __init__(self, dim: int, sde: DiffusionSDE, hidden=(64, 64)):
         super().__init__()
-        if not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"ScoreNet: dim must be a positive int, got {dim!r}")
+        dim = check_int("ScoreNet: dim", dim)
         if not isinstance(sde, DiffusionSDE):
             raise TypeError(f"ScoreNet: sde must be a DiffusionSDE, got {type(sde).__name__}")
         self.sde, self.dim = sde, dim
@@ -388,8 +387,7 @@ class Diffusion(ZooModel):
                  name: str | None = None):
         if not isinstance(score, nn.Module):
             raise TypeError(f"Diffusion: score must be an nn.Module, got {type(score).__name__}")
-        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
-            raise ValueError(f"Diffusion: dim must be a positive int, got {dim!r}")
+        dim = check_int("Diffusion: dim", dim)
         DiffusionSDE(sde, beta_min=beta_min, beta_max=beta_max, sigma_min=sigma_min,
                      sigma_max=sigma_max)  # validates
         if not 0 < t_min < 1:
@@ -463,10 +461,8 @@ class Diffusion(ZooModel):
             raise ValueError(f"Diffusion.sample: method must be 'ode' or 'sde', got {method!r}")
         if method == "ode":
             return super().sample(n, seed=seed)
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise ValueError(f"sample: n must be a positive int, got {n!r}")
-        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-            raise ValueError(f"Diffusion.sample: steps must be a positive int, got {steps!r}")
+        n = check_int("sample: n", n)
+        steps = check_int("Diffusion.sample: steps", steps)
         shape = (n,) if self.n_data is None else (n, int(self.n_data))
         sde, ref = self.sde, _ref(self.score)
         with self.context(), _seeded(seed):

@@ -24,6 +24,8 @@ import pyro.distributions as dist
 import torch
 from pyro.ops.indexing import Vindex
 
+from genprog.inputs import as_tensor
+
 from .base import GenerativeClassifier
 
 __all__ = ["GaussianDiscriminant"]
@@ -295,8 +297,6 @@ def _sizes(class_prior, means, covariances, shared, n_classes, dim) -> tuple[int
 
 def _labelled(data, labels, n_classes, what):
     """Data ``[N, d]`` (floating), labels ``[N]`` (int64) and ``K``, validated."""
-    from genprog.inputs import as_tensor
-
     keep = data.dtype if torch.is_tensor(data) and data.is_floating_point() else None
     x = as_tensor(data, dtype=keep, name=f"{what}: data")
     if not torch.is_tensor(x):

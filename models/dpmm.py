@@ -30,11 +30,11 @@ import pyro.distributions as dist
 import torch
 
 from genprog.errors import ConvergenceWarning
+from genprog.validation import check_int
 
 from .base import ZooModel, deprecated_record, renamed_keywords
 from .gaussian import (
     _split_obs,
-    check_int,
     check_positive_definite,
     data_matrix,
     gaussian_log_prob,
@@ -104,8 +104,8 @@ class DirichletProcessMixture(ZooModel):
 
     def __init__(self, *, weights=None, means=None, covariances=None, alpha=None,
                  truncation=None, dim=None, base_mean: float = 0.0, base_scale: float = 10.0):
-        truncation = check_int("DirichletProcessMixture: truncation", truncation)
-        dim = check_int("DirichletProcessMixture: dim", dim)
+        truncation = None if truncation is None else check_int("DirichletProcessMixture: truncation", truncation)
+        dim = None if dim is None else check_int("DirichletProcessMixture: dim", dim)
         super().__init__(weights=weights, means=means, covariances=covariances, alpha=alpha,
                          truncation=truncation, dim=dim, base_mean=base_mean,
                          base_scale=base_scale)

@@ -47,6 +47,7 @@ from genprog.estimate import Estimate
 from genprog.model import _seeded
 from genprog.monte_carlo import log_mean_exp
 from genprog.optim import minimize
+from genprog.validation import check_int
 
 from .base import ZooModel, deprecated_record, renamed_keywords, sample_rows, training_record
 
@@ -68,8 +69,7 @@ class EnergyNet(nn.Module):
 
     def __init__(self, dim: int, hidden=(64, 64), tether: float = 0.05):
         super().__init__()
-        if not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"EnergyNet: dim must be a positive int, got {dim!r}")
+        dim = check_int("EnergyNet: dim", dim)
         if not tether > 0:
             raise ValueError(f"EnergyNet: tether must be positive (integrability), got {tether!r}")
         layers, prev = [], dim
@@ -199,10 +199,9 @@ def ais_log_partition(energy, dim: int, *, base_loc, base_scale, num_particles: 
         final particles ``[M, dim]`` and their log weights ``[M]``.
     """
     start = time.perf_counter()
-    for name, v in (("num_particles", num_particles), ("num_temps", num_temps),
-                    ("mala_steps", mala_steps)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < (2 if name != "mala_steps" else 1):
-            raise ValueError(f"AIS: {name} must be an int >= {2 if name != 'mala_steps' else 1}, got {v!r}")
+    num_particles = check_int("AIS: num_particles", num_particles, minimum=2)
+    num_temps = check_int("AIS: num_temps", num_temps, minimum=2)
+    mala_steps = check_int("AIS: mala_steps", mala_steps)
     dtype = dtype or torch.get_default_dtype()
     loc = torch.as_tensor(base_loc, dtype=dtype, device=device).expand(dim)
     scale = torch.as_tensor(base_scale, dtype=dtype, device=device).expand(dim)
@@ -323,8 +322,7 @@ class EnergyBasedModel(ZooModel):
                  name: str | None = None):
         if not isinstance(energy, nn.Module):
             raise TypeError(f"EnergyBasedModel: energy must be an nn.Module, got {type(energy).__name__}")
-        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 1:
-            raise ValueError(f"EnergyBasedModel: dim must be a positive int, got {dim!r}")
+        dim = check_int("EnergyBasedModel: dim", dim)
         ref = _ref(energy)
         base_loc = torch.as_tensor(base_loc, **ref).expand(dim).clone()
         base_scale = torch.as_tensor(base_scale, **ref).expand(dim).clone()
@@ -400,10 +398,8 @@ class EnergyBasedModel(ZooModel):
             raise ValueError(f"EnergyBasedModel.sample: method must be 'mala' or 'ula', got {method!r}")
         if init not in ("base", "ais"):
             raise ValueError(f"EnergyBasedModel.sample: init must be 'base' or 'ais', got {init!r}")
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise ValueError(f"sample: n must be a positive int, got {n!r}")
-        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-            raise ValueError(f"EnergyBasedModel.sample: steps must be a positive int, got {steps!r}")
+        n = check_int("sample: n", n)
+        steps = check_int("EnergyBasedModel.sample: steps", steps)
         shape = (n,) if self.n_data is None else (n, int(self.n_data))
         total = math.prod(shape)
         with self.context(), _seeded(seed):
@@ -529,8 +525,7 @@ class EnergyBasedModel(ZooModel):
             raise ValueError("EnergyBasedModel.mle: y must be a finite [N, d] tensor with N >= 2")
         for name, v in (("max_iters", max_iters), ("batch_size", batch_size), ("window", window),
                         ("cd_steps", cd_steps), ("buffer_size", buffer_size)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"EnergyBasedModel.mle: {name} must be a positive int, got {v!r}")
+            check_int(f"EnergyBasedModel.mle: {name}", v)
         if noise_scale is not None and not noise_scale > 0:
             raise ValueError(f"EnergyBasedModel.mle: noise_scale must be positive or None, got {noise_scale!r}")
         n, d = y.shape
@@ -639,8 +634,7 @@ class EnergyConditional:
         (options as :meth:`EnergyBasedModel.sample`)."""
         if method not in ("mala", "ula") or init not in ("base", "ais"):
             raise ValueError("EnergyConditional.sample: method is 'mala' or 'ula', init 'base' or 'ais'")
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise ValueError(f"sample: n must be a positive int, got {n!r}")
+        n = check_int("sample: n", n)
         with self.model.context(), _seeded(seed):
             x0 = self.model._initial_states(self.energy, self.rest, n, init, ais_options)
             x, info = langevin(self.energy, x0, steps=steps, step_size=step_size,

@@ -21,6 +21,7 @@ import torch
 from torch.distributions import constraints
 
 from genprog.optim import minimize
+from genprog.validation import check_int
 
 from .base import (
     EstimatedMarginal,
@@ -72,10 +73,8 @@ def build_transforms(dim: int, kind: str = "spline_coupling", layers: int = 4,
     """
     if kind not in KINDS:
         raise ValueError(f"Flow: unknown kind {kind!r}; choose from {KINDS}")
-    if not isinstance(dim, int) or dim < 1:
-        raise ValueError(f"Flow: dim must be a positive int, got {dim!r}")
-    if not isinstance(layers, int) or layers < 1:
-        raise ValueError(f"Flow: layers must be a positive int, got {layers!r}")
+    dim = check_int("Flow: dim", dim)
+    layers = check_int("Flow: layers", layers)
     if "coupling" in kind and dim < 2:
         raise ValueError("Flow: coupling transforms need dim >= 2; use an autoregressive kind")
     out: list = []
@@ -128,8 +127,7 @@ class Flow(ZooModel):
     mle_kind = "maximum likelihood (Adam)"
 
     def __init__(self, *, transforms, dim: int):
-        if not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"Flow: dim must be a positive int, got {dim!r}")
+        dim = check_int("Flow: dim", dim)
         transforms = list(transforms)
         for i, t in enumerate(transforms):
             if not isinstance(t, torch.distributions.Transform):

@@ -26,8 +26,9 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
+from genprog.validation import check_int
+
 from .base import ZooModel
-from .gaussian import check_int
 from .two_sample import MMDTest, mmd_test
 
 

@@ -24,6 +24,7 @@ import torch
 
 from genprog.errors import ConvergenceWarning
 from genprog.inputs import as_tensor
+from genprog.validation import check_int
 
 from .base import ZooModel, deprecated_record, renamed_keywords
 
@@ -49,17 +50,6 @@ def set_param(model: ZooModel, name: str, value) -> None:
     raw_args, raw_kwargs = model._raw_inputs
     model._raw_inputs = (raw_args, {**raw_kwargs, name: value})
     model.kwargs[name] = value
-
-
-def check_int(name: str, value, minimum: int = 1):
-    """``value`` as an int >= ``minimum`` (None passes through)."""
-    if value is None:
-        return None
-    if torch.is_tensor(value) and value.dim() == 0 and not value.is_floating_point():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return int(value)
 
 
 def check_positive_definite(name: str, cov: torch.Tensor) -> torch.Tensor:
@@ -262,7 +252,7 @@ class Gaussian(_GaussianFamily):
     mle_kind = "closed form"
 
     def __init__(self, *, mean=None, cov=None, dim=None):
-        dim = check_int("Gaussian: dim", dim)
+        dim = None if dim is None else check_int("Gaussian: dim", dim)
         super().__init__(mean=mean, cov=cov, dim=dim)
         keep_float64(self)
         mean, cov = self.kwargs["mean"], self.kwargs["cov"]
@@ -434,7 +424,8 @@ class PPCA(_FactorModel):
     mle_kind = "closed form"
 
     def __init__(self, *, W=None, mu=None, sigma=None, dim=None, k=None):
-        dim, k = check_int("PPCA: dim", dim), check_int("PPCA: k", k)
+        dim = None if dim is None else check_int("PPCA: dim", dim)
+        k = None if k is None else check_int("PPCA: k", k)
         super().__init__(W=W, mu=mu, sigma=sigma, dim=dim, k=k)
         keep_float64(self)
         _check_factor_params(self, "PPCA")
@@ -544,7 +535,8 @@ class FactorAnalysis(_FactorModel):
     em_info = deprecated_record("em_info")
 
     def __init__(self, *, W=None, mu=None, psi=None, dim=None, k=None):
-        dim, k = check_int("FactorAnalysis: dim", dim), check_int("FactorAnalysis: k", k)
+        dim = None if dim is None else check_int("FactorAnalysis: dim", dim)
+        k = None if k is None else check_int("FactorAnalysis: k", k)
         super().__init__(W=W, mu=mu, psi=psi, dim=dim, k=k)
         keep_float64(self)
         _check_factor_params(self, "FactorAnalysis")

@@ -29,10 +29,12 @@ import pyro
 import pyro.distributions as dist
 import torch
 
+from genprog.inputs import as_tensor
+from genprog.validation import check_int
+
 from .base import ZooModel, deprecated_record, renamed_keywords
 from .gaussian import (
     EMInfo,
-    check_int,
     check_positive_definite,
     gaussian_log_prob,
     keep_float64,
@@ -111,10 +113,10 @@ class HMM(ZooModel):
     def __init__(self, *, initial=None, transition=None, emission_probs=None, means=None,
                  covariances=None, emission=None, covariance_type=None, k=None,
                  num_symbols=None, dim=None, length=None):
-        k = check_int("HMM: k", k)
-        num_symbols = check_int("HMM: num_symbols", num_symbols)
-        dim = check_int("HMM: dim", dim)
-        length = check_int("HMM: length", length)
+        k = None if k is None else check_int("HMM: k", k)
+        num_symbols = None if num_symbols is None else check_int("HMM: num_symbols", num_symbols)
+        dim = None if dim is None else check_int("HMM: dim", dim)
+        length = None if length is None else check_int("HMM: length", length)
         super().__init__(initial=initial, transition=transition, emission_probs=emission_probs,
                          means=means, covariances=covariances, emission=emission,
                          covariance_type=covariance_type, k=k, num_symbols=num_symbols, dim=dim,
@@ -355,8 +357,7 @@ class HMM(ZooModel):
     def sample_states(self, n: int = 1, seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Joint draws of hidden paths and sequences: ``(x [n, T] long, y [n, T(, d)])``."""
         self._require_parameters("sample_states")
-        if not isinstance(n, int) or n < 1:
-            raise ValueError(f"sample_states: n must be a positive int, got {n!r}")
+        n = check_int("sample_states: n", n)
         T = self.event_shape[0]
         p = self.kwargs
         gen = torch.Generator(device=p["initial"].device)
@@ -456,8 +457,6 @@ def _time_logits(initial, transition, T):
 
 def _sequences(model, y, what):
     """Validate sequences for ``model``: ``[N, T]`` / ``[N, T, d]`` and a single-row flag."""
-    from genprog.inputs import as_tensor
-
     t = as_tensor(y, model.device, model.dtype, name=f"{what}: y")
     if not torch.is_tensor(t):
         t = torch.as_tensor(t, device=model.device, dtype=model.dtype or torch.get_default_dtype())
@@ -483,8 +482,6 @@ def _sequences(model, y, what):
 
 
 def _mle_data(data, emission, num_symbols):
-    from genprog.inputs import as_tensor
-
     y = as_tensor(data, None, _data_dtype(data), name="HMM.mle: data")
     if not torch.is_tensor(y):
         raise TypeError(f"HMM.mle: data must be an array, got {type(data).__name__}")

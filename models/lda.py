@@ -35,9 +35,10 @@ from genprog.errors import ConvergenceWarning
 from genprog.estimate import Estimate
 from genprog.inputs import as_tensor
 from genprog.model import _seeded
+from genprog.validation import check_int
 
 from .base import ZooModel, deprecated_record, renamed_keywords
-from .gaussian import check_int, keep_float64, set_param
+from .gaussian import keep_float64, set_param
 
 _TINY = 1e-100
 
@@ -93,9 +94,9 @@ class LDA(ZooModel):
 
     def __init__(self, *, topics=None, alpha=None, k=None, vocab_size=None, doc_length: int = 100,
                  topic_concentration: float = 0.1):
-        k = check_int("LDA: k", k)
-        vocab_size = check_int("LDA: vocab_size", vocab_size)
-        doc_length = check_int("LDA: doc_length", doc_length)
+        k = None if k is None else check_int("LDA: k", k)
+        vocab_size = None if vocab_size is None else check_int("LDA: vocab_size", vocab_size)
+        doc_length = None if doc_length is None else check_int("LDA: doc_length", doc_length)
         if not float(topic_concentration) > 0:
             raise ValueError(f"LDA: topic_concentration must be > 0, got {topic_concentration}")
         super().__init__(topics=topics, alpha=alpha, k=k, vocab_size=vocab_size,

@@ -23,6 +23,7 @@ from torch.distributions import constraints
 from genprog.estimate import Estimate
 from genprog.monte_carlo import log_mean_exp
 from genprog.optim import minimize
+from genprog.validation import check_int
 
 from .base import ZooModel, renamed_keywords, sample_rows, training_record
 
@@ -55,8 +56,7 @@ class MADENet(nn.Module):
 
     def __init__(self, dim: int, hidden=(128,), order=None, seed: int = 0):
         super().__init__()
-        if not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"MADENet: dim must be a positive int, got {dim!r}")
+        dim = check_int("MADENet: dim", dim)
         order = torch.arange(dim) if order is None else torch.as_tensor(order, dtype=torch.long)
         if sorted(order.tolist()) != list(range(dim)):
             raise ValueError(f"MADENet: order must be a permutation of range({dim}), got {order.tolist()}")

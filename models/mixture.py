@@ -14,13 +14,14 @@ import pyro.distributions as dist
 import torch
 from pyro.ops.indexing import Vindex
 
+from genprog.validation import check_int
+
 from .base import ZooModel, deprecated_record, renamed_keywords
 from .gaussian import (
     EMInfo,
     _plate,
     _shape,
     _split_obs,
-    check_int,
     check_positive_definite,
     data_matrix,
     gaussian_log_prob,
@@ -71,7 +72,8 @@ class GaussianMixture(ZooModel):
     em_info = deprecated_record("em_info")
 
     def __init__(self, *, weights=None, means=None, covariances=None, k=None, dim=None):
-        k, dim = check_int("GaussianMixture: k", k), check_int("GaussianMixture: dim", dim)
+        k = None if k is None else check_int("GaussianMixture: k", k)
+        dim = None if dim is None else check_int("GaussianMixture: dim", dim)
         super().__init__(weights=weights, means=means, covariances=covariances, k=k, dim=dim)
         keep_float64(self)
         w, m, c = (self.kwargs[n] for n in ("weights", "means", "covariances"))

@@ -62,6 +62,8 @@ import torch
 from pyro.distributions import constraints
 from pyro.distributions.torch_distribution import TorchDistribution
 
+from genprog.validation import check_int
+
 from .base import ZooModel, renamed_keywords
 
 __all__ = [
@@ -440,9 +442,7 @@ class _PointProcess(ZooModel):
             raise ValueError(f"{type(self).__name__}: T (the observation window [0, T), in time "
                              f"units) must be a positive finite number, got {T!r}")
         m = self.kwargs["max_events"]
-        if not isinstance(m, int) or isinstance(m, bool) or m < 1:
-            raise ValueError(f"{type(self).__name__}: max_events must be a positive int "
-                             f"(the padded length of y), got {m!r}")
+        check_int(f"{type(self).__name__}: max_events (the padded length of y)", m)
 
     @staticmethod
     def _positive(name, v, cls):

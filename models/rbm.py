@@ -33,9 +33,10 @@ from pyro.distributions import TorchDistribution, constraints
 from genprog.estimate import Estimate
 from genprog.model import _seeded
 from genprog.monte_carlo import log_mean_exp
+from genprog.validation import check_int
 
 from .base import ZooModel, deprecated_record
-from .gaussian import check_int, data_matrix, keep_float64, set_param
+from .gaussian import data_matrix, keep_float64, set_param
 
 #: Largest layer enumerated by default for log Z (2^20 states).
 MAX_ENUMERATE = 20
@@ -249,8 +250,8 @@ class RBM(ZooModel):
 
     def __init__(self, *, W=None, b=None, c=None, n_visible=None, n_hidden=None,
                  max_enumerate: int = MAX_ENUMERATE):
-        n_visible = check_int("RBM: n_visible", n_visible)
-        n_hidden = check_int("RBM: n_hidden", n_hidden)
+        n_visible = None if n_visible is None else check_int("RBM: n_visible", n_visible)
+        n_hidden = None if n_hidden is None else check_int("RBM: n_hidden", n_hidden)
         max_enumerate = check_int("RBM: max_enumerate", max_enumerate, minimum=0)
         super().__init__(W=W, b=b, c=c, n_visible=n_visible, n_hidden=n_hidden,
                          max_enumerate=max_enumerate)
@@ -385,8 +386,7 @@ class RBM(ZooModel):
             raise ValueError(f"RBM.sample: unknown method {method!r}; choose auto, exact or gibbs")
         if self.missing_parameters():
             return super().sample(n, seed=seed)
-        if not isinstance(n, int) or n < 1:
-            raise ValueError(f"sample: n must be a positive int, got {n!r}")
+        n = check_int("sample: n", n)
         burn_in = check_int("RBM.sample: burn_in", burn_in)
         shape = (n,) if self.n_data is None else (n, int(self.n_data))
         d = self._distribution()

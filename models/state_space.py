@@ -26,9 +26,10 @@ import pyro.distributions as dist
 import torch
 
 from genprog.inputs import as_tensor
+from genprog.validation import check_int
 
 from .base import ZooModel, deprecated_record, renamed_keywords
-from .gaussian import check_int, check_positive_definite, keep_float64, set_param
+from .gaussian import check_positive_definite, keep_float64, set_param
 
 _LOG_2PI = math.log(2 * math.pi)
 _PARAMS = ("A", "C", "Q", "R", "m0", "P0")
@@ -136,9 +137,9 @@ class LinearGaussianSSM(ZooModel):
 
     def __init__(self, *, A=None, C=None, Q=None, R=None, m0=None, P0=None, state_dim=None,
                  obs_dim=None, length=None):
-        state_dim = check_int("LinearGaussianSSM: state_dim", state_dim)
-        obs_dim = check_int("LinearGaussianSSM: obs_dim", obs_dim)
-        length = check_int("LinearGaussianSSM: length", length)
+        state_dim = None if state_dim is None else check_int("LinearGaussianSSM: state_dim", state_dim)
+        obs_dim = None if obs_dim is None else check_int("LinearGaussianSSM: obs_dim", obs_dim)
+        length = None if length is None else check_int("LinearGaussianSSM: length", length)
         super().__init__(A=A, C=C, Q=Q, R=R, m0=m0, P0=P0, state_dim=state_dim, obs_dim=obs_dim,
                          length=length)
         keep_float64(self)

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from genprog.validation import check_int
+
 
 @dataclass(frozen=True)
 class MMDTest:
@@ -59,6 +61,8 @@ def mmd_test(x, y, *, num_permutations: int = 500, bandwidth: float | None = Non
     Examples
     --------
     >>> import torch
+
+from genprog.validation import check_int
     >>> g = torch.Generator().manual_seed(0)
     >>> a, b = torch.randn(100, 2, generator=g), torch.randn(100, 2, generator=g)
     >>> mmd_test(a, b + 1.0, num_permutations=200).p_value < 0.01
@@ -67,10 +71,8 @@ def mmd_test(x, y, *, num_permutations: int = 500, bandwidth: float | None = Non
     x, y = _matrix(x, "x"), _matrix(y, "y")
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"mmd_test: x and y have different dimensions {x.shape[1]} and {y.shape[1]}")
-    if not isinstance(chunk, int) or chunk < 1:
-        raise ValueError(f"mmd_test: chunk must be a positive int, got {chunk!r}")
-    if not isinstance(num_permutations, int) or num_permutations < 1:
-        raise ValueError(f"mmd_test: num_permutations must be a positive int, got {num_permutations!r}")
+    chunk = check_int("mmd_test: chunk", chunk)
+    num_permutations = check_int("mmd_test: num_permutations", num_permutations)
     n, m = x.shape[0], y.shape[0]
     pooled = torch.cat([x.to(torch.float64), y.to(device=x.device, dtype=torch.float64)], 0)
     sq = torch.cdist(pooled, pooled).pow(2)

@@ -179,5 +179,5 @@ def test_bad_inputs():
         model().log_prob(y=torch.full((4, 3), float("inf"), dtype=D))
     with pytest.raises(ValueError, match="unknown parameter 'B'"):
         LinearGaussianSSM.mle(np.zeros((5, 1)), state_dim=1, fixed={"B": 1.0})
-    with pytest.raises(ValueError, match="steps must be an int"):
+    with pytest.raises(ValueError, match="steps must be a positive int"):
         model().forecast(torch.zeros(4, 3, dtype=D), steps=0)
