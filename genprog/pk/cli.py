@@ -359,7 +359,8 @@ def _umask() -> int:
 
 
 def _listing(names, most: int = 5) -> str:
-    return ", ".join(names[:most]) + (f", ... ({len(names) - most} more)" if len(names) > most else "")
+    more = f", ... ({len(names) - most} more)" if len(names) > most else ""
+    return ", ".join(names[:most]) + more
 
 
 # ---- fit -----------------------------------------------------------------------------------

@@ -293,7 +293,8 @@ def _open(source):
         if path.is_dir():
             raise ValueError(f"{path}: is a folder; give a CSV file")
         parsed = parse_file(path)
-        return Table(parsed.frame, path.name, lines=parsed.lines), parsed.notes
+        return Table(parsed.frame, path.name, lines=parsed.lines, numbers=parsed.numbers), \
+            parsed.notes
     raise TypeError(f"read_nonmem: source must be a path or a pandas DataFrame, "
                     f"not {type(source).__name__}")
 

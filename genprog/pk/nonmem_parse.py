@@ -28,6 +28,7 @@ from __future__ import annotations
 import codecs
 import csv
 import io
+import itertools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,9 @@ MISSING = frozenset({"", ".", "NA", "N/A", "n/a", "NaN", "nan", "NAN", "-NaN", "
 _BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"),
          (codecs.BOM_UTF8, "utf-8-sig"), (codecs.BOM_UTF16_LE, "utf-16"),
          (codecs.BOM_UTF16_BE, "utf-16"))
+#: A line that is a comment (first field starts with # or @, or is C) or has no value.
+_SPECIAL_LINE = re.compile(r"^[ \t]*(?:[#@]|[Cc][ \t]*(?:,|$)|,*[ \t]*$)", re.MULTILINE)
+_PADDED = re.compile(r"[ \t](?:,|$)", re.MULTILINE)
 _ENCODING_NAMES = {"cp1252": "Windows-1252", "latin-1": "Latin-1"}
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
@@ -62,11 +66,15 @@ class ParsedFile:
         The 1-based file line of each row.
     notes : list of str
         What was accepted but should be known (encoding, skipped comment rows).
+    numbers : dict
+        Column name -> float64 values (NaN missing) for the columns whose every entry is
+        a number (pandas' C parser; the text in ``frame`` stays for messages and IDs).
     """
 
     frame: pd.DataFrame
     lines: np.ndarray
     notes: list = field(default_factory=list)
+    numbers: dict = field(default_factory=dict)
 
 
 def parse_file(path: Path) -> ParsedFile:
@@ -81,38 +89,152 @@ def parse_file(path: Path) -> ParsedFile:
         When the file cannot be read.
     """
     name = path.name
-    raw = path.read_bytes()
-    text, encoding = decode(raw, name)
+    text, encoding = decode(path.read_bytes(), name)
     notes = []
     if encoding in ("cp1252", "latin-1"):
         notes.append(f"the file is not UTF-8: read as {_ENCODING_NAMES[encoding]}")
-    records = _records(text, name)
-    header_at, header = _header(records, name)
-    skipped = [line for line, fields in records[:header_at] if fields]
-    rows, lines = [], []
-    drop_flag = header and header[0].strip().upper() == "C"
-    for line, fields in records[header_at + 1:]:
+    lines = text.splitlines()
+    at = _header_at(lines, name)
+    comma = "," in lines[at]
+    if comma and '"' in text:      # quoted fields: the csv module, record by record
+        header, rows, numbers, skipped = _quoted_rows(text, at, name)
+        frame, parsed = _frame(header, rows, name), {}
+    else:                          # the common case: one record per line, pandas' C parser
+        header, kept, numbers, skipped = _plain_lines(lines, at, comma, name)
+        frame, parsed = _read_plain(header, kept, comma, name)
+    if header and header[0].upper() == "C":    # NONMEM's comment-flag column
+        parsed.pop(frame.columns[0], None)
+        frame = frame.drop(columns=frame.columns[0])
+    if skipped:
+        notes.append(f"{len(skipped)} comment row{'s' if len(skipped) > 1 else ''} skipped "
+                     f"(NONMEM's IGNORE=#/@/C: line{'s' if len(skipped) > 1 else ''} "
+                     f"{_lines(skipped)})")
+    return ParsedFile(frame, np.asarray(numbers, dtype=np.int64), notes, parsed)
+
+
+def _header_at(lines, name) -> int:
+    """Index of the header line: the first non-blank one naming an ID column among the
+    leading comment lines, else the first non-blank one."""
+    filled = (k for k, ln in enumerate(lines) if ln.strip())
+    first = next(filled, None)
+    if first is None:
+        raise ValueError(f"{name}: the file is empty (no header, no data rows)")
+    for k in (first, *itertools.islice(filled, 1000)):
+        fields = re.split(r"[,;\s]+", lines[k].strip())
+        if "ID" in (f.strip().lstrip("#@").strip().upper() for f in fields):
+            return _check_separator(lines, k, name)
+        if lines[k].strip()[:1] not in ("#", "@"):
+            break
+    return _check_separator(lines, first, name)
+
+
+def _check_separator(lines, at, name) -> int:
+    if "," not in lines[at] and ";" in lines[at]:
+        raise ValueError(f"{name} line {at + 1}: the separator is ';'; genprog reads comma- or "
+                         "whitespace-separated files: save it as CSV with ',' between values "
+                         "and '.' as the decimal mark")
+    return at
+
+
+def _plain_lines(lines, at, comma, name):
+    """(header, kept lines, their line numbers, skipped comment line numbers)."""
+    header = _names(lines[at].split(",") if comma else lines[at].split())
+    skipped = [k + 1 for k in range(at) if lines[k].strip()]
+    width = len(header)
+    body = lines[at + 1:]
+    if comma and all(ln.count(",") == width - 1 for ln in body) and \
+            not _SPECIAL_LINE.search("\n".join(body)):      # the common case, at C speed
+        return header, body, list(range(at + 2, len(lines) + 1)), skipped
+    kept, numbers = [], []
+    for k in range(at + 1, len(lines)):
+        ln = lines[k]
+        first = (ln.split(",", 1)[0] if comma else ln.split(None, 1)[0] if ln.strip() else "")
+        first = first.strip()
+        if not first and not (ln.replace(",", "").strip() if comma else ln.strip()):
+            continue                                    # blank, or nothing but commas
+        if first[:1] in ("#", "@") or first in ("C", "c"):
+            skipped.append(k + 1)
+            continue
+        n_fields = ln.count(",") + 1 if comma else len(ln.split())
+        if n_fields != width:
+            raise _field_count_error(name, k + 1, n_fields, header, width)
+        kept.append(ln)
+        numbers.append(k + 1)
+    return header, kept, numbers, skipped
+
+
+def _read_plain(header, kept, comma, name):
+    """(text cells, {column: float64 values} for the all-number columns)."""
+    if not kept:
+        return _frame(header, [], name), {}
+    names = list(range(len(header)))
+    body = "\n".join(kept)
+    options = {"sep": "," if comma else r"\s+", "header": None, "names": names,
+                   "skipinitialspace": True, "quoting": csv.QUOTE_NONE, "engine": "c"}
+    frame = pd.read_csv(io.StringIO(body), dtype=str, keep_default_na=False, na_filter=False,
+                        skip_blank_lines=False, **options)
+    numeric = pd.read_csv(io.StringIO(body), keep_default_na=False, na_values=sorted(MISSING),
+                          **options)
+    padded = comma and _PADDED.search(body) is not None
+    columns = {}
+    for j, h in enumerate(header):
+        col = frame[j].str.strip() if padded else frame[j]      # (strip: slow, rarely needed)
+        col = col.where(~col.isin(MISSING), None)
+        if not h:
+            if col.notna().any():
+                raise ValueError(f"{name}: column {j + 1} has values but no name in the "
+                                 "header; name it (or remove it)")
+            continue
+        columns[j] = col
+    out = pd.DataFrame(columns)
+    out.columns = [header[j] for j in columns]
+    numbers = {header[j]: numeric[j].to_numpy(dtype=np.float64) for j in columns
+               if pd.api.types.is_float_dtype(numeric[j])
+               or pd.api.types.is_integer_dtype(numeric[j])}
+    return out, numbers
+
+
+def _quoted_rows(text, at, name):
+    """(header, rows of cells, line numbers, skipped comment lines) by the csv module."""
+    reader = csv.reader(io.StringIO(text), skipinitialspace=True)
+    records, start = [], 1
+    try:
+        for fields in reader:
+            records.append((start, fields))
+            start = reader.line_num + 1
+    except csv.Error as e:
+        raise ValueError(f"{name} line {reader.line_num}: malformed CSV ({e})") from None
+    k = next(i for i, (line, _) in enumerate(records) if line == at + 1)
+    header = _names(records[k][1])
+    skipped = [line for line, fields in records[:k] if fields]
+    rows, numbers = [], []
+    width = len(header)
+    for line, fields in records[k + 1:]:
         if not fields or all(not f.strip() for f in fields):
             continue
         if _is_comment(fields):
             skipped.append(line)
             continue
-        if len(fields) != len(header):
-            raise ValueError(
-                f"{name} line {line}: {len(fields)} field{'s' if len(fields) != 1 else ''} "
-                f"but the header has {len(header)} ({', '.join(header)}); every row needs one "
-                f"value per column (empty or '.' for missing)")
+        if len(fields) != width:
+            raise _field_count_error(name, line, len(fields), header, width)
         rows.append([_cell(f) for f in fields])
-        lines.append(line)
+        numbers.append(line)
     header, rows = _drop_empty_unnamed(header, rows, name)
-    frame = pd.DataFrame(rows, columns=header, dtype=object) if rows else \
-        pd.DataFrame({h: pd.Series([], dtype=object) for h in header})
-    if drop_flag:
-        frame = frame.drop(columns=frame.columns[0])
-    if skipped:
-        notes.append(f"{len(skipped)} comment row{'s' if len(skipped) > 1 else ''} skipped "
-                     f"(NONMEM's IGNORE=#/@/C: line{'s' if len(skipped) > 1 else ''} {_lines(skipped)})")
-    return ParsedFile(frame, np.asarray(lines, dtype=np.int64), notes)
+    return header, rows, numbers, skipped
+
+
+def _field_count_error(name, line, n_fields, header, width):
+    return ValueError(
+        f"{name} line {line}: {n_fields} field{'s' if n_fields != 1 else ''} but the header "
+        f"has {width} ({', '.join(h or '(no name)' for h in header)}); every row needs one "
+        "value per column (empty or '.' for missing)")
+
+
+def _frame(header, rows, name) -> pd.DataFrame:
+    header = [h for h in header if h] if not rows else header
+    if rows:
+        return pd.DataFrame(rows, columns=header, dtype=object)
+    return pd.DataFrame({h: pd.Series([], dtype=object) for h in header})
 
 
 def decode(raw: bytes, name: str) -> tuple[str, str]:
@@ -159,56 +281,6 @@ def _checked(text: str, name: str, encoding: str) -> str:
             f"read as {encoding}); give a CSV file (UTF-8, comma- or whitespace-separated) "
             "- export it again from the program that wrote it")
     return text
-
-
-def _records(text: str, name: str) -> list:
-    """``[(line, fields), ...]``; comma-separated unless the header has no comma."""
-    lines = text.splitlines()
-    first = _header_line(lines)
-    if "," not in first and ";" in first:
-        raise ValueError(f"{name} line 1: the separator is ';'; genprog reads comma- or "
-                         "whitespace-separated files: save it as CSV with ',' between values "
-                         "and '.' as the decimal mark")
-    if "," in first:
-        reader = csv.reader(io.StringIO(text), skipinitialspace=True)
-        out, start = [], 1
-        try:
-            for fields in reader:
-                out.append((start, fields))
-                start = reader.line_num + 1
-        except csv.Error as e:
-            raise ValueError(f"{name} line {reader.line_num}: malformed CSV ({e})") from None
-        return out
-    return [(i + 1, ln.split()) for i, ln in enumerate(lines)]
-
-
-def _header_line(lines) -> str:
-    """The line that holds the header: the first non-blank one naming an ID column among
-    the leading comment lines, else the first non-blank one (it decides the separator)."""
-    blank = [ln for ln in lines if ln.strip()]
-    for ln in blank:
-        if "ID" in (f.strip().lstrip("#@").strip().upper() for f in re.split(r"[,;\s]+", ln)):
-            return ln
-        if ln.strip()[:1] not in ("#", "@"):
-            break
-    return blank[0] if blank else ""
-
-
-def _header(records, name):
-    """(position, names): the first non-blank record naming an ID column, else the
-    first non-blank record."""
-    candidates = [(k, fields) for k, (_, fields) in enumerate(records)
-                  if fields and any(f.strip() for f in fields)]
-    if not candidates:
-        raise ValueError(f"{name}: the file is empty (no header, no data rows)")
-    for k, fields in candidates:
-        names = _names(fields)
-        if "ID" in (n.upper() for n in names):
-            return k, names
-        if not _is_comment(fields):
-            break
-    k, fields = candidates[0]
-    return k, _names(fields)
 
 
 def _names(fields):

@@ -52,14 +52,19 @@ class Table:
         1-based file line of each row (files only).
     dtype : torch.dtype, optional
         The float dtype the data set will be stored in (default: torch's default).
+    numbers : dict, optional
+        Column name -> float64 values already parsed (a file's all-number columns).
     """
 
-    def __init__(self, frame: pd.DataFrame, name: str, lines=None, dtype=None):
+    def __init__(self, frame: pd.DataFrame, name: str, lines=None, dtype=None, numbers=None):
         self.df, self.name, self.n = frame, name, len(frame)
         self.lines = lines
         self.dtype = dtype or torch.get_default_dtype()
         self.cols = {}
-        self._numbers = {}
+        self._numbers, self._floats = {}, {}
+        for c, values in (numbers or {}).items():
+            key = str(c).strip().lstrip("#").strip().upper()
+            self._floats[key] = (values, np.zeros(len(values), bool))
         for c in frame.columns:
             key = str(c).strip().lstrip("#").strip().upper()
             if key in self.cols:
@@ -140,7 +145,7 @@ class Table:
         the first, unless ``labels`` (categories, DVID) where text is as good as numbers.
         """
         s = self.df[self.cols[key]]
-        values, bad = _to_float(s)
+        values, bad = self.floats(key)
         if not bad.any():
             if labels:
                 self.fail(np.isinf(values), key, f"{self.label(key)} is infinite")
@@ -158,9 +163,16 @@ class Table:
         return text.to_numpy(dtype=object, na_value=None), False
 
     # ---- checks ---------------------------------------------------------------------
+    def floats(self, key: str):
+        """``(float64 values, NaN missing; mask of entries that are not numbers)``,
+        parsed once per column."""
+        if key not in self._floats:
+            self._floats[key] = _to_float(self.df[self.cols[key]], clean=self.from_file)
+        return self._floats[key]
+
     def _parse(self, key):
         s = self.df[self.cols[key]]
-        values, bad = _to_float(s)
+        values, bad = self.floats(key)
         self.fail(bad, key, lambda i: f"{s.iloc[i]!r} is not a number")
         return values
 
@@ -217,14 +229,12 @@ def _canonical_ids(t, s):
         value = _id_value(u)
         parsed[u] = value
         numeric &= not isinstance(value, str)
-    out = np.empty(len(raw), dtype=object)
-    for i, u in enumerate(raw):
-        if u is None or (isinstance(u, float) and np.isnan(u)) or u is pd.NA:
-            out[i] = None
-        elif numeric:
-            out[i] = parsed[u]
-        else:
-            out[i] = str(u).strip()
+    present = s.notna().to_numpy(bool)
+    out = np.full(len(raw), None, dtype=object)
+    if numeric:
+        out[present] = s[present].map(parsed).to_numpy(dtype=object)
+    else:
+        out[present] = [str(u).strip() for u in raw[present]]
     if numeric:
         t.fail([isinstance(v, float) and not np.isfinite(v) for v in out], "ID", lambda i: (
             f"ID is infinite ({raw[i]!r})"))
@@ -262,15 +272,20 @@ def _check_spellings(t, s, subj, first):
     """Two different texts for one numeric ID (``1`` and ``1.0``, ``01``) are an error."""
     if pd.api.types.is_numeric_dtype(s):
         return
-    text = s.astype("string").str.strip().to_numpy(dtype=object, na_value=None)
+    text = s.to_numpy(dtype=object) if t.from_file else \
+        s.astype("string").str.strip().to_numpy(dtype=object, na_value=None)
     spelled = text[first][subj]
     t.fail(text != spelled, "ID", lambda i: (
         f"ID {text[i]!r} is the same number as ID {spelled[i]!r} at "
         f"{t.where(int(first[subj[i]]))}; write each subject's ID the same way"))
 
 
-def _to_float(s: pd.Series):
-    """(values as float64 with NaN for missing, mask of entries that are not numbers)."""
+def _to_float(s: pd.Series, clean: bool = False):
+    """(values as float64 with NaN for missing, mask of entries that are not numbers);
+    ``clean``: the cells are stripped text or None (a parsed file), a faster path."""
+    if clean and s.dtype == object:
+        num = pd.to_numeric(s, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+        return num, np.isnan(num) & s.notna().to_numpy(bool)
     if pd.api.types.is_bool_dtype(s) or pd.api.types.is_numeric_dtype(s):
         if pd.api.types.is_complex_dtype(s):
             bad = np.imag(s.to_numpy()) != 0
