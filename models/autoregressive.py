@@ -28,7 +28,7 @@ from pyro.distributions.torch_distribution import TorchDistribution
 from genprog.inputs import as_tensor
 from genprog.validation import check_int
 
-from .base import ZooModel
+from .base import ZooModel, sample_rows
 from .gaussian import keep_float64, set_param
 from .hmm import check_probs
 
@@ -245,11 +245,7 @@ class AR(ZooModel):
             intercept = pyro.sample("intercept", dist.Normal(0.0, 5.0))
         sigma, intercept = torch.as_tensor(sigma), torch.as_tensor(intercept)
         seq = ARProcess(coefs, sigma, intercept, length)
-        if n is None:
-            pyro.sample("y", seq)
-        else:
-            with pyro.plate("data", n):
-                pyro.sample("y", seq)
+        sample_rows(n, seq)
 
     def _process(self, T):
         p = self.kwargs
@@ -516,11 +512,7 @@ class DiscreteAR(ZooModel):
             flat = pyro.sample("initial_flat", dist.Dirichlet(torch.ones(M ** k)))
             initial = pyro.deterministic("initial", flat.reshape(*flat.shape[:-1], *([M] * k)))
         seq = MarkovChainSequence(initial, probs, k, length)
-        if n is None:
-            pyro.sample("y", seq)
-        else:
-            with pyro.plate("data", n):
-                pyro.sample("y", seq)
+        sample_rows(n, seq)
 
     def _as_data(self, y, what: str):
         t, single = _sequences(self, y, what)

@@ -34,7 +34,6 @@ Parameters of the marginals are kept as flat model parameters ``m{i}_{name}`` (e
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -47,7 +46,7 @@ from pyro.distributions import constraints
 from pyro.distributions.torch_distribution import TorchDistribution
 from pyro.distributions.transforms import biject_to
 
-from .base import ZooModel, renamed_keywords
+from .base import ZooModel, renamed_keywords, sample_rows
 
 __all__ = ["GaussianCopula", "NormalScoreShift", "marginal_cdf", "marginal_icdf"]
 
@@ -368,9 +367,7 @@ class GaussianCopula(ZooModel):
         for i, spec in enumerate(marginals):
             vals = spec.priors(f"m{i}_", {nm: flat[f"m{i}_{nm}"] for nm in spec.all_names()})
             dists.append(spec.build(vals))
-        plate = pyro.plate("data", n) if n is not None else contextlib.nullcontext()
-        with plate:
-            return pyro.sample("y", _CopulaDistribution(chol, dists))
+        return sample_rows(n, _CopulaDistribution(chol, dists))
 
     @property
     def event_shape(self) -> tuple:

@@ -20,7 +20,6 @@ the ELBO (``info.elbo``) bounds from below.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ import torch
 from genprog.errors import ConvergenceWarning
 from genprog.validation import check_int
 
-from .base import ZooModel, deprecated_record, renamed_keywords
+from .base import ZooModel, deprecated_record, renamed_keywords, sample_rows
 from .gaussian import (
     _split_obs,
     check_positive_definite,
@@ -50,10 +49,6 @@ def stick_breaking(v: torch.Tensor) -> torch.Tensor:
     one = torch.ones_like(v[..., :1])
     rest = torch.cumprod(1 - v, dim=-1)
     return torch.cat([v, one], -1) * torch.cat([one, rest], -1)
-
-
-def _plate(n):
-    return pyro.plate("data", n) if n is not None else contextlib.nullcontext()
 
 
 class DirichletProcessMixture(ZooModel):
@@ -176,8 +171,7 @@ class DirichletProcessMixture(ZooModel):
             dist.Categorical(weights.expand(batch + (T,))),
             dist.MultivariateNormal(means.expand(batch + (T, d)),
                                     scale_tril=tril.expand(batch + (T, d, d))))
-        with _plate(n):
-            pyro.sample("y", mix)
+        sample_rows(n, mix)
 
     @property
     def event_shape(self) -> tuple:

@@ -26,7 +26,7 @@ from genprog.errors import ConvergenceWarning
 from genprog.inputs import as_tensor
 from genprog.validation import check_int
 
-from .base import ZooModel, deprecated_record, renamed_keywords
+from .base import ZooModel, deprecated_record, renamed_keywords, sample_rows
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
@@ -285,8 +285,7 @@ class Gaussian(_GaussianFamily):
             pyro.deterministic("cov", tril @ tril.transpose(-1, -2))
         else:
             tril = torch.linalg.cholesky(cov)
-        with _plate(n):
-            pyro.sample("y", dist.MultivariateNormal(mean, scale_tril=tril))
+        sample_rows(n, dist.MultivariateNormal(mean, scale_tril=tril))
 
     @property
     def loc(self):

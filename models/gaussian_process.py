@@ -37,7 +37,6 @@ Kernel parametrisations follow scikit-learn (``ConstantKernel(v) * RBF(l)`` is
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, replace
 
@@ -46,7 +45,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 
-from .base import ZooModel, renamed_keywords
+from .base import ZooModel, renamed_keywords, sample_rows
 
 __all__ = ["RBF", "GaussianProcess", "Kernel", "Matern32", "Matern52", "Periodic"]
 
@@ -431,9 +430,7 @@ class GaussianProcess(ZooModel):
         noise = _prior_site("noise", noise)
         mean = _prior_site("mean", mean)
         loc, cov = _gp_loc_cov(x, kernel, _as_tensors(values, x), noise, mean, x_obs, y_obs)
-        plate = pyro.plate("data", n) if n is not None else contextlib.nullcontext()
-        with plate:
-            return pyro.sample("y", dist.MultivariateNormal(loc, covariance_matrix=cov))
+        return sample_rows(n, dist.MultivariateNormal(loc, covariance_matrix=cov))
 
     @property
     def event_shape(self) -> tuple:

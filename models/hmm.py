@@ -32,7 +32,7 @@ import torch
 from genprog.inputs import as_tensor
 from genprog.validation import check_int
 
-from .base import ZooModel, deprecated_record, renamed_keywords
+from .base import ZooModel, deprecated_record, renamed_keywords, sample_rows
 from .gaussian import (
     EMInfo,
     check_positive_definite,
@@ -247,11 +247,7 @@ class HMM(ZooModel):
                 obs = dist.Normal(means.unsqueeze(-3), covariances.sqrt().unsqueeze(-3)).to_event(1)
         seq = dist.DiscreteHMM(torch.zeros(K), _time_logits(initial, transition, T), obs,
                                duration=T)
-        if n is None:
-            pyro.sample("y", seq)
-        else:
-            with pyro.plate("data", n):
-                pyro.sample("y", seq)
+        sample_rows(n, seq)
 
     # ------------------------------------------------------------------ data
     def _as_data(self, y, what: str):

@@ -51,7 +51,6 @@ time-rescaling theorem its increments are i.i.d. Exp(1) under the model).
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import ClassVar
 
@@ -64,7 +63,7 @@ from pyro.distributions.torch_distribution import TorchDistribution
 
 from genprog.validation import check_int
 
-from .base import ZooModel, renamed_keywords
+from .base import ZooModel, renamed_keywords, sample_rows
 
 __all__ = [
     "HawkesProcess",
@@ -537,9 +536,7 @@ class PoissonProcess(_PointProcess):
         if rate is None:
             rate = pyro.sample("rate", dist.LogNormal(0.0, 2.0))
         d = PoissonProcessDistribution(rate, T, max_events)
-        plate = pyro.plate("data", n) if n is not None else contextlib.nullcontext()
-        with plate:
-            return pyro.sample("y", d)
+        return sample_rows(n, d)
 
     def _distribution(self):
         return PoissonProcessDistribution(self.kwargs["rate"], self.kwargs["T"],
@@ -663,9 +660,7 @@ class InhomogeneousPoissonProcess(_PointProcess):
                 rates = pyro.sample("rates", dist.LogNormal(0.0, 2.0).expand([edges.shape[0] - 1])
                                     .to_event(1))
             d = PiecewisePoissonDistribution(rates, edges, max_events)
-        plate = pyro.plate("data", n) if n is not None else contextlib.nullcontext()
-        with plate:
-            return pyro.sample("y", d)
+        return sample_rows(n, d)
 
     def _distribution(self):
         p = self.kwargs
@@ -772,9 +767,7 @@ class HawkesProcess(_PointProcess):
         alpha = alpha if alpha is not None else pyro.sample("alpha", dist.LogNormal(0.0, 1.0))
         beta = beta if beta is not None else pyro.sample("beta", dist.LogNormal(0.0, 1.0))
         d = HawkesDistribution(mu, alpha, beta, T, max_events)
-        plate = pyro.plate("data", n) if n is not None else contextlib.nullcontext()
-        with plate:
-            return pyro.sample("y", d)
+        return sample_rows(n, d)
 
     def _distribution(self):
         p = self.kwargs

@@ -35,7 +35,7 @@ from genprog.model import _seeded
 from genprog.monte_carlo import log_mean_exp
 from genprog.validation import check_int
 
-from .base import ZooModel, deprecated_record
+from .base import ZooModel, deprecated_record, sample_rows
 from .gaussian import data_matrix, keep_float64, set_param
 
 #: Largest layer enumerated by default for log Z (2^20 states).
@@ -295,11 +295,7 @@ class RBM(ZooModel):
         if c is None:
             c = pyro.sample("c", dist.Normal(0.0, 1.0).expand([H]).to_event(1))
         d = RBMVisible(W, b, c, max_enumerate=int(max_enumerate))
-        if n is None:
-            pyro.sample("y", d)
-        else:
-            with pyro.plate("data", n):
-                pyro.sample("y", d)
+        sample_rows(n, d)
 
     @property
     def event_shape(self) -> tuple:

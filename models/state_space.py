@@ -28,7 +28,7 @@ import torch
 from genprog.inputs import as_tensor
 from genprog.validation import check_int
 
-from .base import ZooModel, deprecated_record, renamed_keywords
+from .base import ZooModel, deprecated_record, renamed_keywords, sample_rows
 from .gaussian import check_positive_definite, keep_float64, set_param
 
 _LOG_2PI = math.log(2 * math.pi)
@@ -214,11 +214,7 @@ class LinearGaussianSSM(ZooModel):
             P0 = torch.diag_embed(pyro.sample("P0_diag", dist.LogNormal(0.0, 1.0).expand([h])
                                               .to_event(1)))
         seq = gaussian_hmm(A, C, Q, R, m0, P0, T)
-        if n is None:
-            pyro.sample("y", seq)
-        else:
-            with pyro.plate("data", n):
-                pyro.sample("y", seq)
+        sample_rows(n, seq)
 
     # ------------------------------------------------------------------ data
     def _as_data(self, y, what: str):
