@@ -9,6 +9,7 @@ turns the record into a :class:`genprog.Fit`; ``Model.log_marginal`` dispatches 
 
 from .map import fit_laplace, fit_map
 from .mcmc import fit_chees, fit_hmc, fit_nuts
+from .nlme import fit_nlme
 from .saem import fit_saem
 from .vi import fit_vi
 
@@ -21,9 +22,10 @@ FIT_METHODS = {
     "hmc": fit_hmc,
     "chees": fit_chees,
     "saem": fit_saem,
+    "mle": fit_nlme,
 }
 
 #: methods whose records hold MCMC draws (checked for convergence)
 MCMC_METHODS = ("nuts", "hmc", "chees")
 
-__all__ = ["FIT_METHODS", "MCMC_METHODS", "fit_chees", "fit_hmc", "fit_laplace", "fit_map", "fit_nuts", "fit_saem", "fit_vi"]
+__all__ = ["FIT_METHODS", "MCMC_METHODS", "fit_chees", "fit_hmc", "fit_laplace", "fit_map", "fit_nlme", "fit_nuts", "fit_saem", "fit_vi"]
