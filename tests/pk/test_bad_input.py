@@ -72,9 +72,9 @@ def frame_of(**changes):
         df = pd.DataFrame([[float(x) for x in r] for r in ROWS], columns=HEADER)
         df["ID"] = df["ID"].astype(np.int64)
         for column, (index, value) in changes.items():
-            df[column] = df[column].astype(object if isinstance(value, str) else
-                                           type(value) if isinstance(value, (int, np.integer))
-                                           and not isinstance(value, bool) else float)
+            df[column] = df[column].astype(
+                object if isinstance(value, str) else complex if isinstance(value, complex)
+                else type(value) if isinstance(value, (int, np.integer)) else float)
             df.loc[index, column] = value
         return df
     return make
@@ -191,6 +191,31 @@ READ_ERRORS = [
      ["bad.csv row 2", "column AMT", "not a dose"]),
     ("dv-missing-on-observation", edit_file(5, "DV", "."), ValueError,
      ["bad.csv row 5", "column DV", "missing on an observation row"]),
+    ("cmt-missing-on-dose", edit_file(4, "CMT", "."), ValueError,
+     ["bad.csv row 4", "column CMT", "missing on a dose row"]),
+    ("dur-and-duration", file_of(with_column("DURATION", ["0"] * 6, [[*r, "0"] for r in ROWS],
+                                             [*HEADER, "DUR"])), ValueError,
+     ["bad.csv", "DUR and DURATION"]),
+    ("cens-outside-0-1", file_of(with_column("CENS", ["0", "2", "0", "0", "0", "0"])), ValueError,
+     ["bad.csv row 2", "column CENS", "got 2"]),
+    ("limit-below-censored-dv", file_of(with_column("LIMIT", [".", "1", ".", ".", ".", "."],
+                                                    [[*r, c] for r, c in zip(ROWS, "010000")],
+                                                    [*HEADER, "CENS"])), ValueError,
+     ["bad.csv row 2", "column LIMIT", "interval censoring"]),
+    ("dv-complex-frame", frame_of(DV=(1, 5 + 2j)), ValueError,
+     ["DataFrame index 1", "column DV", "not a number"]),
+    # the same checks through the other parsers: quoted CSV, whitespace, UTF-16
+    ("quoted-csv-short-row", file_of(text([*ROWS[:2], ['"1"', *ROWS[2][1:5]], *ROWS[3:]])),
+     ValueError, ["bad.csv line 4", "5 fields", "header has 8"]),
+    ("quoted-csv-bad-value", file_of(text(edited(3, "DV", '"n/d"'))), ValueError,
+     ["bad.csv row 3", "column DV", "'n/d'", "not a number"]),
+    ("whitespace-short-row", file_of(text([*ROWS[:4], ROWS[4][:6], ROWS[5]], sep=" ")),
+     ValueError, ["bad.csv line 6", "6 fields", "header has 8"]),
+    ("utf-16-bad-value", file_of(text(edited(5, "TIME", "-3")), encoding="utf-16"), ValueError,
+     ["bad.csv row 5", "line 6", "column TIME", "-3"]),
+    ("row-after-comment-keeps-its-line", file_of(text([["#", "x", "", "", "", "", "", ""],
+                                                       *edited(2, "AMT", "-1")])),
+     ValueError, ["bad.csv row 2", "line 4", "column AMT"]),
 ]
 
 
@@ -281,6 +306,8 @@ CLEAN = [
     ("crlf-line-ends", file_of(text().replace("\n", "\r\n"))),
     ("missing-covariate-on-one-row", edit_file(3, "WT", ".")),
     ("explicit-time-varying", file_of(with_column("CRCL", ["60", "50", "40", "80", "80", "80"]))),
+    ("quoted-fields", file_of(text([[f'"{x}"' for x in r] for r in ROWS]))),
+    ("padded-fields", file_of(text([[f" {x} " for x in r] for r in ROWS]))),
 ]
 
 
@@ -407,6 +434,21 @@ def test_cli_error_is_one_line(argv, replacement, status, needles, tmp_path, cap
     for needle in needles:
         assert needle in message, (needle, message)
     assert not out.exists() and list(tmp_path.iterdir()) == []   # nothing, not even a temp folder
+
+
+def test_cli_describe_prints_the_notes_not_a_warning(tmp_path, capsys):
+    path = file_of(text([ROWS[0], *ROWS]))(tmp_path)
+    rc, captured = _run(["describe", str(path)], capsys)
+    assert rc == 0 and captured.err == ""
+    assert "notes (1):" in captured.out and "1 duplicated dose row" in captured.out
+
+
+def test_cli_refuses_the_current_folder(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(pk.PopulationModel, "fit", _raise(AssertionError("must not fit")))
+    rc, captured = _run(["fit", THEO, "--out", ".", "--overwrite"], capsys)
+    assert rc == 2 and "current folder" in _error_line(captured)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_cli_covariate_that_varies_is_named(tmp_path, capsys):
