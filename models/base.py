@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib
 import inspect
 import warnings
 
@@ -418,10 +417,10 @@ class GenerativeClassifier(ZooModel):
 
 def capabilities():
     """The capability table of every zoo class: a pandas DataFrame, one row per class,
-    one column per operation (see :meth:`ZooModel.capabilities`)."""
+    one column per operation (see :meth:`ZooModel.capabilities`). (Importing this module
+    imports the package ``genprog.models`` first, which registers every class.)"""
     import pandas as pd
 
-    importlib.import_module("genprog.models")  # registers every class
     rows = {name: cls.capabilities() for name, cls in REGISTRY.items()}
     generic = {
         "sample": "exact", "log_prob": "exact (all latents given / enumerable)",

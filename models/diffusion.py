@@ -56,8 +56,8 @@ from torch import nn
 from torch.distributions import constraints
 from torchdiffeq import odeint
 
-from genprog.model import _seeded
 from genprog.optim import minimize
+from genprog.rng import seeded
 from genprog.validation import check_int
 
 from .base import (
@@ -465,7 +465,7 @@ class Diffusion(ZooModel):
         steps = check_int("Diffusion.sample: steps", steps)
         shape = (n,) if self.n_data is None else (n, int(self.n_data))
         sde, ref = self.sde, _ref(self.score)
-        with self.context(), _seeded(seed):
+        with self.context(), seeded(seed):
             x_T = sde.prior_std * torch.randn(*shape, self.kwargs["dim"], **ref)
             y = reverse_sde_sample(self.score, sde, x_T, t_min=self.kwargs["t_min"], steps=steps)
         return {"y": y}
@@ -482,7 +482,7 @@ class Diffusion(ZooModel):
         """The denoising score-matching loss on ``y [N, d]`` (no gradient):
         ``mean_i || sqrt(v(t_i)) s(x_t_i, t_i) + z_i ||^2`` with ``t_i ~ U(t_min, T)``."""
         y, _ = self._as_data(y, "score_matching_loss")
-        with self.context(), _seeded(seed), torch.no_grad():
+        with self.context(), seeded(seed), torch.no_grad():
             return _dsm_loss(self.score, self.sde, y.to(**_ref(self.score)), self.kwargs["t_min"],
                              None)
 

@@ -44,9 +44,9 @@ from torch import nn
 from torch.distributions import constraints
 
 from genprog.estimate import Estimate
-from genprog.model import _seeded
 from genprog.monte_carlo import log_mean_exp
 from genprog.optim import minimize
+from genprog.rng import seeded
 from genprog.validation import check_int
 
 from .base import ZooModel, deprecated_record, renamed_keywords, sample_rows, training_record
@@ -214,7 +214,7 @@ def ais_log_partition(energy, dim: int, *, base_loc, base_scale, num_particles: 
 
     K = num_temps - 1
     betas = (torch.arange(num_temps, dtype=torch.float64) / K) ** 2
-    with _seeded(seed):
+    with seeded(seed):
         x = loc + scale * torch.randn(num_particles, dim, dtype=dtype, device=device)
         logw = torch.zeros(num_particles, dtype=dtype, device=device)
         h = 0.1 * float(scale.min()) ** 2
@@ -402,7 +402,7 @@ class EnergyBasedModel(ZooModel):
         steps = check_int("EnergyBasedModel.sample: steps", steps)
         shape = (n,) if self.n_data is None else (n, int(self.n_data))
         total = math.prod(shape)
-        with self.context(), _seeded(seed):
+        with self.context(), seeded(seed):
             x0 = self._initial_states(self.energy_net, list(range(self.kwargs["dim"])), total,
                                       init, ais_options)
             x, info = langevin(self.energy_net, x0, steps=steps, step_size=step_size,
@@ -635,7 +635,7 @@ class EnergyConditional:
         if method not in ("mala", "ula") or init not in ("base", "ais"):
             raise ValueError("EnergyConditional.sample: method is 'mala' or 'ula', init 'base' or 'ais'")
         n = check_int("sample: n", n)
-        with self.model.context(), _seeded(seed):
+        with self.model.context(), seeded(seed):
             x0 = self.model._initial_states(self.energy, self.rest, n, init, ais_options)
             x, info = langevin(self.energy, x0, steps=steps, step_size=step_size,
                                adjust=method == "mala")

@@ -34,7 +34,7 @@ import torch
 from genprog.errors import ConvergenceWarning
 from genprog.estimate import Estimate
 from genprog.inputs import as_tensor
-from genprog.model import _seeded
+from genprog.rng import seeded
 from genprog.validation import check_int
 
 from .base import ZooModel, deprecated_record, renamed_keywords
@@ -224,7 +224,7 @@ class LDA(ZooModel):
         x, _ = self._counts(y, "_log_prob_estimate")
         topics, alpha = self.kwargs["topics"], self._alpha()
         D = x.shape[0]
-        with self.context(), _seeded(seed), torch.no_grad():
+        with self.context(), seeded(seed), torch.no_grad():
             prior = dist.Dirichlet(alpha)
             if proposal == "variational":
                 gamma, _ = _e_step(x, topics, alpha, 200, 1e-6)

@@ -31,8 +31,8 @@ import torch
 from pyro.distributions import TorchDistribution, constraints
 
 from genprog.estimate import Estimate
-from genprog.model import _seeded
 from genprog.monte_carlo import log_mean_exp
+from genprog.rng import seeded
 from genprog.validation import check_int
 
 from .base import ZooModel, deprecated_record, sample_rows
@@ -387,7 +387,7 @@ class RBM(ZooModel):
         shape = (n,) if self.n_data is None else (n, int(self.n_data))
         d = self._distribution()
         exact = {"auto": None, "exact": True, "gibbs": False}[method]
-        with self.context(), _seeded(seed), torch.no_grad():
+        with self.context(), seeded(seed), torch.no_grad():
             v, h = d.sample_joint(shape, exact=exact, steps=burn_in)
         return {"y": v, "h": h}
 
@@ -423,7 +423,7 @@ class RBM(ZooModel):
             bA = torch.as_tensor(base_bias, device=W.device, dtype=W.dtype)
             if bA.shape != b.shape or not bool(torch.isfinite(bA).all()):
                 raise ValueError(f"RBM.log_partition_estimate: base_bias must be finite [V]={V}")
-        with self.context(), _seeded(seed), torch.no_grad():
+        with self.context(), seeded(seed), torch.no_grad():
             betas = torch.linspace(0.0, 1.0, num_temps, device=W.device, dtype=W.dtype)
 
             def log_pstar(v, beta):
