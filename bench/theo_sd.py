@@ -26,6 +26,7 @@ Usage (from the repository root)::
     python bench/theo_sd.py                    # 4 chains x (1000 warmup + 1000 draws)
     python bench/theo_sd.py --quick            # smoke run (100 + 100)
     python bench/theo_sd.py --per-eval         # ms per potential+grad call only
+    python bench/theo_sd.py --per-step         # NUTS ms per leapfrog step, with its breakdown
     python bench/theo_sd.py --chains 1,16,256,4096 --device cuda   # ChEES chains sweep
 """
 
@@ -215,6 +216,50 @@ def per_eval(chain_counts=(4, 256), repeats=50, device="cpu"):
     return rows
 
 
+def per_step(chains=4, warmup=150, draws=150, repeats=3, seed=0, dense_mass=False):
+    """NUTS cost per leapfrog step on theo_sd (compiled potential, float32): wall and CPU
+    (``time.process_time``) milliseconds per batched potential call of a whole
+    ``sample_nuts`` run, and the potential+gradient call alone, each the median of
+    ``repeats`` runs; the difference is the tree building (bookkeeping and host syncs)."""
+    import statistics
+
+    from genprog.infer.compiled import compile_potential
+    from genprog.infer.init import initial_points
+    from genprog.infer.nuts import sample_nuts
+
+    pop, data = population()
+    density = pop(data).density()
+    g = torch.Generator().manual_seed(seed)
+    z0 = initial_points(density, chains, "median", g)
+    pg = compile_potential(density, True)
+    pg(z0)  # record once, outside the timings
+    opts = {"dense_mass": True} if dense_mass else {}
+    walls, cpus, evals = [], [], 0
+    for r in range(repeats):
+        t, c = time.perf_counter(), time.process_time()
+        res = sample_nuts(pg, z0, warmup=warmup, draws=draws,
+                          generator=torch.Generator().manual_seed(seed + r), **opts)
+        walls.append((time.perf_counter() - t) / res.num_grad_evals)
+        cpus.append((time.process_time() - c) / res.num_grad_evals)
+        evals = res.num_grad_evals
+    calls, ccalls = [], []
+    z = res.samples[:, -1].contiguous()
+    for _ in range(repeats):
+        t, c = time.perf_counter(), time.process_time()
+        for _ in range(200):
+            pg(z)
+        calls.append((time.perf_counter() - t) / 200)
+        ccalls.append((time.process_time() - c) / 200)
+    ms = 1e3
+    return {"chains": chains, "grad_evals": evals,
+            "wall ms/step": ms * statistics.median(walls),
+            "cpu ms/step": ms * statistics.median(cpus),
+            "wall ms/potential": ms * statistics.median(calls),
+            "cpu ms/potential": ms * statistics.median(ccalls),
+            "cpu ms/step outside potential": ms * (statistics.median(cpus)
+                                                   - statistics.median(ccalls))}
+
+
 def _fmt(x, spec):
     return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
 
@@ -251,6 +296,8 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--quick", action="store_true", help="100 warmup + 100 draws (smoke run)")
     p.add_argument("--per-eval", action="store_true", help="only time potential+grad calls")
+    p.add_argument("--per-step", action="store_true",
+                   help="only time NUTS per leapfrog step (4 chains x (150 + 150), 3 repeats)")
     p.add_argument("--skip", default="", help="comma-separated runs to skip: "
                    "nuts,chees,eager,numpyro,pyro")
     a = p.parse_args(argv)
@@ -258,6 +305,9 @@ def main(argv=None):
     if a.quick:
         a.warmup, a.draws = 100, 100
         a.chees_warmup, a.chees_draws = 200, 100
+    if a.per_step:
+        print(per_step(chains=int(a.chains.split(",")[0]), seed=a.seed))
+        return None
     if a.per_eval:
         for row in per_eval(device=a.device):
             print(row)

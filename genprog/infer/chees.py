@@ -18,8 +18,8 @@ statistics during warmup:
   chains' acceptance probabilities to ``target_accept`` (default 0.651, the optimum for
   HMC of Beskos et al. 2013);
 * **diagonal mass matrix**: the variance pooled over chains and iterations in Stan's
-  warmup windows (see :func:`genprog.infer.nuts._mass_matrix_windows`), regularised as
-  in Stan; after each window the step size is searched again and dual averaging
+  warmup windows (see :func:`genprog.infer.adaptation.mass_matrix_windows`), regularised
+  as in Stan; after each window the step size is searched again and dual averaging
   restarts.
 
 Each iteration integrates for ``t = u_k T`` with ``u_k`` the base-2 Halton sequence
@@ -37,17 +37,19 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .hamiltonian import BatchedPotential, kinetic_energy, leapfrog, sample_momentum
-from .nuts import (
-    SamplerResult,
-    _count,
-    _da_init,
-    _da_update,
-    _find_reasonable_step_size,
-    _mass_matrix_windows,
-    _validate_common,
-    initial_state,
+from ..threads import threads_for, using_threads
+from .adaptation import (
+    WarmupSchedule,
+    dual_averaging_init,
+    dual_averaging_update,
+    regularized_inverse_mass,
+    step_size_search,
+    welford_init,
+    welford_update_pooled,
 )
+from .hamiltonian import BatchedPotential
+from .hmc import hmc_step
+from .sampler import SamplerResult, check_count, check_sampler_args, initial_state
 
 __all__ = ["ChEESResult", "halton", "sample_chees"]
 
@@ -59,7 +61,7 @@ _AVERAGING_DECAY = 0.5
 
 @dataclass(frozen=True)
 class ChEESResult(SamplerResult):
-    """:class:`~genprog.infer.nuts.SamplerResult` plus the adapted trajectory length.
+    """:class:`~genprog.infer.sampler.SamplerResult` plus the adapted trajectory length.
 
     Attributes
     ----------
@@ -83,38 +85,6 @@ def halton(k: int, base: int = 2) -> float:
         k //= base
         f /= base
     return result
-
-
-def _transition(pg, z, U, grad, eps, steps, inv_mass, generator, max_energy_error):
-    """Jittered static HMC for all chains with one step size and step count.
-
-    Returns the proposal (before the Metropolis test) with its end momentum, and the
-    accepted state."""
-    B = z.shape[0]
-    r0 = sample_momentum(z, inv_mass, generator)
-    H0 = U + kinetic_energy(r0, inv_mass)
-    zc, rc, gc, Uc = z, r0, grad, U
-    diverging = torch.zeros(B, dtype=torch.bool, device=z.device)
-    n_taken = torch.zeros(B, dtype=torch.long, device=z.device)
-    delta = torch.zeros_like(H0)
-    inf = math.inf
-    for _ in range(steps):
-        zn, rn, Un, gn = leapfrog(pg, zc, rc, gc, eps, inv_mass)
-        d = torch.nan_to_num(Un + kinetic_energy(rn, inv_mass) - H0
-                             + 0.0 * (zn.sum(-1) + gn.sum(-1)), nan=inf, posinf=inf, neginf=inf)
-        stepping = ~diverging
-        advance = stepping & (d <= max_energy_error)
-        a = advance.unsqueeze(-1)
-        zc, rc, gc = torch.where(a, zn, zc), torch.where(a, rn, rc), torch.where(a, gn, gc)
-        Uc = torch.where(advance, Un, Uc)
-        delta = torch.where(advance, d, delta)
-        diverging = diverging | (stepping & ~advance)
-        n_taken = n_taken + stepping
-    accept_prob = torch.where(diverging, torch.zeros_like(delta), torch.exp(-delta).clamp(max=1.0))
-    accept = torch.rand(B, generator=generator, dtype=z.dtype, device=z.device) < accept_prob
-    a = accept.unsqueeze(-1)
-    new = (torch.where(a, zc, z), torch.where(accept, Uc, U), torch.where(a, gc, grad))
-    return new, (zc, rc), accept_prob, diverging, H0, n_taken
 
 
 def _chees_gradient(z0, z1, r1, accept_prob, diverging, inv_mass, t):
@@ -192,9 +162,9 @@ def sample_chees(
     >>> res.samples.shape
     torch.Size([16, 20, 2])
     """
-    _validate_common(init, target_accept, max_energy_error)
-    warmup, draws = _count("warmup", warmup), _count("draws", draws)
-    max_leapfrog_steps = _count("max_leapfrog_steps", max_leapfrog_steps, minimum=1)
+    check_sampler_args(init, target_accept, max_energy_error)
+    warmup, draws = check_count("warmup", warmup), check_count("draws", draws)
+    max_leapfrog_steps = check_count("max_leapfrog_steps", max_leapfrog_steps, minimum=1)
     if not float(learning_rate) > 0:
         raise ValueError(f"learning_rate must be positive, got {learning_rate!r}")
     for name, v in (("init_step_size", init_step_size),
@@ -213,8 +183,8 @@ def sample_chees(
     inv_mass = torch.ones(D, dtype=dt, device=dev)
 
     def search(eps0):
-        eps, k = _find_reasonable_step_size(potential_and_grad, z, U, grad, inv_mass, generator,
-                                            step_size=eps0)
+        eps, k = step_size_search(potential_and_grad, z, U, grad, inv_mass, generator,
+                                  step_size=eps0)
         return float(eps.median()), k
 
     if warmup == 0 and init_step_size is not None:
@@ -226,12 +196,9 @@ def sample_chees(
     log_T, log_T_avg, avg_k = math.log(T), math.log(T), 0
     adam_v, adam_k = 0.0, 0
 
-    windows = _mass_matrix_windows(warmup) if adapt_mass else []
-    window_ends = {last for _, last in windows}
-    collect_from = windows[0][0] if windows else warmup
-    collect_to = windows[-1][1] if windows else -1
-    da = _da_init(torch.tensor([eps], dtype=torch.float64))
-    w_n, w_mean, w_m2 = 0, torch.zeros(D, dtype=dt, device=dev), torch.zeros(D, dtype=dt, device=dev)
+    schedule = WarmupSchedule.create(warmup, adapt_mass)
+    da = dual_averaging_init(torch.tensor([eps], dtype=torch.float64))
+    welford = welford_init(inv_mass)
 
     samples = torch.empty(B, draws, D, dtype=dt, device=dev)
     potential = torch.empty(B, draws, dtype=dt, device=dev)
@@ -246,69 +213,67 @@ def sample_chees(
         from tqdm import tqdm
 
         bar = tqdm(total=warmup + draws, desc="chees warmup" if warmup else "chees")
-    try:
-        for i in range(warmup + draws):
-            T_now = math.exp(log_T) if i < warmup else T
-            steps = min(max(math.ceil(halton(i + 1) * T_now / eps), 1), max_leapfrog_steps)
-            z_before = z
-            (z, U, grad), (z1, r1), acc, div, H0, taken = _transition(
-                potential_and_grad, z, U, grad, eps, steps, inv_mass, generator, max_energy_error)
-            n_grad += steps
-            if i < warmup:
-                warmup_div += div
-                # step size: dual averaging on the harmonic mean of the acceptance probs
-                ok = ~div
-                n_ok = int(ok.sum())
-                hm = (n_ok / float((1.0 / acc[ok].clamp(min=1e-10)).sum())) if n_ok else 0.0
-                da = _da_update(da, torch.tensor([hm], dtype=torch.float64), target_accept)
-                # trajectory length: Adam ascent on ChEES in log T, clipped, then averaged
-                g = float(_chees_gradient(z_before, z1, r1, acc, div, inv_mass, steps * eps))
-                if math.isfinite(g):
-                    adam_k += 1
-                    adam_v = _ADAM_BETA2 * adam_v + (1 - _ADAM_BETA2) * g * g
-                    v_hat = adam_v / (1 - _ADAM_BETA2 ** adam_k)
-                    update = learning_rate * g / (math.sqrt(v_hat) + _ADAM_EPS)
-                    log_T += max(-_LOG_UPDATE_CLIP, min(_LOG_UPDATE_CLIP, update))
-                eps = float(da.log_eps.exp())
-                log_T = min(max(log_T, math.log(eps)), math.log(max_leapfrog_steps * eps))
-                avg_k += 1
-                w = avg_k ** -_AVERAGING_DECAY
-                log_T_avg = (1 - w) * log_T_avg + w * log_T
-                if collect_from <= i <= collect_to:  # Welford, pooled over chains
-                    n_new, zm = w_n + B, z.mean(0)
-                    d = zm - w_mean
-                    w_m2 = w_m2 + ((z - zm) ** 2).sum(0) + d * d * (w_n * B / n_new)
-                    w_mean = w_mean + d * (B / n_new)
-                    w_n = n_new
-                if i in window_ends:
-                    n = float(w_n)
-                    var = w_m2 / max(w_n - 1, 1)
-                    inv_mass = (n / (n + 5.0)) * var + 1e-3 * (5.0 / (n + 5.0))
-                    w_n = 0
-                    w_mean, w_m2 = torch.zeros_like(w_mean), torch.zeros_like(w_m2)
-                    eps, k = search(eps)
-                    n_grad += k
-                    da = _da_init(torch.tensor([eps], dtype=torch.float64))
-                    log_T_avg, avg_k = log_T, 0
-                if i == warmup - 1:
-                    eps = float(da.log_eps_bar.exp())
-                    T = min(max(math.exp(log_T_avg), eps), max_leapfrog_steps * eps)
-                    if bar is not None:
-                        bar.set_description("chees")
-            else:
-                j = i - warmup
-                samples[:, j] = z
-                potential[:, j] = U
-                diverging[:, j] = div
-                acceptance[:, j] = acc
-                energy[:, j] = H0
-                n_steps[:, j] = taken
+    with using_threads(threads_for(B * D)):
+        try:
+            for i in range(warmup + draws):
+                T_now = math.exp(log_T) if i < warmup else T
+                steps = min(max(math.ceil(halton(i + 1) * T_now / eps), 1), max_leapfrog_steps)
+                z_before = z
+                move = hmc_step(potential_and_grad, z, U, grad, eps, steps, inv_mass, generator,
+                                max_energy_error)
+                z, U, grad = move.z, move.U, move.grad
+                acc, div, H0, taken = move.accept_prob, move.diverging, move.energy, move.proposal.n_steps
+                z1, r1 = move.proposal.z, move.proposal.r
+                n_grad += steps
+                if i < warmup:
+                    warmup_div += div
+                    # step size: dual averaging on the harmonic mean of the acceptance probs
+                    ok = ~div
+                    n_ok = int(ok.sum())
+                    hm = (n_ok / float((1.0 / acc[ok].clamp(min=1e-10)).sum())) if n_ok else 0.0
+                    da = dual_averaging_update(da, torch.tensor([hm], dtype=torch.float64),
+                                               target_accept)
+                    # trajectory length: Adam ascent on ChEES in log T, clipped, then averaged
+                    g = float(_chees_gradient(z_before, z1, r1, acc, div, inv_mass, steps * eps))
+                    if math.isfinite(g):
+                        adam_k += 1
+                        adam_v = _ADAM_BETA2 * adam_v + (1 - _ADAM_BETA2) * g * g
+                        v_hat = adam_v / (1 - _ADAM_BETA2 ** adam_k)
+                        update = learning_rate * g / (math.sqrt(v_hat) + _ADAM_EPS)
+                        log_T += max(-_LOG_UPDATE_CLIP, min(_LOG_UPDATE_CLIP, update))
+                    eps = float(da.log_step_size.exp())
+                    log_T = min(max(log_T, math.log(eps)), math.log(max_leapfrog_steps * eps))
+                    avg_k += 1
+                    w = avg_k ** -_AVERAGING_DECAY
+                    log_T_avg = (1 - w) * log_T_avg + w * log_T
+                    if schedule.collects(i):  # Welford, pooled over chains
+                        welford = welford_update_pooled(welford, z)
+                    if schedule.ends_window(i):
+                        inv_mass = regularized_inverse_mass(welford)
+                        welford = welford_init(inv_mass)
+                        eps, k = search(eps)
+                        n_grad += k
+                        da = dual_averaging_init(torch.tensor([eps], dtype=torch.float64))
+                        log_T_avg, avg_k = log_T, 0
+                    if schedule.is_last(i):
+                        eps = float(da.log_step_size_avg.exp())
+                        T = min(max(math.exp(log_T_avg), eps), max_leapfrog_steps * eps)
+                        if bar is not None:
+                            bar.set_description("chees")
+                else:
+                    j = i - warmup
+                    samples[:, j] = z
+                    potential[:, j] = U
+                    diverging[:, j] = div
+                    acceptance[:, j] = acc
+                    energy[:, j] = H0
+                    n_steps[:, j] = taken
+                if bar is not None:
+                    bar.set_postfix(step_size=f"{eps:.3g}", steps=steps, refresh=False)
+                    bar.update(1)
+        finally:
             if bar is not None:
-                bar.set_postfix(step_size=f"{eps:.3g}", steps=steps, refresh=False)
-                bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
+                bar.close()
     if warmup == 0:
         T = float(init_trajectory_length) if init_trajectory_length is not None else eps
     return ChEESResult(

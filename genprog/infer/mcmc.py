@@ -25,11 +25,11 @@ from pyro.infer.autoguide.initialization import init_to_value
 from ..rng import make_generator, seeded
 from ..validation import check_choice, check_float, check_int, check_seed
 from . import chees as chees_sampler
-from .hmc import sample_hmc
-from .nuts import sample_nuts
 from .compiled import MODES, compile_potential
+from .hmc import sample_hmc
 from .init import initial_points
 from .map import check_finite_start, hold_at_map
+from .nuts import sample_nuts
 from .record import InferenceRecord
 
 BACKENDS = ("genprog", "pyro")
@@ -106,6 +106,8 @@ def _run_pyro(model, density, kernel, z0, warmup, draws, seed, options):
                       "init_strategy": init_to_value(values=init_values)}
         if "target_accept" in options:
             kwargs["target_accept_prob"] = options["target_accept"]
+        if options.get("dense_mass"):
+            kwargs["full_mass"] = True
         if kernel == "nuts":
             if "max_tree_depth" in options:
                 kwargs["max_tree_depth"] = options["max_tree_depth"]
@@ -142,7 +144,8 @@ def _run_pyro(model, density, kernel, z0, warmup, draws, seed, options):
 
 
 def fit_nuts(model, *, chains: int = 4, warmup: int = 1000, draws: int = 1000, seed: int = 0,
-             target_accept: float = 0.8, max_tree_depth: int = 10, init="median",
+             target_accept: float = 0.8, max_tree_depth: int = 10, dense_mass: bool = False,
+             init="median",
              point: list | None = None, backend: str = "genprog", progress: bool | None = None,
              compile: bool | str = True):
     """No-U-Turn sampler.
@@ -157,6 +160,10 @@ def fit_nuts(model, *, chains: int = 4, warmup: int = 1000, draws: int = 1000, s
     target_accept : float
         Target mean acceptance probability of the step-size adaptation.
     max_tree_depth : int
+    dense_mass : bool
+        Adapt a dense mass matrix (the warmup windows' covariance, regularised as in Stan)
+        instead of its diagonal: for posteriors with strong linear correlations, at
+        ``O(D^2)`` memory per chain.
     init : "median", "prior" or dict
         Chain starting points: prior median with uniform(-0.5, 0.5) jitter in
         unconstrained space (default), independent prior draws, or given site values.
@@ -182,16 +189,18 @@ def fit_nuts(model, *, chains: int = 4, warmup: int = 1000, draws: int = 1000, s
     """
     return _run(model, "nuts", chains=chains, warmup=warmup, draws=draws, seed=seed, init=init,
                 point=point, backend=backend, progress=progress, compile=compile,
-                options={"target_accept": target_accept, "max_tree_depth": max_tree_depth})
+                options={"target_accept": target_accept, "max_tree_depth": max_tree_depth,
+                         "dense_mass": dense_mass})
 
 
 def fit_hmc(model, *, chains: int = 4, warmup: int = 1000, draws: int = 1000, seed: int = 0,
             num_steps: int | None = None, trajectory_length: float | None = None,
-            target_accept: float = 0.8, init="median", point: list | None = None,
-            backend: str = "genprog", progress: bool | None = None, compile: bool | str = True):
+            target_accept: float = 0.8, dense_mass: bool = False, init="median",
+            point: list | None = None, backend: str = "genprog", progress: bool | None = None,
+            compile: bool | str = True):
     """Hamiltonian Monte Carlo with a fixed number of leapfrog steps (default 10) or a
     fixed ``trajectory_length``; otherwise as :func:`fit_nuts`."""
-    options = {"target_accept": target_accept, "num_steps": num_steps}
+    options = {"target_accept": target_accept, "num_steps": num_steps, "dense_mass": dense_mass}
     if backend == "genprog":
         options["trajectory_length"] = trajectory_length
     return _run(model, "hmc", chains=chains, warmup=warmup, draws=draws, seed=seed, init=init,
