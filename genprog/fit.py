@@ -19,7 +19,6 @@ from .infer import evidence
 from .rng import seeded
 from .vectorize import sample_sites
 
-
 #: version of the metadata Fit.save writes (``posterior.attrs["genprog_format"]``)
 SAVE_FORMAT = 1
 
@@ -265,9 +264,10 @@ def _json_attr(path: Path, attrs, key: str, default):
         value = json.loads(str(raw))
     except (ValueError, RecursionError):
         raise ValueError(f"gp.load: {path}: attribute {key!r} is not valid JSON") from None
-    if not isinstance(value, type(default)):
-        raise ValueError(f"gp.load: {path}: attribute {key!r} should hold a {type(default).__name__}, "
-                         f"got {type(value).__name__}")
+    if not isinstance(value, type(default)):  # a damaged file, not a caller's wrong type
+        raise ValueError(  # noqa: TRY004
+            f"gp.load: {path}: attribute {key!r} should hold a {type(default).__name__}, "
+            f"got {type(value).__name__}")
     return value
 
 
@@ -296,10 +296,10 @@ def check_draws_match(draws: dict, model, where: str) -> None:
         raise ValueError(f"{where}: the draws do not match the model's sites (model latents "
                          f"without draws: {missing}; variables the model lacks: {extra})")
     for name, v in draws.items():
-        if name in sites and sites[name].kind in ("latent", "deterministic"):
-            if tuple(v.shape[2:]) != tuple(sites[name].shape):
-                raise ValueError(f"{where}: site {name!r} has shape {tuple(sites[name].shape)} in "
-                                 f"the model but {tuple(v.shape[2:])} in the draws")
+        if name in sites and sites[name].kind in ("latent", "deterministic") \
+                and tuple(v.shape[2:]) != tuple(sites[name].shape):
+            raise ValueError(f"{where}: site {name!r} has shape {tuple(sites[name].shape)} in "
+                             f"the model but {tuple(v.shape[2:])} in the draws")
 
 
 def load(path, model=None) -> Fit:

@@ -585,7 +585,7 @@ class Model:
             fixed_t = {k: self._fixed_value(k, v) for k, v in fixed.items()}
             model = self.with_fixed(fixed_t)
             try:
-                model.structure
+                _ = model.structure  # evaluate the model with the fixed values once
             except ValueError as e:
                 if "Expected parameter" not in str(e):
                     raise

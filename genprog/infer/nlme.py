@@ -18,9 +18,12 @@ estimated on the unconstrained scale of their supports by L-BFGS
 (:func:`genprog.optim.maximize`); standard errors come from the finite-difference Hessian
 of the exact gradient.
 
-Entry point: ``Model.fit("mle", random=[...])`` (:func:`fit_nlme`). ``PopulationModel``
-adds FOCE-I's expected-information curvature on top of the same idea
-(:mod:`genprog.pk.estimation`).
+With ``approximation="focei"`` the log-determinant takes FOCE-I's curvature instead of the
+exact Hessian: the expected information of the Gaussian observations about ``b`` with the
+eta-epsilon interaction (:func:`focei_information`), as NONMEM and nlmixr2 compute it.
+
+Entry point: ``Model.fit("mle", random=[...], approximation=...)`` (:func:`fit_nlme`);
+``PopulationModel``'s own FOCE-I (:mod:`genprog.pk.estimation`) computes the same objective.
 """
 
 from __future__ import annotations
@@ -31,11 +34,12 @@ import warnings
 
 import torch
 
+from ..density import _site_log_prob
 from ..errors import ConvergenceWarning
 from ..optim import maximize
 from ..rng import make_generator
 from ..sites import is_model_site
-from ..validation import check_int, check_seed
+from ..validation import check_choice, check_int, check_seed
 from .record import InferenceRecord
 from .saem import MixedEffectsDensity
 
@@ -120,31 +124,131 @@ def laplace_log_likelihood(md: MixedEffectsDensity, theta: torch.Tensor, b_hat: 
     return (L + 0.5 * D * math.log(2 * math.pi) - 0.5 * logdet).sum()
 
 
+def _innermost(node):
+    """The innermost distribution of an observed site and its masks with the batch shape
+    each applies to: ``(fn, [(mask, batch_shape), ...])``."""
+    fn, levels = node["fn"], [(node.get("mask"), node["fn"].batch_shape)]
+    while hasattr(fn, "base_dist"):
+        levels.append((getattr(fn, "_mask", None), fn.batch_shape))
+        fn = fn.base_dist
+    return fn, levels
+
+
+def _keep_mask(fn, levels) -> torch.Tensor:
+    """Which elements of the innermost distribution's value count (masks applied)."""
+    keep = torch.ones(fn.batch_shape + fn.event_shape, dtype=torch.bool)
+    for m, batch_shape in levels:
+        if m is None or m is True:
+            continue
+        if m is False:
+            keep = torch.zeros_like(keep)
+            continue
+        m = m.cpu().expand(batch_shape)
+        keep = keep & m.reshape(*m.shape, *([1] * (keep.dim() - m.dim())))
+    return keep
+
+
+def _in_group_plate(md, node) -> bool:
+    return any(f.vectorized and f.name == md.group for f in node["cond_indep_stack"])
+
+
+def _by_group(md, x: torch.Tensor, node) -> torch.Tensor:
+    """``x`` shaped as a site's innermost value ``[..., *batch, *event]`` -> ``[G, rest]``."""
+    axis = x.dim() - len(node["fn"].event_shape) + md.group_dim
+    x = x.movedim(axis, 0)
+    return x.reshape(x.shape[0], -1)
+
+
+def _gaussian_loc_scale(fn):
+    """``(loc, scale)`` of a Normal (or LogNormal: Normal on the log scale), else None."""
+    if isinstance(fn, torch.distributions.Normal):
+        return fn.loc, fn.scale
+    if isinstance(fn, torch.distributions.LogNormal):
+        return fn.loc, fn.scale
+    return None
+
+
+def focei_information(md: MixedEffectsDensity, theta: torch.Tensor, b: torch.Tensor,
+                      create_graph: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(L [G], A [G, D, D])``: the complete-data log density per group and FOCE-I's
+    curvature in place of its negative Hessian,
+
+    ``A_g = -d2/db2 (terms other than Gaussian observations) + sum_t m_t [J_mu J_mu^T +
+    2 J_sd J_sd^T] / sd^2``,
+
+    the expected information of the Gaussian (Normal, or LogNormal on the log scale)
+    observations about ``b`` with the dependence of their SD on ``b`` kept (NONMEM's
+    FOCE with interaction). Observations of other families keep their exact Hessian."""
+    with torch.enable_grad():
+        bb = b if b.requires_grad else b.detach().requires_grad_(True)
+        lp, tr = md.log_density(theta, bb[None], return_trace=True)
+        L = lp[0]
+        gaussian, L_gauss = [], torch.zeros_like(L)
+        k = md.max_plate_nesting
+        for node in tr.nodes.values():
+            if not (is_model_site(node) and node["is_observed"] and _in_group_plate(md, node)):
+                continue
+            fn, levels = _innermost(node)
+            pair = _gaussian_loc_scale(fn)
+            if pair is None:
+                continue
+            shape = fn.batch_shape + fn.event_shape
+            loc, scale = (t.expand(shape) for t in pair)
+            keep = _keep_mask(fn, levels).to(loc.device)
+            gaussian.append((node, loc, scale, keep))
+            term = _site_log_prob(node)
+            while term.dim() < k + 1:
+                term = term.unsqueeze(0)
+            L_gauss = L_gauss + md.per_group(term.expand(1, *term.shape[1:]), term.dim() + md.group_dim)[0]
+        rest = L - L_gauss
+        g_rest, = torch.autograd.grad(rest.sum(), bb, create_graph=True)
+        rows = [torch.autograd.grad(g_rest[:, d].sum(), bb, create_graph=create_graph, retain_graph=True,
+                                    allow_unused=True)[0] for d in range(b.shape[-1])]
+        A = -torch.stack([torch.zeros_like(bb) if r is None else r for r in rows], -2)
+        for node, loc, scale, keep in gaussian:
+            u = torch.zeros(2, *loc.shape, dtype=loc.dtype, device=loc.device, requires_grad=True)
+            gu, = torch.autograd.grad((loc * u[0]).sum() + (scale * u[1]).sum(), bb,
+                                      create_graph=True, allow_unused=True)
+            if gu is None:
+                continue
+            cols = [torch.autograd.grad(gu[:, d].sum(), u, create_graph=create_graph, retain_graph=True,
+                                        allow_unused=True)[0] for d in range(b.shape[-1])]
+            cols = [torch.zeros_like(u) if c is None else c for c in cols]
+            Jm = torch.stack([_by_group(md, c[0], node) for c in cols], -1)    # [G, R, D]
+            Js = torch.stack([_by_group(md, c[1], node) for c in cols], -1)
+            w = _by_group(md, keep.to(loc.dtype) / scale.detach() ** 2 if not create_graph
+                          else keep.to(loc.dtype) / scale ** 2, node)        # [G, R]
+            A = A + torch.einsum("grd,gr,gre->gde", Jm, w, Jm) + torch.einsum("grd,gr,gre->gde", Js, 2 * w, Js)
+    A = 0.5 * (A + A.transpose(-1, -2))
+    if not create_graph:
+        L, A = L.detach(), A.detach()
+    return L, A
+
+
+def focei_log_likelihood(md: MixedEffectsDensity, theta: torch.Tensor, b_hat: torch.Tensor) -> torch.Tensor:
+    """FOCE-I's approximation of ``log p(y | theta)``: :func:`laplace_log_likelihood` with
+    the curvature of :func:`focei_information` (a 0-d tensor, differentiable in ``theta``)."""
+    D = b_hat.shape[-1]
+    _, g0, H0 = _grad_hess(md, theta, b_hat.detach(), create_graph=True)
+    nd = torch.linalg.cholesky_ex(-H0.detach())[1] == 0
+    if not bool(nd.all()):  # a nearly flat direction: the information stands in for -H
+        _, A0 = focei_information(md, theta, b_hat.detach(), create_graph=True)
+        H0 = torch.where(nd[:, None, None], H0, -A0)
+    b_t = b_hat.detach() + torch.linalg.solve(-H0, g0[..., None]).squeeze(-1)
+    L, A = focei_information(md, theta, b_t, create_graph=True)
+    sign, logdet = torch.linalg.slogdet(A)
+    logdet = torch.where(sign > 0, logdet, torch.full_like(logdet, math.inf))
+    return (L + 0.5 * D * math.log(2 * math.pi) - 0.5 * logdet).sum()
+
+
 def _observation_count(md: MixedEffectsDensity, theta, b) -> int:
     """Observed elements inside the group plate that count in the likelihood (masked-out
     padding excluded)."""
     _, tr = md.log_density(theta, b[None], return_trace=True)
     n = 0
     for node in tr.nodes.values():
-        if not (is_model_site(node) and node["is_observed"]):
-            continue
-        if not any(f.vectorized and f.name == md.group for f in node["cond_indep_stack"]):
-            continue
-        fn, levels = node["fn"], [(node.get("mask"), node["fn"].batch_shape)]
-        while hasattr(fn, "base_dist"):
-            levels.append((getattr(fn, "_mask", None), fn.batch_shape))
-            fn = fn.base_dist
-        keep = torch.ones(fn.batch_shape + fn.event_shape, dtype=torch.bool)
-        for m, batch_shape in levels:
-            if m is None or m is True:
-                continue
-            if m is False:
-                keep = torch.zeros_like(keep)
-                continue
-            m = m.cpu().expand(batch_shape)
-            m = m.reshape(*m.shape, *([1] * (keep.dim() - m.dim())))
-            keep = keep & m
-        n += int(keep.sum())
+        if is_model_site(node) and node["is_observed"] and _in_group_plate(md, node):
+            n += int(_keep_mask(*_innermost(node)).sum())
     return n
 
 
@@ -185,8 +289,12 @@ def _natural_stderr(md: MixedEffectsDensity, theta, covariance) -> dict:
     return out
 
 
-def fit_nlme(model, *, random, group: str | None = None, max_iters: int = 500, seed: int = 0,
-             init: dict | None = None, standard_errors: bool = True) -> InferenceRecord:
+APPROXIMATIONS = {"laplace": laplace_log_likelihood, "focei": focei_log_likelihood}
+
+
+def fit_nlme(model, *, random, group: str | None = None, approximation: str = "laplace",
+             max_iters: int = 500, seed: int = 0, init: dict | None = None,
+             standard_errors: bool = True) -> InferenceRecord:
     """Population maximum likelihood with the random effects ``random`` integrated out per
     group by the Laplace approximation (``Model.fit("mle", random=[...])``).
 
@@ -198,6 +306,10 @@ def fit_nlme(model, *, random, group: str | None = None, max_iters: int = 500, s
         The random-effect sites; every other continuous latent is a population parameter.
     group : str, optional
         The plate of groups (default: the plate the random sites share).
+    approximation : {"laplace", "focei"}
+        The curvature in the log-determinant: the exact Hessian (Laplace, NONMEM's
+        ``LAPLACIAN``) or FOCE-I's expected information of Gaussian observations with the
+        eta-epsilon interaction (:func:`focei_information`).
     max_iters : int
         Maximum outer L-BFGS iterations.
     seed : int
@@ -236,6 +348,8 @@ def fit_nlme(model, *, random, group: str | None = None, max_iters: int = 500, s
     2.875
     """
     seed = check_seed("fit('mle'): seed", seed)
+    check_choice("fit('mle'): approximation", approximation, sorted(APPROXIMATIONS))
+    log_likelihood = APPROXIMATIONS[approximation]
     max_iters = check_int("fit('mle'): max_iters", max_iters)
     start = time.perf_counter()
     density = model.density()
@@ -258,7 +372,7 @@ def fit_nlme(model, *, random, group: str | None = None, max_iters: int = 500, s
             b_hat, reset = _robust_modes(md, theta.detach(), state["b"])
         if torch.isfinite(b_hat).all():
             state["b"], state["reset"] = b_hat, reset
-        return laplace_log_likelihood(md, theta, b_hat)
+        return log_likelihood(md, theta, b_hat)
 
     res = maximize(lambda t: objective(t[0])[None], theta0, max_iters)
     if not res.converged:
@@ -269,7 +383,7 @@ def fit_nlme(model, *, random, group: str | None = None, max_iters: int = 500, s
     with torch.no_grad():
         b_hat, reset = _robust_modes(md, theta, state["b"])
     state["b"] = b_hat
-    ll = float(laplace_log_likelihood(md, theta, b_hat).detach())
+    ll = float(log_likelihood(md, theta, b_hat).detach())
     if not math.isfinite(ll):
         raise RuntimeError(f"fit('mle'): the Laplace log-likelihood at the estimate is {ll}; "
                            "the fit failed (check the model, data and init)")
@@ -285,6 +399,6 @@ def fit_nlme(model, *, random, group: str | None = None, max_iters: int = 500, s
             "ofv": -2 * ll - n_obs * math.log(2 * math.pi), "num_observations": n_obs,
             "covariance": covariance, "information": information, "converged": res.converged,
             "num_iters": res.num_iters, "ebe": b_hat, "group": md.group,
-            "ebe_reset_groups": reset.nonzero().flatten().tolist(), "approximation": "laplace",
+            "ebe_reset_groups": reset.nonzero().flatten().tolist(), "approximation": approximation,
             "wall_time_s": time.perf_counter() - start}
     return InferenceRecord("mle", torch.cat(parts)[None, None].detach(), info=info, seed=seed)
