@@ -204,9 +204,24 @@ class MixedEffectsDensity:
             parts.append(u.reshape(u.shape[0], self.n_groups, -1))
         return torch.cat(parts, -1)
 
-    def initial_b(self, chains: int, generator: torch.Generator) -> torch.Tensor:
-        """Default start ``[G, D]``: the random sites at 0 on their unconstrained scale."""
-        return torch.zeros(self.n_groups, self.dim)
+    def initial_b(self, theta: torch.Tensor, chains: int, generator: torch.Generator) -> torch.Tensor:
+        """Default start ``[C, G, D]``: draws of the random sites from the program at the
+        population values ``theta`` (zeros with a ``reparam``, whose coordinates the
+        program cannot draw). The global RNG is forked, seeded from ``generator``."""
+        if self.reparam is not None:
+            return torch.zeros(chains, self.n_groups, self.dim, dtype=theta.dtype)
+        values = {k: v.expand(chains, *v.shape) for k, v in self.unpack(theta).items()}
+        seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=generator.device))
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(seed)
+            tr = self.density.trace(values, chains)
+        usites = {}
+        for s in self.sites:
+            x = tr.nodes[s.name]["value"]
+            x = x.reshape(-1, *s.shape).expand(chains, *s.shape) if x.dim() > len(s.shape) else \
+                x.expand(chains, *s.shape)
+            usites[s.name] = self.transforms[s.name].inv(x)
+        return self.from_sites(usites).to(theta.dtype)
 
     # ------------------------------------------------------------------ densities
     def per_group(self, values: torch.Tensor, axis: int) -> torch.Tensor:
@@ -313,8 +328,7 @@ class SaemResult:
     trace : dict[str, Tensor]
         Each site's natural value after every iteration, ``[iterations, *shape]``.
     conditional_mean : Tensor [G, D]
-        Conditional means of the random effects (sampler coordinates), averaged over the
-        averaging phase.
+        Conditional means of the random effects (sampler coordinates) at the estimate.
     conditional_cov : Tensor [G, D, D]
         Their conditional covariances.
     acceptance_rate : Tensor [G]
@@ -430,10 +444,12 @@ def _newton_m_step(md, theta, b, free, max_step, iters, g, H):
     gradient ``g`` and Hessian ``H`` at ``theta``. One Newton step overshoots where the
     objective is far from quadratic (a scale far above its estimate, on the log scale),
     and a variance that overshoots towards 0 recovers only at EM's slow rate."""
-    q = None
+    q, start = None, theta
     for it in range(iters):
         if it:
             _, g, H = _value_grad_hess(md, theta, b)
+        if not (bool(torch.isfinite(g[free]).all()) and bool(torch.isfinite(H[free][:, free]).all())):
+            break
         step = torch.linalg.solve(_positive_definite(-H[free][:, free]), g[free])
         step = step * min(1.0, max_step / float(step.abs().max().clamp_min(1e-300)))
         if q is None:
@@ -450,7 +466,8 @@ def _newton_m_step(md, theta, b, free, max_step, iters, g, H):
         theta, q = cand, q_cand
         if float(step.abs().max()) < 1e-4:
             break
-    return theta
+    delta = theta - start  # a trust region for the whole M-step
+    return start + delta * min(1.0, max_step / float(delta.abs().max().clamp_min(1e-300)))
 
 
 def _positive_definite(A: torch.Tensor, floor: float = 1e-8) -> torch.Tensor:
@@ -474,7 +491,8 @@ def saem(md: MixedEffectsDensity, theta0: torch.Tensor, *, hooks: SaemHooks | No
          exploration: int = 300, averaging: int = 200, chains: int | None = None,
          mh_steps: int = 3, max_step: float = 1.0, importance_draws: int = 2000,
          importance_df: float = 5.0, seed: int = 0, b0: torch.Tensor | None = None,
-         standard_errors: bool = True, newton_iters: int = 5) -> SaemResult:
+         standard_errors: bool = True, newton_iters: int = 5, burn_in: int = 5,
+         conditional_draws: int = 50) -> SaemResult:
     """Maximum likelihood by SAEM (see the module docstring).
 
     Parameters
@@ -501,7 +519,14 @@ def saem(md: MixedEffectsDensity, theta0: torch.Tensor, *, hooks: SaemHooks | No
     b0 : Tensor [G, D], optional
         Starting random effects (default: the hook's, else zeros).
     newton_iters : int
-        Newton iterations of the exploration phase's M-step (sites without a closed form).
+        Newton iterations of the exploration phase's M-step (sites without a closed form);
+        the M-step moves no unconstrained coordinate by more than ``max_step``.
+    burn_in : int
+        Iterations of simulation at ``theta0`` before the first M-step (as Monolix).
+    conditional_draws : int
+        Sweeps at the estimate for the conditional means and covariances of the random
+        effects (recorded, and the centres of the importance-sampling proposals; 0: use
+        the averages of the averaging phase).
     standard_errors : bool
         Approximate the observed information (Louis) during the averaging phase. When
         every site has a closed-form M-step and this is False, no derivatives are taken.
@@ -520,8 +545,8 @@ def saem(md: MixedEffectsDensity, theta0: torch.Tensor, *, hooks: SaemHooks | No
     values = md.unpack(theta)
     if b0 is None:
         b0 = hooks.initial_b(values)
-    b0 = md.initial_b(C, gen).to(dtype) if b0 is None else b0.to(dtype)
-    b = b0[None].expand(C, G, D).clone()
+    b = md.initial_b(theta, C, gen) if b0 is None else b0.to(dtype)[None].expand(C, G, D).clone()
+    b0 = b.mean(0)
     slices = md.slices()
     closed = [n for n in hooks.closed_form_sites if n in slices]
     free = torch.ones(K, dtype=torch.bool)
@@ -529,7 +554,8 @@ def saem(md: MixedEffectsDensity, theta0: torch.Tensor, *, hooks: SaemHooks | No
         free[slices[n]] = False
     scale = torch.full((G,), 2.38 / math.sqrt(max(D, 1)) * 0.5, dtype=dtype)
     chol = torch.eye(D, dtype=dtype).expand(G, D, D).clone()
-    prop_m1, prop_m2 = b0.clone(), b0[..., :, None] * b0[..., None, :] + 0.1 * torch.eye(D, dtype=dtype)
+    prop_m1 = b0.clone()
+    prop_m2 = (b[..., :, None] * b[..., None, :]).mean(0) + 0.1 * torch.eye(D, dtype=dtype)
     stats = {}
     m1 = m2 = A = B = Dg = A_e = B_e = D_e = None
     acc_sum = torch.zeros(G, dtype=dtype)
@@ -544,7 +570,7 @@ def saem(md: MixedEffectsDensity, theta0: torch.Tensor, *, hooks: SaemHooks | No
     info_every = 1 if bool(free.any()) else max(1, averaging // 50)
     n_info = 0
     with pyro.validation_enabled(False):
-        for k in range(total):
+        for k in range(-burn_in, total):  # k < 0: burn-in, simulation at theta0 only
             phase2 = k >= exploration
             gamma = 1.0 / (k - exploration + 1) if phase2 else 1.0
             # ---------------------------------------------------------- simulation
@@ -576,6 +602,8 @@ def saem(md: MixedEffectsDensity, theta0: torch.Tensor, *, hooks: SaemHooks | No
                 acc_sum += acc
                 acc_n += 1
             t_sim += time.perf_counter() - t0
+            if k < 0:
+                continue
             # ---------------------------------------------------------- stochastic approximation
             t0 = time.perf_counter()
             m1 = _sa(m1, b.mean(0), gamma)
@@ -596,6 +624,12 @@ def saem(md: MixedEffectsDensity, theta0: torch.Tensor, *, hooks: SaemHooks | No
                 t_m += time.perf_counter() - t0
                 continue
             scores, hess, lp, tr = _derivatives(md, theta, b)
+            if not (bool(torch.isfinite(scores).all()) and bool(torch.isfinite(hess).all())):
+                # a draw where the density is not differentiable: skip this update
+                for n in md.names:
+                    trace[n].append(values[n].detach().clone())
+                t_m += time.perf_counter() - t0
+                continue
             n_info = n_info + 1 if phase2 else 1
             Dg = _sa(Dg, scores.mean(0), 1.0 / n_info)
             A = _sa(A, hess / C, 1.0 / n_info)
@@ -644,8 +678,16 @@ def saem(md: MixedEffectsDensity, theta0: torch.Tensor, *, hooks: SaemHooks | No
         if int(bad) == 0 and bool(torch.isfinite(information).all()):
             covariance = torch.cholesky_inverse(chol_i)
     stderr = _natural_stderr(md, theta, covariance)
+    t0 = time.perf_counter()
+    if conditional_draws:
+        # the conditional distributions at the estimate itself (the averages above follow
+        # a moving theta): they centre the importance-sampling proposals
+        with pyro.validation_enabled(False):
+            m1, m2 = _conditional_moments(md, theta, b, hooks.population_proposal(values),
+                                          prop_m1, chol, scale, mh_steps, conditional_draws, gen)
     cond_cov = m2 - m1[..., :, None] * m1[..., None, :]
     cond_cov = 0.5 * (cond_cov + cond_cov.transpose(-1, -2))
+    t_sim += time.perf_counter() - t0
     t0 = time.perf_counter()
     if importance_draws:
         with pyro.validation_enabled(False):
@@ -665,6 +707,23 @@ def saem(md: MixedEffectsDensity, theta0: torch.Tensor, *, hooks: SaemHooks | No
         timings={"simulation": t_sim, "m_step": t_m, "importance_sampling": t_is,
                  "total": time.perf_counter() - t_start},
         information=information)
+
+
+def _conditional_moments(md, theta, b, proposal, fitted_mean, chol, scale, mh_steps, iterations, gen):
+    """Mean ``[G, D]`` and second moment ``[G, D, D]`` of the random effects given the data
+    at ``theta``, from ``iterations`` further sweeps of every chain (no adaptation)."""
+    lp = _safe_log_density(md, theta, b)
+    s1 = torch.zeros_like(b[0])
+    s2 = torch.zeros(*b.shape[1:], b.shape[-1], dtype=b.dtype, device=b.device)
+    for _ in range(iterations):
+        if proposal is not None:
+            b, lp = _independence_step(md, theta, b, lp, proposal[0], proposal[1], gen)
+        b, lp = _independence_step(md, theta, b, lp, fitted_mean, 1.2 * chol, gen)
+        for _ in range(mh_steps):
+            b, lp, _ = _rw_step(md, theta, b, lp, scale, chol, gen)
+        s1 = s1 + b.mean(0)
+        s2 = s2 + (b[..., :, None] * b[..., None, :]).mean(0)
+    return s1 / iterations, s2 / iterations
 
 
 def _natural_stderr(md, theta, covariance) -> dict:

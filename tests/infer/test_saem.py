@@ -156,7 +156,8 @@ def test_lmm_fit_is_a_point_fit_with_conditional_means(lmm_case):
     w = e["tau"] ** 2 / (e["tau"] ** 2 + e["sigma"] ** 2 / n)
     exact = e["mu"] + w * (y.mean(1) - e["mu"])
     sd = math.sqrt(w * e["sigma"] ** 2 / n)
-    np.testing.assert_allclose(fit.draws["b"][0, 0, :, 0].numpy(), exact.numpy(), atol=0.2 * sd)
+    # Monte Carlo means of 50 sweeps x chains at the estimate: within 0.4 posterior SD
+    np.testing.assert_allclose(fit.draws["b"][0, 0, :, 0].numpy(), exact.numpy(), atol=0.4 * sd)
     assert set(res.timings) >= {"simulation", "m_step", "importance_sampling", "total"}
     assert res.trace["mu"].shape == (300,)
 
@@ -249,6 +250,54 @@ def test_theo_summary_and_diagnostics_take_the_saem_fit(theo_fit):
 
     plt.close(pk.plot_gof(theo_fit))
     plt.close(pk.vpc(theo_fit, n_sim=20))
+
+
+# =========================================================================== any Pyro NLME model
+
+
+def theo_program(dose, t, mask, y=None):
+    """theo_sd written by hand, mu-referenced: ``phi_i ~ N(log tv, diag(omega^2))`` are the
+    subjects' log ka, CL, V; one-compartment oral closed form; additive error."""
+    ka = pyro.sample("ka", dist.LogNormal(0.0, 2.0))
+    cl = pyro.sample("cl", dist.LogNormal(0.0, 2.0))
+    v = pyro.sample("v", dist.LogNormal(3.0, 2.0))
+    omega = pyro.sample("omega", dist.HalfNormal(torch.ones(3)).to_event(1))
+    sigma = pyro.sample("sigma", dist.HalfNormal(2.0))
+    S, T = t.shape
+    with pyro.plate("subject", S, dim=-2):
+        mu = torch.stack(torch.broadcast_tensors(ka.log(), cl.log(), v.log()), -1)
+        phi = pyro.sample("phi", dist.Normal(mu, omega).to_event(1))  # [..., S, 1, 3]
+        ka_i, cl_i, v_i = phi.exp().unbind(-1)  # [..., S, 1]
+        k = cl_i / v_i
+        c = dose[:, None] * ka_i / (v_i * (ka_i - k)) * (torch.exp(-k * t) - torch.exp(-ka_i * t))
+        with pyro.plate("time", T, dim=-1):
+            pyro.sample("y", dist.Normal(c, sigma).mask(mask), obs=y)
+
+
+@pytest.mark.slow
+def test_hand_written_theo_model_matches_the_population_model(theo_fit):
+    """``Model.fit("saem", random=["phi"])`` on a user's Pyro program: the generic algorithm
+    (Newton M-steps, no hooks) reaches nlmixr2's SAEM estimates and the PopulationModel
+    client's -2LL."""
+    data = pk.read_nonmem(pk.dataset_path("theo_sd")).to(dtype=F64)
+    dose = (data.dose_amt * data.dose_mask).sum(-1)
+    dv = torch.where(data.obs_mask, data.obs_dv, torch.zeros_like(data.obs_dv))
+    with torch.random.fork_rng(devices=[]):
+        torch.set_default_dtype(F64)
+        try:
+            fit = gp.Model(theo_program, dose, data.obs_time, data.obs_mask).condition(y=dv).fit(
+                "saem", random=["phi"], seed=0,
+                init={"ka": 1.5, "cl": 3.0, "v": 30.0, "omega": [0.5] * 3, "sigma": 1.0})
+        finally:
+            torch.set_default_dtype(torch.float32)
+    res = fit.info["saem"]
+    for k, ref in NLMIXR2_SAEM_THEO.items():
+        assert float(res.estimates[k if k != "sigma_add" else "sigma"]) == pytest.approx(ref, rel=0.05), k
+    cv = 100 * np.sqrt(np.expm1(res.estimates["omega"].numpy() ** 2))
+    np.testing.assert_allclose(cv, NLMIXR2_SAEM_THEO_CV, rtol=0.10)
+    # the same marginal likelihood as the PopulationModel fit (both by importance sampling)
+    se = math.hypot(res.minus2ll_stderr, theo_fit.info["minus2ll_stderr"])
+    assert abs(res.minus2ll - theo_fit.minus2ll) < max(4 * se, 0.5)
 
 
 # =========================================================================== at scale (slow)
