@@ -75,7 +75,9 @@ class Dataset:
     categories : dict[str, list]
         For categorical covariates, the category of each code.
     summary : dict
-        Counts read: subjects, doses, observations, blq, excluded rows (with reasons).
+        Counts read: subjects, doses, observations, blq, excluded rows (with reasons);
+        ``notes``, the accepted oddities (printed by :func:`genprog.pk.describe`); ``source``,
+        the file name (see :func:`genprog.pk.read_nonmem`).
     """
 
     ids: list
