@@ -48,6 +48,9 @@ def event_oddities(t: Table, ev: Events, ids: list) -> list:
     useless_ii = ev.is_dose & (ev.ii > 0) & (ev.addl == 0) & (ev.ss == 0)
     notes += _rows(t, useless_ii, "dose row", "with II > 0 but neither ADDL nor SS "
                    "(II ignored: one dose)")
+    if t.has("ADDL"):
+        stray = ~ev.is_dose & (np.nan_to_num(t.number("ADDL")) > 0)
+        notes += _rows(t, stray, "row", "with ADDL > 0 that is not a dose (ADDL ignored)")
     if ev.ss_ignored and t.has("SS"):
         raw = t.number("SS")
         odd = ev.is_dose & ~np.isnan(raw) & ~np.isin(raw, (0, 1, 2, 3))

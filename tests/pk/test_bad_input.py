@@ -251,6 +251,9 @@ ODDITIES = [
     ("mdv-0-on-dose-row", edit_file(4, "MDV", "0"), ["dose row with MDV 0", "bad.csv row 4"]),
     ("ii-without-addl-or-ss", file_of(with_column("II", ["12"] + ["0"] * 5)),
      ["II > 0 but neither ADDL nor SS", "II ignored", "bad.csv row 1"]),
+    ("addl-on-observation-row", file_of(text([[*r, a, i] for r, a, i in zip(
+        ROWS, ["0", "2", "0", "0", "0", "0"], ["0", "12", "0", "0", "0", "0"])],
+        [*HEADER, "ADDL", "II"])), ["1 row with ADDL > 0 that is not a dose", "bad.csv row 2"]),
     ("ss-sentinel-99", file_of(with_column("SS", ["99"] + ["0"] * 5)),
      ["SS outside 0-3", "bad.csv row 1"]),
     ("comment-row-C", file_of(text([*ROWS[:2], ["C", "dropped", "", "", "", "", "", ""], *ROWS[2:]])),
