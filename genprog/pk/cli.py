@@ -273,6 +273,7 @@ class _Output:
         self.path = Path(path).expanduser().absolute()
         self.overwrite = overwrite
         self.staging: Path | None = None
+        self.committed = False
 
     def check(self) -> None:
         """Refuse, before any fit, what cannot or should not be written (UsageError)."""
@@ -328,6 +329,7 @@ class _Output:
                     os.rename(old / "results", self.path)
                 raise
             self.staging = None
+            self.committed = True
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
 
@@ -514,7 +516,8 @@ def main(argv=None) -> int:
         return _command(args, output, out, err)
     except KeyboardInterrupt:
         where = "" if output is None else (
-            f"; {output.path} left as it was" if output.path.exists()
+            f" after the results were written to {output.path}" if output.committed
+            else f"; {output.path} left as it was" if output.path.exists()
             else f"; nothing written to {output.path}")
         print(f"interrupted{where}", file=err, flush=True)
         return EXIT_INTERRUPTED
