@@ -1,0 +1,522 @@
+"""Subject-sharded population maximum likelihood (FOCE-I / Laplace) on ``torch.distributed``.
+
+Subjects are independent given the population parameters ``phi``, so the population log
+likelihood is a sum over subjects and so is its gradient. Each process (rank) holds one
+block of subjects (:func:`genprog.pk.sharding.shard_dataset`), solves its subjects' inner
+problems (the EBEs) and evaluates its part of the Laplace objective and of its gradient in
+``phi``; one collective per evaluation sums the ``1 + K`` numbers (value and gradient, in
+float64) over the ranks. The sum is an all-gather of the ranks' vectors added in rank
+order on every rank, so every rank holds bitwise the same total whatever the backend's
+reduction order. Every rank then runs the same deterministic outer optimiser (the L-BFGS
+rounds of :func:`genprog.pk.estimation.fit_mle`) on the same numbers and takes the same
+steps, stops at the same point, and computes the same standard errors (the finite-difference
+Hessian of the summed gradient). EBEs never leave the rank that owns the subject until the
+end, when they are gathered to rank 0 for the result.
+
+Everything that depends on the whole data set is computed once, on rank 0, from the whole
+data set, and broadcast: the default priors (which fix the parameter layout and the start)
+and the reference (median) of every covariate effect without a fixed reference, so each
+shard's model is exactly the whole data set's model restricted to its subjects.
+
+Memory: per rank, the data of its subjects and ``[S_r, T, P]`` Jacobians and ``[S_r, P,
+P]`` curvatures (plus the ``2P + 1`` central-difference points of the inner iterations,
+``[2P + 1, S_r, T]``); nothing of size ``[S, T, T]``. Rank 0 also holds the whole data set
+(for the priors and the result).
+
+Start one process per core (CPU, ``gloo``) or per GPU (``nccl``) with ``torchrun``; see
+``docs/scaling.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+import warnings
+
+import pyro
+import torch
+
+from ..errors import ConvergenceWarning
+from ..threads import threads_for, using_threads
+from ..validation import check_int
+from .data import read_nonmem
+from .dataset import Dataset
+from .estimation import (
+    APPROXIMATIONS,
+    LaplaceObjective,
+    PopulationFit,
+    _check_fixed_and_init,
+    _covariance,
+    _lbfgs,
+    _start_values,
+    _stationary,
+    boundary_messages,
+)
+from .sharding import concat_shards, shard_bounds, shard_dataset
+
+__all__ = ["ShardedObjective", "fit_distributed", "fit_mle_distributed", "read_nonmem_shard",
+           "reduce_sum"]
+
+METHODS = ("mle",)
+
+
+# ---------------------------------------------------------------------- collectives
+def _dist():
+    import torch.distributed as tdist
+
+    if not (tdist.is_available() and tdist.is_initialized()):
+        raise ValueError(
+            "fit(..., distributed=True) needs an initialized torch.distributed process group "
+            "(torch.distributed.init_process_group(...), e.g. under torchrun)")
+    return tdist
+
+
+def _collective_device(tdist):
+    """Where collective tensors live: the current CUDA device for NCCL, else the CPU."""
+    if tdist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """The sum over ranks of ``x`` (any shape), in float64, bitwise identical on every
+    rank: an all-gather of the ranks' tensors added in rank order (an all-reduce whose
+    reduction order does not depend on the backend or the network)."""
+    tdist = _dist()
+    device = _collective_device(tdist)
+    local = x.detach().to(device=device, dtype=torch.float64).contiguous()
+    parts = [torch.empty_like(local) for _ in range(tdist.get_world_size())]
+    tdist.all_gather(parts, local)
+    total = parts[0].clone()
+    for p in parts[1:]:
+        total += p
+    return total.to(x.device)
+
+
+def _all_gather_rows(x: torch.Tensor, sizes: list) -> torch.Tensor:
+    """The ranks' ``x [n_r, ...]`` concatenated in rank order (``sizes``: every ``n_r``)."""
+    tdist = _dist()
+    device = _collective_device(tdist)
+    width = max(sizes)
+    local = torch.zeros((width, *x.shape[1:]), dtype=x.dtype, device=device)
+    local[:x.shape[0]] = x.detach().to(device)
+    parts = [torch.empty_like(local) for _ in sizes]
+    tdist.all_gather(parts, local)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)], 0).to(x.device)
+
+
+def _agree(error: Exception | None) -> None:
+    """Raise on every rank when any rank failed (so no rank waits forever in a collective
+    the failed one never reaches): the failed rank re-raises its own error, the others a
+    ValueError naming it."""
+    tdist = _dist()
+    messages = [None] * tdist.get_world_size()
+    tdist.all_gather_object(messages, None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    failed = [(r, m) for r, m in enumerate(messages) if m is not None]
+    if failed:
+        r, m = failed[0]
+        raise ValueError(f"fit(distributed=True): rank {r} failed: {m}")
+
+
+# ---------------------------------------------------------------------- data
+def read_nonmem_shard(source, rank: int, world: int, **options) -> Dataset:
+    """This rank's block of subjects of a NONMEM data file (see
+    :func:`genprog.pk.sharding.shard_dataset`).
+
+    Every rank parses the whole file, so the category codes, observation types and padded
+    widths are those of the whole data set, then keeps its block; only the block stays in
+    memory. ``options`` go to :func:`genprog.pk.read_nonmem`.
+
+    >>> from genprog import pk
+    >>> read_nonmem_shard(pk.dataset_path("theo_sd"), 1, 2).ids
+    [7, 8, 9, 10, 11, 12]
+    """
+    return shard_dataset(read_nonmem(source, **options), rank, world)
+
+
+def with_covariate_references(pop, references: dict):
+    """``pop`` with each covariate effect that has no fixed reference given the one in
+    ``references`` (effect index -> value): the whole data set's median, so that a shard's
+    covariate factors are those of the whole data set."""
+    if not references:
+        return pop
+    by_param: dict = {}
+    for i, e in enumerate(pop.covariate_effects):
+        if i in references:
+            e = dataclasses.replace(e, reference=references[i])
+        by_param.setdefault(e.param, []).append(e)
+    return dataclasses.replace(pop, covariates=by_param)
+
+
+def covariate_references(pop, data: Dataset) -> dict:
+    """The median (as :meth:`PopulationModel.covariate_factor` takes it) of every power,
+    allometric or linear effect's covariate without a fixed reference, by effect index."""
+    names = {k.lower(): k for k in data.covariates}
+    out = {}
+    for i, e in enumerate(pop.covariate_effects):
+        if e.kind in ("power", "allometric", "linear") and e.reference is None:
+            x = data.covariates[names[e.covariate.lower()]]
+            out[i] = float(torch.quantile(x.to(torch.float64), 0.5).to(x.dtype))
+    return out
+
+
+# ---------------------------------------------------------------------- the objective
+class ShardedObjective:
+    """The Laplace objective of the whole data set from this rank's part: the
+    :class:`~genprog.pk.estimation.LaplaceObjective` of the rank's subjects, whose value and
+    gradient in ``phi`` are summed over the ranks at every evaluation.
+
+    A drop-in for ``LaplaceObjective.log_likelihood`` in the outer loop and in the
+    standard errors: every rank must call it with the same ``phi`` (collective)."""
+
+    def __init__(self, local: LaplaceObjective):
+        self.local = local
+        self.layout = local.layout
+        self.evaluations = 0
+
+    def log_likelihood(self, phi: torch.Tensor, eta0, fresh: bool = True):
+        """The whole data set's Laplace log likelihood at ``phi`` (a scalar whose gradient
+        in ``phi`` is the summed gradient) and this rank's EBEs ``[S_r, P]``."""
+        x = phi.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            ll, eta = self.local.log_likelihood(x, eta0, fresh=fresh)
+            if ll.requires_grad and bool(torch.isfinite(ll)):
+                g, = torch.autograd.grad(ll, x)
+            else:
+                g = torch.full_like(x, float("nan") if not bool(torch.isfinite(ll)) else 0.0)
+        total = reduce_sum(torch.cat([ll.detach().reshape(1).to(x.dtype), g]))
+        self.evaluations += 1
+        value, grad = total[0].to(phi.dtype), total[1:].to(phi.dtype)
+        # value exactly; gradient ``grad`` in phi (phi - phi.detach() is exactly 0)
+        return value + ((phi - phi.detach()) * grad).sum(), eta
+
+
+# ---------------------------------------------------------------------- the fit
+def _whole_data(data: Dataset, rank: int, world: int):
+    """(this rank's shard, the whole data set on rank 0 else None), from either a shard
+    (:func:`shard_dataset` / :func:`read_nonmem_shard`; rank 0 gathers the others) or the
+    whole data set on every rank."""
+    tdist = _dist()
+    error, info = None, data.summary.get("shard") if isinstance(data, Dataset) else None
+    try:
+        if not isinstance(data, Dataset):
+            raise TypeError(f"fit(distributed=True): expected a pk.Dataset, got {type(data).__name__}")
+        if info is not None and (info["rank"], info["world"]) != (rank, world):
+            raise ValueError(f"fit(distributed=True): this rank ({rank} of {world}) holds shard "
+                             f"{info['rank']} of {info['world']}")
+    except (TypeError, ValueError) as e:
+        error = e
+    _agree(error)
+    kinds = [None] * world
+    tdist.all_gather_object(kinds, (info is not None, data.n_subjects))
+    if len({k[0] for k in kinds}) > 1:
+        _agree(ValueError("fit(distributed=True): some ranks passed a shard, others the whole data set"))
+    if info is not None:
+        gathered = [None] * world if rank == 0 else None
+        tdist.gather_object(data, gathered, dst=0)
+        return data, (concat_shards(gathered) if rank == 0 else None)
+    if len({k[1] for k in kinds}) > 1:
+        _agree(ValueError(f"fit(distributed=True): the ranks hold different data sets (subjects "
+                          f"{[k[1] for k in kinds]}); pass each rank's shard or the same whole data set"))
+    error, shard = None, None
+    try:
+        shard = shard_dataset(data, rank, world)
+    except (TypeError, ValueError) as e:
+        error = e
+    _agree(error)
+    return shard, (data if rank == 0 else None)
+
+
+def fit_mle_distributed(pop, data: Dataset, *, max_iters: int = 200, max_rounds: int = 5, seed: int = 0,
+                        init: dict | None = None, standard_errors: bool = True, dtype=torch.float64,
+                        fixed: dict | None = None, approximation: str = "focei",
+                        threads: int | None = None, newton_steps: int = 0) -> PopulationFit:
+    """Population maximum likelihood (:func:`genprog.pk.estimation.fit_mle`) with the
+    subjects sharded over the ranks of a ``torch.distributed`` process group.
+
+    Call it on every rank, with the same arguments except ``data``.
+
+    Parameters
+    ----------
+    pop : PopulationModel
+        Without inter-occasion variability (occasion codes are per data set).
+    data : Dataset
+        This rank's shard (:func:`genprog.pk.sharding.shard_dataset`,
+        :func:`read_nonmem_shard`), or the whole data set on every rank (then each rank
+        keeps its block).
+    max_iters, max_rounds, seed, init, standard_errors, dtype, fixed, approximation
+        As :func:`~genprog.pk.estimation.fit_mle`.
+    threads : int, optional
+        torch intra-op threads per rank (default: chosen for the rank's share of the
+        work by :func:`genprog.threads.threads_for`; one per rank at usual sizes).
+    newton_steps : int
+        Newton steps on the summed gradient after L-BFGS (finite-difference Hessian; each
+        kept only if the log likelihood does not drop; ``info["newton_steps"]``). 0 (the
+        default) gives :func:`~genprog.pk.estimation.fit_mle`'s optimum: on one rank
+        bitwise, on several to the flatness of the objective at the optimum (L-BFGS stops
+        on the change of the objective; the ranks' sums round differently, so the last
+        steps differ by about ``1e-7`` in ``phi`` while the OFV agrees to ``1e-12``).
+        Two steps locate the optimum to the gradient's precision (about ``1e-10``),
+        independent of the number of ranks; the covariance is then the inverse Hessian
+        at the L-BFGS optimum (computed for the steps, not again).
+
+    Returns
+    -------
+    PopulationFit
+        Identical estimates, covariance, ``minus2ll``/``ofv`` and convergence on every rank.
+        On rank 0 the fit of the whole data set (``data``, ``eta`` ``[S, P]`` and
+        ``individual`` for all subjects, gathered); on other ranks ``data``, ``eta`` and
+        ``individual`` are those of the rank's shard (and ``population`` carries the whole
+        data set's covariate references). ``info["distributed"]``: ``world``, this rank's
+        ``shard`` bounds, ``evaluations`` (collective objective evaluations) and every
+        rank's inner-solve seconds (``inner_s_by_rank``).
+
+    Raises
+    ------
+    ValueError
+        No process group, too few subjects for the ranks, shards that do not match the
+        ranks, or a model with ``iov`` (on every rank at once).
+    """
+    start_time, start_cpu = time.perf_counter(), time.process_time()
+    tdist = _dist()
+    rank, world = tdist.get_rank(), tdist.get_world_size()
+    error = None
+    try:
+        if approximation not in APPROXIMATIONS:
+            raise ValueError(f"fit_mle: approximation must be one of {APPROXIMATIONS}, got {approximation!r}")
+        if pop.iov:
+            raise ValueError("fit(method='mle', distributed=True): models with inter-occasion "
+                             "variability (iov=...) are not sharded yet (occasion codes are per data set)")
+    except ValueError as e:
+        error = e
+    _agree(error)
+    shard, whole = _whole_data(data, rank, world)
+    shard = shard.to(dtype=dtype)
+    whole = whole.to(dtype=dtype) if whole is not None else None
+    S, T = shard.obs_dv.shape
+    n_threads = threads_for(S * T * max(int(shard.dose_time.shape[-1]), 1) * max(pop.n_random(shard), 1),
+                            threads)
+    with using_threads(n_threads):
+        fit = _fit(pop, shard, whole, rank, world, max_iters=max_iters, max_rounds=max_rounds, seed=seed,
+                   init=init, standard_errors=standard_errors, dtype=dtype, fixed=fixed,
+                   approximation=approximation, newton_steps=check_int("newton_steps", newton_steps, minimum=0))
+    fit.info["threads"] = n_threads
+    fit.info["wall_time_s"] = time.perf_counter() - start_time
+    fit.info["timing"]["cpu_s"] = time.process_time() - start_cpu
+    return fit
+
+
+def _setup(pop, shard, whole, rank, dtype, fixed, init):
+    """Rank 0 checks the whole data set and computes the priors and covariate references;
+    every rank receives them and checks its shard."""
+    tdist = _dist()
+    error, payload = None, [None]
+    if rank == 0:
+        try:
+            pop.check_data(whole)
+            priors = pop.priors_for(whole)
+            fixed = _check_fixed_and_init(priors, fixed, init, dtype)
+            payload = [(priors, fixed, covariate_references(pop, whole))]
+        except (TypeError, ValueError) as e:
+            error = e
+    _agree(error)
+    tdist.broadcast_object_list(payload, src=0)
+    priors, fixed, references = payload[0]
+    local_pop = with_covariate_references(pop, references)
+    error = None
+    try:
+        local_pop.check_data(shard)
+    except (TypeError, ValueError) as e:
+        error = e
+    _agree(error)
+    return local_pop, priors, fixed
+
+
+def _fit(pop, shard, whole, rank, world, *, max_iters, max_rounds, seed, init, standard_errors, dtype,
+         fixed, approximation, newton_steps) -> PopulationFit:
+    """The outer loop of :func:`genprog.pk.estimation.fit_mle` on the summed objective."""
+    tdist = _dist()
+    start_time = time.perf_counter()
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    validation = pyro.validation_enabled(False)  # rejected trial points give NaN, not errors
+    validation.__enter__()
+    try:
+        local_pop, priors, fixed = _setup(pop, shard, whole, rank, dtype, fixed, init)
+        local = LaplaceObjective(local_pop, shard, priors, fixed, approximation)
+        obj = ShardedObjective(local)
+        start = {**_start_values(pop, shard, priors), **(init or {})}
+        start = {k: v for k, v in start.items() if k not in fixed}
+        phi = obj.layout.pack({k: torch.as_tensor(v, dtype=dtype) for k, v in start.items()}).detach()
+        eta = torch.zeros(shard.n_subjects, local.P, dtype=dtype, device=shard.obs_dv.device)
+        state = {"eta": eta, "best": (float("inf"), phi.clone(), eta)}
+        phi = phi.clone().requires_grad_(True)
+        opt = _lbfgs(phi, max_iters)
+        trace = []
+
+        def closure():
+            opt.zero_grad()
+            ll, eta_hat = obj.log_likelihood(phi, state["eta"])
+            loss = -ll
+            if not torch.isfinite(loss):
+                loss = loss.detach().new_tensor(1e30).requires_grad_(True) + 0 * phi.sum()
+            else:
+                state["eta"] = eta_hat
+                if float(loss.detach()) < state["best"][0]:
+                    state["best"] = (float(loss.detach()), phi.detach().clone(), eta_hat)
+            loss.backward()
+            trace.append(float(loss.detach()))
+            return loss
+
+        rounds = 0
+        for rounds in range(1, max_rounds + 1):
+            try:
+                opt.step(closure)
+            except (IndexError, RuntimeError):  # torch's line search on a degenerate bracket
+                pass
+            with torch.no_grad():
+                _, best_phi, state["eta"] = state["best"]
+                phi.copy_(best_phi)
+            with torch.enable_grad():
+                ll, eta_hat = obj.log_likelihood(phi, state["eta"])
+                grad, = torch.autograd.grad(ll, phi)
+            grad_norm = float(grad.abs().max())
+            if _stationary(grad_norm, ll) or len(trace) >= max_iters * max_rounds:
+                break
+            opt = _lbfgs(phi, max_iters)
+        newton, newton_cov = _newton_steps(obj, phi, ll, grad, eta_hat, newton_steps) if newton_steps else ([], None)
+        if newton:
+            ll, grad, eta_hat = newton[-1][1:]
+            grad_norm = float(grad.abs().max())
+        ll = ll.detach()
+        outer_s = time.perf_counter() - start_time
+        converged = bool(torch.isfinite(ll)) and _stationary(grad_norm, ll)
+        messages = []
+        if not converged:
+            messages.append(
+                f"L-BFGS stopped unconverged after {len(trace)} evaluations in {rounds} round(s) "
+                f"(-2LL {-2 * float(ll):.4f}, max |gradient| {grad_norm:.3g}); raise max_iters or "
+                "try other starting values (init=...)")
+        phi = phi.detach()
+        values = {k: v.detach() for k, v in obj.layout.unpack(phi).items()}
+        boundary = boundary_messages(pop, values)
+        messages += boundary
+        flipped = (local.flip_flop(values, eta_hat) if local.P
+                   else torch.zeros(shard.n_subjects, dtype=torch.bool))
+        flip_ids = [shard.ids[i] for i in flipped.nonzero().flatten().tolist()]
+        gathered = [None] * world
+        tdist.all_gather_object(gathered, flip_ids)
+        flip_ids = [i for part in gathered for i in part]
+        if flip_ids:
+            messages.append(
+                f"{len(flip_ids)} subject(s) have their EBE in the flip-flop mode (ka_i < k_i = CL_i/V_i "
+                f"while the typical ka > k), which their data favour over the mirror-image mode: "
+                f"IDs {flip_ids[:20]}{' ...' if len(flip_ids) > 20 else ''}; check their absorption "
+                "data, or use ka_above_k=True")
+        for m in messages:
+            warnings.warn(f"fit(method='mle', distributed=True): {m}", ConvergenceWarning, stacklevel=4)
+        covariance, se_note = None, None
+        se_start = time.perf_counter()
+        if standard_errors and newton_cov is not None:
+            covariance = newton_cov  # the Hessian at the L-BFGS optimum, ~1e-7 away in phi
+        elif standard_errors:
+            covariance, se_note = _covariance(obj, phi, eta_hat)
+            if se_note:
+                warnings.warn(f"fit(method='mle', distributed=True): {se_note}", ConvergenceWarning,
+                              stacklevel=4)
+        se_s = time.perf_counter() - se_start
+        n_obs = int(reduce_sum(torch.tensor([float(local.n_obs)])).item())
+        inner = [None] * world
+        tdist.all_gather_object(inner, (local.inner_seconds, local.inner_solves))
+        eta_local = eta_hat.detach() if local.P else torch.zeros(shard.n_subjects, 0, dtype=dtype)
+        sizes = [None] * world
+        tdist.all_gather_object(sizes, shard.n_subjects)
+        eta_all = _all_gather_rows(eta_local, sizes)
+        if rank == 0:
+            result_pop, result_data, eta_out = pop, whole, eta_all
+        else:
+            result_pop, result_data, eta_out = local_pop, shard, eta_local
+        typical, betas, _ = local.split(values)
+        individual = result_pop.individual_parameters(
+            typical, betas, eta_out[:, :local.P_iiv] if local.P else None, result_data)
+        individual = {k: v.detach().expand(result_data.n_subjects) for k, v in individual.items()}
+        if pop.ka_above_k:
+            v = values["v"] if "v" in values else values["v1"]
+            values["ka"] = (values["ka_minus_k"] + values["cl"] / v).detach()
+        minus2ll = -2 * float(ll)
+        n_params = int(phi.numel())
+        start_stop = shard_bounds(sum(sizes), rank, world)
+    finally:
+        validation.__exit__(None, None, None)
+        torch.set_default_dtype(old)
+    return PopulationFit(
+        population=result_pop, data=result_data, estimates=values, phi=phi, covariance=covariance,
+        eta=eta_out, individual=individual, minus2ll=minus2ll,
+        ofv=minus2ll - n_obs * math.log(2 * math.pi), n_obs=n_obs, n_params=n_params, converged=converged,
+        info={"evaluations": len(trace), "rounds": rounds, "objective_trace": trace, "grad_norm": grad_norm,
+              "seed": seed, "standard_errors": se_note or "ok",
+              "flip_flop_subjects": flip_ids, "boundary": boundary, "messages": messages,
+              "timing": {"inner_s": local.inner_seconds, "inner_solves": local.inner_solves,
+                         "outer_s": outer_s, "standard_errors_s": se_s},
+              "newton_steps": [{"minus2ll": -2 * float(n[1]), "grad_norm": float(n[2].abs().max()),
+                                "step": n[0]} for n in newton],
+              "distributed": {"world": world, "rank": rank, "shard": start_stop,
+                              "evaluations": obj.evaluations,
+                              "inner_s_by_rank": [i[0] for i in inner]},
+              "wall_time_s": time.perf_counter() - start_time, "layout": obj.layout.names},
+        fixed=fixed, approximation=approximation,
+    )
+
+
+def _newton_steps(obj, phi, ll, grad, eta, steps):
+    """Up to ``steps`` Newton steps ``phi += H^-1 grad`` from the L-BFGS optimum, with ``H``
+    the finite-difference Hessian of ``-log L`` there (the one of the standard errors),
+    each kept only if the log likelihood does not drop. L-BFGS stops where the objective
+    is flat to its rounding (``|phi - phi*| ~ sqrt(eps |log L| / curvature)``, about
+    ``1e-7``); the gradient locates the optimum to its own precision (about ``1e-10``).
+    ``phi`` is updated in place; returns ``[(step size, log L, gradient, EBEs)]`` per kept
+    step, and the covariance (inverse Hessian; None where it is not positive definite, and
+    then no step is taken)."""
+    covariance, _ = _covariance(obj, phi.detach(), eta)
+    out = []
+    if covariance is None:
+        return out, None
+    for _ in range(steps):
+        step = covariance @ grad.detach()
+        x = (phi.detach() + step).requires_grad_(True)
+        with torch.enable_grad():
+            ll_x, eta_x = obj.log_likelihood(x, eta)
+            g_x, = torch.autograd.grad(ll_x, x)
+        ll_x, ll = ll_x.detach(), ll.detach()
+        if not bool(torch.isfinite(ll_x)) or float(ll_x) < float(ll) - 1e-12 * abs(float(ll)):
+            break
+        with torch.no_grad():
+            phi.copy_(x.detach())
+        ll, grad, eta = ll_x, g_x, eta_x
+        out.append((float(step.abs().max()), ll, grad, eta))
+    return out, covariance
+
+
+def fit_distributed(model, data: Dataset, method: str = "mle", **options):
+    """``model.fit(data, method, distributed=True)``: a population fit with the subjects
+    sharded over the ranks of the current ``torch.distributed`` process group.
+
+    Parameters
+    ----------
+    model : PopulationModel
+    data : Dataset
+        This rank's shard or the whole data set (see :func:`fit_mle_distributed`).
+    method : {"mle"}
+        Population maximum likelihood (FOCE-I / Laplace). SAEM and VI with per-subject
+        latents are not sharded yet.
+    **options
+        As :func:`fit_mle_distributed`.
+    """
+    if method == "mle":
+        return fit_mle_distributed(model, data, **options)
+    raise ValueError(f"fit(method={method!r}, distributed=True): subject-sharded fits support "
+                     f"method in {METHODS}; SAEM and VI with per-subject random effects run in one "
+                     "process")
