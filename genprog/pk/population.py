@@ -722,7 +722,13 @@ class PopulationModel:
     def fit(self, data: Dataset, method: str = "nuts", **options):
         """``model(data).fit(method, ...)``; ``method="mle"`` is population maximum
         likelihood with the etas integrated out per subject (FOCE-I by default, or the
-        Laplace approximation; see :func:`genprog.pk.estimation.fit_mle`)."""
+        Laplace approximation; see :func:`genprog.pk.estimation.fit_mle`).
+        ``distributed=True``: subjects sharded over torch.distributed ranks
+        (:func:`genprog.pk.distributed.fit_distributed`)."""
+        if options.pop("distributed", False):
+            from .distributed import fit_distributed
+
+            return fit_distributed(self, data, method, **options)
         if method == "mle":
             from .estimation import fit_mle
 
