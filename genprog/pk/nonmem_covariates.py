@@ -62,67 +62,91 @@ class _Column:
 def read_covariates(t: Table, subj: np.ndarray, ids: list, covariates=None,
                     time_varying=None, categorical=None) -> Covariates:
     """Read the covariate columns (see the module docstring and :func:`read_nonmem`)."""
-    S = len(ids)
-    cov_keys = _resolve(t, covariates, "covariates")
-    tv_keys = _resolve(t, time_varying, "time_varying")
     cat_keys = _resolve(t, categorical, "categorical") or []
-    candidates = [k for k in t.cols if k not in RESERVED]
-    parsed = {}
-
-    def column(key) -> _Column:
-        if key not in parsed:
-            parsed[key] = _parse_column(t, key, subj, key in cat_keys)
-        return parsed[key]
-
-    notes, ignored = [], {}
-    implicit_tv = tv_keys is None
-    if cov_keys is None:
-        cov_keys = [k for k in candidates if k not in (tv_keys or []) and not column(k).varies]
-    if tv_keys is None:
-        tv_keys = []
-        for k in candidates:
-            if k in cov_keys or not column(k).varies:
-                continue
-            if not column(k).numeric and k not in cat_keys:
-                ignored[t.label(k)] = ("text that varies within subjects (name it in "
-                                       "time_varying= to read it as categorical)")
-                notes.append(f"column {t.label(k)} not read: text that varies within a "
-                             f"subject ({_first_change(t, column(k), subj, ids)}) - name it "
-                             "in time_varying= to read it as a categorical covariate")
-                continue
-            tv_keys.append(k)
-            if implicit_tv:
-                notes.append(f"{t.label(k)} varies within a subject "
-                             f"({_first_change(t, column(k), subj, ids)}): read as "
-                             "time-varying (name it in covariates= to read each subject's "
-                             "first value, or in time_varying= to confirm)")
-    if not implicit_tv and covariates is None:
-        for k in candidates:
-            if k not in cov_keys and k not in tv_keys and column(k).varies:
-                ignored[t.label(k)] = "varies within subjects (not named in time_varying=)"
+    columns = _Columns(t, subj, ids, cat_keys)
+    cov_keys, tv_keys, ignored, notes = _choose(columns, _resolve(t, covariates, "covariates"),
+                                                _resolve(t, time_varying, "time_varying"))
     for k in cat_keys:
         if k not in cov_keys and k not in tv_keys:
             raise ValueError(f"categorical: {t.label(k)!r} is not read as a covariate "
                              "(name it in covariates= or time_varying=)")
-    categories, baseline, tv = {}, {}, {}
-    for k in cov_keys:
-        c = column(k)
-        first = pd.Series(c.values).groupby(subj).first().reindex(range(S)).to_numpy(np.float64)
-        baseline[t.label(k)] = (first, c.categories)
-        missing = np.flatnonzero(np.isnan(first))
-        if len(missing):
-            shown = ", ".join(repr(ids[s]) for s in missing[:5])
-            notes.append(f"{t.label(k)} is missing on every row of {len(missing)} subject"
-                         f"{'s' if len(missing) > 1 else ''} (ID {shown}"
-                         f"{', ...' if len(missing) > 5 else ''}): NaN for them")
-    for k in tv_keys:
-        c = column(k)
-        filled = pd.Series(c.values).groupby(subj).ffill()
-        tv[t.label(k)] = (filled.groupby(subj).bfill().to_numpy(np.float64), c.categories)
-    for k in (*cov_keys, *tv_keys):
-        if column(k).categories is not None:
-            categories[t.label(k)] = column(k).categories
+    baseline = {t.label(k): _baseline(columns(k), subj, len(ids)) for k in cov_keys}
+    notes += [_missing_note(t.label(k), baseline[t.label(k)][0], ids) for k in cov_keys
+              if np.isnan(baseline[t.label(k)][0]).any()]
+    tv = {t.label(k): _carried(columns(k), subj) for k in tv_keys}
+    categories = {t.label(k): columns(k).categories for k in (*cov_keys, *tv_keys)
+                  if columns(k).categories is not None}
     return Covariates(baseline, tv, categories, ignored, notes)
+
+
+class _Columns:
+    """Candidate covariate columns, each parsed once on first use."""
+
+    def __init__(self, t, subj, ids, cat_keys):
+        self.t, self.subj, self.ids, self.cat_keys = t, subj, ids, cat_keys
+        self.candidates = [k for k in t.cols if k not in RESERVED]
+        self._parsed = {}
+
+    def __call__(self, key) -> _Column:
+        if key not in self._parsed:
+            self._parsed[key] = _parse_column(self.t, key, self.subj, key in self.cat_keys)
+        return self._parsed[key]
+
+    def first_change(self, key) -> str:
+        return _first_change(self.t, self(key), self.subj, self.ids)
+
+
+def _choose(columns: _Columns, cov_keys, tv_keys):
+    """(baseline keys, time-varying keys, ignored columns, notes) from the arguments (None:
+    decide by whether the column varies within subjects, with a note)."""
+    t, notes, ignored = columns.t, [], {}
+    explicit_tv = tv_keys is not None
+    if cov_keys is None:
+        cov_keys = [k for k in columns.candidates
+                    if k not in (tv_keys or []) and not columns(k).varies]
+        if explicit_tv:
+            ignored.update({t.label(k): "varies within subjects (not named in time_varying=)"
+                            for k in columns.candidates
+                            if k not in cov_keys and k not in tv_keys and columns(k).varies})
+    if explicit_tv:
+        return cov_keys, tv_keys, ignored, notes
+    tv_keys = []
+    for k in columns.candidates:
+        if k in cov_keys or not columns(k).varies:
+            continue
+        if not columns(k).numeric and k not in columns.cat_keys:
+            ignored[t.label(k)] = ("text that varies within subjects (name it in "
+                                   "time_varying= to read it as categorical)")
+            notes.append(f"column {t.label(k)} not read: text that varies within a subject "
+                         f"({columns.first_change(k)}) - name it in time_varying= to read it "
+                         "as a categorical covariate")
+            continue
+        tv_keys.append(k)
+        notes.append(f"{t.label(k)} varies within a subject ({columns.first_change(k)}): read "
+                     "as time-varying (name it in covariates= to read each subject's first "
+                     "value, or in time_varying= to confirm)")
+    return cov_keys, tv_keys, ignored, notes
+
+
+def _baseline(column: _Column, subj, S):
+    """Each subject's first non-missing value ``[S]`` (NaN if none), and the categories."""
+    first = pd.Series(column.values).groupby(subj).first().reindex(range(S))
+    return first.to_numpy(np.float64), column.categories
+
+
+def _carried(column: _Column, subj):
+    """Per row: the last value carried forward within the subject (before the first
+    value, the first value), and the categories."""
+    filled = pd.Series(column.values).groupby(subj).ffill()
+    return filled.groupby(subj).bfill().to_numpy(np.float64), column.categories
+
+
+def _missing_note(label, first, ids) -> str:
+    missing = np.flatnonzero(np.isnan(first))
+    shown = ", ".join(repr(ids[s]) for s in missing[:5])
+    return (f"{label} is missing on every row of {len(missing)} subject"
+            f"{'s' if len(missing) > 1 else ''} (ID {shown}"
+            f"{', ...' if len(missing) > 5 else ''}): NaN for them")
 
 
 def _resolve(t, names, arg):
