@@ -34,6 +34,7 @@ log_prob, log_marginal, fit and to_arviz all apply.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -45,7 +46,9 @@ from torch.distributions import constraints
 
 from ..fit import Fit
 from ..model import Model
+from ..threads import threads_for, using_threads
 from .dataset import Dataset
+from .structural import Compartments
 
 ERROR_MODELS = ("additive", "proportional", "combined", "exponential")
 COVARIATE_KINDS = ("power", "allometric", "linear", "categorical", "threshold")
@@ -198,6 +201,54 @@ def kappas_from_raw(omega_iov, kappa_raw):
     raw = kappa_raw.squeeze(-2)
     Q = omega_iov.shape[-1]
     return (raw.unflatten(-1, (-1, Q)) * omega_iov[..., None, None, :]).flatten(-2)
+
+
+def steady_state_parts(data: Dataset):
+    """The doses of ``data`` split into two designs whose concentrations add up to
+    ``data``'s, or None when no dose is at steady state.
+
+    A closed-form structure evaluates every dose at every observation time, and the
+    steady-state formula costs about three ordinary ones; a design with one steady-state
+    dose among many (a validation design: daily doses, then SS=1 at 216 h) spends most of
+    its time on steady-state terms it then discards. Here the steady-state doses (their
+    dose dim compacted, ``[S, D_ss]``) and the others are separate designs. An SS=1 (or 3)
+    dose resets the system: the doses before it stop acting at its time. That rule is
+    kept in both parts by folding the reset segments into the epochs (segment = number
+    of resets of the subject's epoch at or before the event's time; a dose acts on the
+    observations of its own epoch and segment only), so both parts predict exactly what
+    the whole design does.
+    """
+    ss = data.dose_mask & (data.dose_ss > 0)
+    if not bool(ss.any()):
+        return None
+    reset = ss & ((data.dose_ss == 1) | (data.dose_ss == 3))
+    big = torch.finfo(data.dose_time.dtype).max
+
+    def segment(times, epochs):  # resets of the same epoch at or before each time, [S, n]
+        rt = torch.where(reset, data.dose_time, torch.full_like(data.dose_time, big))
+        hit = (rt[:, None, :] <= times[:, :, None]) & (data.dose_epoch[:, None, :] == epochs[:, :, None])
+        return hit.sum(-1)
+
+    n_seg = int(reset.sum(-1).max()) + 1
+    dose_epoch = data.dose_epoch * n_seg + segment(data.dose_time, data.dose_epoch)
+    obs_epoch = data.obs_epoch * n_seg + segment(data.obs_time, data.obs_epoch)
+    return (_only_doses(data, data.dose_mask & ~ss, dose_epoch, obs_epoch),
+            _only_doses(data, ss, dose_epoch, obs_epoch))
+
+
+def _only_doses(data: Dataset, keep, dose_epoch, obs_epoch) -> Dataset:
+    """``data`` with the doses ``keep [S, D]`` only, moved to the front of the dose dim and
+    the rest of it cut (``[S, max_i sum keep_i]``), and the given epochs."""
+    order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices
+    order = order[:, :max(int(keep.sum(-1).max()), 1)]
+
+    def take(x):
+        return torch.gather(x, 1, order)
+
+    return dataclasses.replace(
+        data, dose_time=take(data.dose_time), dose_amt=take(data.dose_amt), dose_cmt=take(data.dose_cmt),
+        dose_rate=take(data.dose_rate), dose_ss=take(data.dose_ss), dose_ii=take(data.dose_ii),
+        dose_epoch=take(dose_epoch), dose_mask=take(keep), obs_epoch=obs_epoch)
 
 
 def _draws(value, event_dim: int):
@@ -557,7 +608,11 @@ class PopulationModel:
         """Concentrations ``[..., S, T]`` from individual parameters ``{p: [..., S]}``; with
         ``per_occasion`` the parameters are ``[..., K, S]`` and each observation takes its
         occasion's prediction."""
-        pred = self.structure.concentration(ind, data)
+        parts = steady_state_parts(data) if isinstance(self.structure, Compartments) else None
+        if parts is None:
+            pred = self.structure.concentration(ind, data)
+        else:
+            pred = sum(self.structure.concentration(ind, part) for part in parts)
         if not per_occasion:
             return pred
         codes, K = self.occasions(data)
@@ -723,6 +778,10 @@ class PopulationModel:
         """``model(data).fit(method, ...)``; ``method="mle"`` is population maximum
         likelihood with the etas integrated out per subject (FOCE-I by default, or the
         Laplace approximation; see :func:`genprog.pk.estimation.fit_mle`).
+
+        ``threads=`` (every method): torch's intra-op thread count during the fit
+        (restored afterwards); default: chosen for the size of the work by
+        :func:`genprog.threads.threads_for` (one thread for usual population sizes).
         ``distributed=True``: subjects sharded over torch.distributed ranks
         (:func:`genprog.pk.distributed.fit_distributed`)."""
         if options.pop("distributed", False):
@@ -737,7 +796,11 @@ class PopulationModel:
             from .saem import fit_saem
 
             return fit_saem(self, data, **options)
-        return PopulationBayesFit.wrap(self(data).fit(method, **options), self, data)
+        threads = options.pop("threads", None)
+        S, T = data.obs_dv.shape
+        work = S * T * max(int(data.dose_time.shape[-1]), 1) * max(int(options.get("chains", 4) or 1), 1)
+        with using_threads(threads_for(work, threads)):
+            return PopulationBayesFit.wrap(self(data).fit(method, **options), self, data)
 
 
 class PopulationBayesFit(Fit):

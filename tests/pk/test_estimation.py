@@ -264,7 +264,7 @@ IOV_MODEL = pk.PopulationModel(ORAL, ["ka", "cl", "v"], "proportional", iov=["cl
 
 
 def test_iov_predictions_take_each_occasions_parameters():
-    data = pk.read_nonmem(simulate_iov(3)).to(dtype=F64)
+    data = pk.read_nonmem(simulate_iov(3), time_varying=["OCC"]).to(dtype=F64)
     codes, K = IOV_MODEL.occasions(data)
     assert K == 3 and codes.shape == data.obs_time.shape
     obj = LaplaceObjective(IOV_MODEL, data, IOV_MODEL.priors_for(data))
@@ -281,13 +281,13 @@ def test_iov_predictions_take_each_occasions_parameters():
     ref = oral_1cmt(t, 300.0, 1.2 * math.exp(0.1), cl, 30.0 * math.exp(-0.1))
     np.testing.assert_allclose(pred.numpy(), ref, rtol=1e-6)
     # the Bayesian program: one kappa per subject and occasion, finite log density
-    m = IOV_MODEL(pk.read_nonmem(simulate_iov(3)))
+    m = IOV_MODEL(pk.read_nonmem(simulate_iov(3), time_varying=["OCC"]))
     draws = m.sample(2, seed=0)
     assert draws["kappa_raw"].shape == (2, 3, 1, 3) and draws["omega_iov"].shape == (2, 1)
 
 
 def _check_iov_recovery(n, z=3.0):
-    data = pk.read_nonmem(simulate_iov(n))
+    data = pk.read_nonmem(simulate_iov(n), time_varying=["OCC"])
     fit = fit_quietly(IOV_MODEL, data, approximation="focei")
     table = fit.summary()
     assert fit.converged and fit.eta.shape == (n, 6)
@@ -349,3 +349,112 @@ def test_summary_survives_an_unidentified_parameter():
     table = fit.summary()
     assert (table["ci_high"] >= table["estimate"]).all()
     assert math.isinf(table["ci_high"].max()) or table["ci_high"].max() > 1e100
+
+
+# =========================================================================== robust inner problem
+#
+# References: the modes of h_i are checked against their own definition (h is larger there
+# than at every point the test tries, the gradient vanishes), the flip-flop mirror image
+# against the one-compartment closed form (the same concentrations), and the warnings
+# against values put at a boundary on purpose.
+
+THEO_VALUES = {"cl": 2.75, "v": 31.8, "ka": 1.59, "omega": [0.84, 0.27, 0.13], "sigma_add": 0.7}
+
+
+def theo_objective(data=None):
+    data = (data or pk.read_nonmem(pk.dataset_path("theo_sd"))).to(dtype=F64)
+    pop = pk.PopulationModel(ORAL, ["ka", "cl", "v"], "additive")
+    obj = LaplaceObjective(pop, data, pop.priors_for(data))
+    values = {k: torch.as_tensor(v, dtype=F64) for k, v in THEO_VALUES.items()}
+    return obj, values
+
+
+def test_inner_newton_reaches_the_mode_from_far_starts():
+    """From eta = 0 and from starts 3 omega out (where the curvature of h is indefinite)
+    the safeguarded iterations reach the same modes: gradient ~0, h at least as large as
+    at 200 random nearby points."""
+    obj, values = theo_objective()
+    S = obj.data.n_subjects
+    far = torch.tensor([3.0, -3.0, 3.0], dtype=F64) * values["omega"]
+    eta0, h0, _ = obj.newton_modes(values, torch.zeros(S, 3, dtype=F64))
+    eta1, h1, _ = obj.newton_modes(values, far.expand(S, 3))
+    torch.testing.assert_close(eta1, eta0, atol=1e-4, rtol=0)
+    _, g, _ = obj.grad_hess(values, eta0)
+    assert float(g.detach().abs().max()) < 1e-4
+    gen = torch.Generator().manual_seed(0)
+    nearby = eta0 + 0.05 * torch.randn(200, S, 3, generator=gen, dtype=F64)
+    assert bool((obj.joint(values, nearby) <= h0 + 1e-9).all())
+
+
+def test_flip_flop_mirror_predicts_the_same_and_the_ebe_leaves_it():
+    """A warm start in the reflected mode (ka_i <-> k_i, V_i k_i / ka_i) predicts the same
+    concentrations; the EBE from that warm start is the population-side mode, the one a
+    start at eta = 0 reaches, which the eta prior favours."""
+    obj, values = theo_objective()
+    S = obj.data.n_subjects
+    eta0, h0, _ = obj.newton_modes(values, torch.zeros(S, 3, dtype=F64))
+    assert not bool(obj.flip_flop(values, eta0).any())
+    typical, betas, _ = obj.split(values)
+    ind = obj.pop.individual_parameters(typical, betas, eta0, obj.data)
+    shift = torch.log(ind["cl"] / ind["v"] / ind["ka"])  # log(k_i / ka_i)
+    mirror = eta0.clone()
+    mirror[:, 0] += shift
+    mirror[:, 2] += shift
+    assert bool(obj.flip_flop(values, mirror).all())
+    _, pred0 = obj.conditional(values, eta0)
+    _, pred1 = obj.conditional(values, mirror)
+    torch.testing.assert_close(pred1, pred0, rtol=1e-9, atol=1e-9)
+    # reflected() maps the mirror back
+    torch.testing.assert_close(obj.reflected(values, mirror), eta0, atol=1e-12, rtol=0)
+    eta = obj.ebe(values, mirror)
+    torch.testing.assert_close(eta, eta0, atol=1e-4, rtol=0)
+    assert not bool(obj.flip_flop(values, eta).any())
+
+
+def test_one_sample_subject_keeps_its_ebe_near_the_population():
+    """A subject with a single late sample cannot determine ka or V: the fit still
+    converges, with finite estimates near the 12-subject fit, and that subject's EBEs stay
+    within 2 omega of 0 (ka's within 1 omega)."""
+    full = pd.read_csv(pk.dataset_path("theo_sd"))
+    one = full[full["ID"] == full["ID"].iloc[0]].copy()
+    one["ID"] = 99
+    obs = one.index[(one["AMT"] == 0) & (one["TIME"] > 8)]
+    one = one.drop(obs[1:]).loc[lambda d: (d["AMT"] > 0) | (d["TIME"] > 8)]
+    data = pk.read_nonmem(pd.concat([full, one], ignore_index=True))
+    pop = pk.PopulationModel(ORAL, ["ka", "cl", "v"], "additive")
+    fit = fit_quietly(pop, data, standard_errors=False)
+    assert fit.converged
+    omega = fit.estimates["omega"]
+    eta = fit.eta[-1]
+    assert bool(torch.isfinite(fit.eta).all())
+    assert bool((eta.abs() < 2 * omega).all()) and float(eta[0].abs()) < float(omega[0])
+    assert float(fit.estimates["cl"]) == pytest.approx(2.75, rel=0.1)
+    assert fit.info["flip_flop_subjects"] == [] and fit.info["boundary"] == []
+
+
+def test_boundary_messages_name_the_parameters():
+    pop = pk.PopulationModel(ORAL, ["ka", "cl", "v"], "additive")
+    from genprog.pk.estimation import boundary_messages
+
+    notes = boundary_messages(pop, {"omega": torch.tensor([1e-5, 0.3, 7.0], dtype=F64),
+                                    "sigma_add": torch.tensor(0.5, dtype=F64)})
+    assert len(notes) == 2
+    assert "omega of ka is near its zero boundary" in notes[0]
+    assert "omega of v is huge" in notes[1]
+    assert boundary_messages(pop, {"omega": torch.tensor([0.3, 0.3, 0.3], dtype=F64),
+                                   "sigma_add": torch.tensor(1e-9, dtype=F64)})[0].startswith("residual error")
+
+
+def test_unconverged_fit_is_reported_with_timing_and_threads():
+    """Two outer iterations cannot converge: ConvergenceWarning, converged False, the
+    message in info; info also holds per-phase times and the thread count, and the
+    process's torch thread count is what it was."""
+    data = pk.read_nonmem(pk.dataset_path("theo_sd"))
+    pop = pk.PopulationModel(ORAL, ["ka", "cl", "v"], "additive")
+    before = torch.get_num_threads()
+    with pytest.warns(ConvergenceWarning, match="unconverged"):
+        fit = pop.fit(data, "mle", max_iters=2, max_rounds=1, standard_errors=False, threads=1)
+    assert not fit.converged and any("unconverged" in m for m in fit.info["messages"])
+    assert fit.info["threads"] == 1 and torch.get_num_threads() == before
+    timing = fit.info["timing"]
+    assert timing["inner_solves"] >= 2 and 0 < timing["inner_s"] <= timing["outer_s"]

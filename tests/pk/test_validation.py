@@ -1,0 +1,75 @@
+"""Population ML (FOCE-I) on the classic NLME validation designs of issue 15.
+
+The designs (``bench/pk_validation.py``, simulated with ``pk.simulate_data``): 120 subjects
+in four dose groups (10, 30, 60, 120 mg), a single dose with 19 samples to 72 h, daily
+doses at 72-192 h with troughs, a steady-state dose (SS=1, II=24) at 216 h with a rich
+profile to 288 h; truth CL 4 L/h, V (V1) 70 L, ka 1 /h, Q 4 L/h, V2 50 L, omega 0.3 on
+every parameter, exponential residual error 0.2.
+
+Oracle: the simulation truth. Pass (the issue's table): every typical value within 5%,
+every omega within 20%, the residual SD within 10%. The one-compartment oral design runs
+in the default suite (it is where EBEs in the flip-flop mode inflated omega_ka and omega_V
+to 0.6); the full table, three seeds and the single-dose subsets, is ``slow``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+from pathlib import Path
+
+import pytest
+
+from genprog.errors import ConvergenceWarning
+
+_BENCH = Path(__file__).resolve().parents[2] / "bench" / "pk_validation.py"
+_spec = importlib.util.spec_from_file_location("pk_validation", _BENCH)
+validation = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(validation)
+
+
+def _fit(name, seed, subset="full", standard_errors=False):
+    model, data, truth = validation.simulated(name, seed, subset)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        fit = model.fit(data, "mle", standard_errors=standard_errors)
+    return model, fit, truth
+
+
+def _check(model, fit, truth):
+    assert fit.converged
+    errors = validation.relative_errors(fit, model, truth)
+    assert validation.failures(errors, model) == [], errors
+    assert fit.info["flip_flop_subjects"] == []
+
+
+def test_design_matches_the_issue():
+    rows = validation.design_rows()
+    assert rows["ID"].nunique() == 120
+    assert sorted(rows.groupby("ID")["DOSE"].first().value_counts().to_dict().items()) == [
+        (10.0, 30), (30.0, 30), (60.0, 30), (120.0, 30)]
+    one = rows[rows["ID"] == 1]
+    doses = one[one["EVID"] == 1]
+    assert doses["TIME"].tolist() == [0.0, 72.0, 96.0, 120.0, 144.0, 168.0, 192.0, 216.0]
+    assert doses["SS"].tolist() == [0] * 7 + [1] and float(doses["II"].iloc[-1]) == 24.0
+    obs = one[one["EVID"] == 0]["TIME"]
+    assert len(obs) == 19 + 5 + 19 and obs.max() == 288.0
+    sd = validation.design_rows(subset="sd")
+    assert sd[sd["ID"] == 1]["TIME"].max() == pytest.approx(72.0, abs=0.02)
+
+
+def test_oral_one_compartment_design_recovers_the_truth():
+    """The design of the flip-flop bug: FOCE-I within the issue's tolerances, no subject
+    left in the flip-flop mode."""
+    model, fit, truth = _fit("oral1", seed=0)
+    _check(model, fit, truth)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("subset", ["full", "sd"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("name", list(validation.DESIGNS))
+def test_validation_table(name, seed, subset):
+    model, fit, truth = _fit(name, seed, subset, standard_errors=True)
+    _check(model, fit, truth)
+    assert fit.covariance is not None
