@@ -405,55 +405,55 @@ def _independence_step(md, theta, b, lp, mean, tril, gen):
     return torch.where(accept[..., None], prop, b), torch.where(accept, lp_prop, lp)
 
 
-def _derivatives(md, theta, b):
-    """Per-chain, per-group scores ``d L_cg / d theta`` ``[C, G, K]``, the Hessian of
-    ``sum_cg L_cg`` ``[K, K]``, ``L [C, G]`` and the trace. ``K`` double-backward passes
-    (the per-group Jacobian through a linear dummy ``u``, the Hessian rows with it)."""
-    K = theta.numel()
+def _derivatives(md, theta, b, idx):
+    """For the coordinates ``idx`` (``k`` of them): per-chain, per-group scores ``d L_cg /
+    d theta_idx`` ``[C, G, k]`` and the Hessian block of ``sum_cg L_cg`` ``[k, k]``; also
+    ``L [C, G]`` and the trace. ``k`` double-backward passes (the per-group Jacobian
+    through a linear dummy ``u``, the Hessian rows with it)."""
     with torch.enable_grad():
         th = theta.detach().requires_grad_(True)
         lp, tr = md.log_density(th, b, return_trace=True)
         u = torch.ones_like(lp, requires_grad=True)
         s, = torch.autograd.grad((lp * u).sum(), th, create_graph=True)
         cols, rows = [], []
-        for j in range(K):
+        for j in idx:
             du, dth = torch.autograd.grad(s[j], (u, th), retain_graph=True, allow_unused=True)
             cols.append(torch.zeros_like(lp) if du is None else du)
             rows.append(torch.zeros_like(th) if dth is None else dth)
-    scores = torch.stack(cols, -1) if K else lp.new_zeros(*lp.shape, 0)
-    hess = torch.stack(rows) if K else lp.new_zeros(0, 0)
+    scores = torch.stack(cols, -1) if idx else lp.new_zeros(*lp.shape, 0)
+    hess = torch.stack(rows)[:, idx] if idx else lp.new_zeros(0, 0)
     return scores.detach(), 0.5 * (hess + hess.T).detach(), lp.detach(), tr
 
 
-def _value_grad_hess(md, theta, b):
-    """``sum_cg L_cg / C``, its gradient ``[K]`` and Hessian ``[K, K]`` in ``theta``."""
-    K, C = theta.numel(), b.shape[0]
+def _value_grad_hess(md, theta, b, idx):
+    """``sum_cg L_cg / C``, its gradient ``[k]`` and Hessian ``[k, k]`` in the coordinates
+    ``idx`` of ``theta``."""
+    C = b.shape[0]
     with torch.enable_grad():
         th = theta.detach().requires_grad_(True)
         q = md.log_density(th, b).sum() / C
         g, = torch.autograd.grad(q, th, create_graph=True)
-        rows = [torch.autograd.grad(g[j], th, retain_graph=True, allow_unused=True)[0] for j in range(K)]
-    H = torch.stack([torch.zeros_like(th) if r is None else r for r in rows])
-    return q.detach(), g.detach(), 0.5 * (H + H.T).detach()
+        rows = [torch.autograd.grad(g[j], th, retain_graph=True, allow_unused=True)[0] for j in idx]
+    H = torch.stack([torch.zeros_like(th) if r is None else r for r in rows])[:, idx]
+    return q.detach(), g.detach()[idx], 0.5 * (H + H.T).detach()
 
 
-def _newton_m_step(md, theta, b, free, max_step, iters, g, H):
+def _newton_m_step(md, theta, b, free, max_step, iters):
     """Maximise the complete-data log likelihood of the current draws ``b`` over the
-    ``free`` coordinates: up to ``iters`` Newton steps (Hessian made positive definite,
-    steps clipped to ``max_step``, halved while the objective falls), starting from the
-    gradient ``g`` and Hessian ``H`` at ``theta``. One Newton step overshoots where the
-    objective is far from quadratic (a scale far above its estimate, on the log scale),
-    and a variance that overshoots towards 0 recovers only at EM's slow rate."""
-    q, start = None, theta
-    for it in range(iters):
-        if it:
-            _, g, H = _value_grad_hess(md, theta, b)
-        if not (bool(torch.isfinite(g[free]).all()) and bool(torch.isfinite(H[free][:, free]).all())):
+    ``free`` coordinates (BoolTensor ``[K]``): up to ``iters`` Newton steps (Hessian made
+    positive definite, steps clipped to ``max_step``, halved while the objective falls),
+    the whole move clipped to ``max_step``. One Newton step overshoots where the objective
+    is far from quadratic (a scale far above its estimate, on the log scale), and a
+    variance that overshoots towards 0 recovers only at EM's slow rate."""
+    idx = [i for i in range(theta.numel()) if bool(free[i])]
+    start = theta
+    for _ in range(iters):
+        q, g, H = _value_grad_hess(md, theta, b, idx)
+        q = float(q)
+        if not (bool(torch.isfinite(g).all()) and bool(torch.isfinite(H).all())):
             break
-        step = torch.linalg.solve(_positive_definite(-H[free][:, free]), g[free])
+        step = torch.linalg.solve(_positive_definite(-H), g)
         step = step * min(1.0, max_step / float(step.abs().max().clamp_min(1e-300)))
-        if q is None:
-            q = float(_safe_log_density(md, theta, b).sum()) / b.shape[0]
         for _ in range(4):
             cand = theta.clone()
             cand[free] = cand[free] + step
@@ -567,8 +567,10 @@ def saem(md: MixedEffectsDensity, theta0: torch.Tensor, *, hooks: SaemHooks | No
     fitted_after = min(20, exploration // 2)
     # with a closed-form M-step for every site, derivatives serve the information only:
     # about 50 evaluations over the averaging phase suffice
-    info_every = 1 if bool(free.any()) else max(1, averaging // 50)
+    info_every = max(1, averaging // 50)
     n_info = 0
+    all_idx = list(range(K))
+    free_idx = [i for i in all_idx if bool(free[i])]
     with pyro.validation_enabled(False):
         for k in range(-burn_in, total):  # k < 0: burn-in, simulation at theta0 only
             phase2 = k >= exploration
@@ -609,53 +611,47 @@ def saem(md: MixedEffectsDensity, theta0: torch.Tensor, *, hooks: SaemHooks | No
             m1 = _sa(m1, b.mean(0), gamma)
             m2 = _sa(m2, (b[..., :, None] * b[..., None, :]).mean(0), gamma)
             info_now = phase2 and standard_errors and (k - exploration) % info_every == 0
-            if not (bool(free.any()) or info_now):
-                # every site has a closed form: no derivatives until the information is needed
+            # derivatives: every coordinate when the information is accumulated (for the
+            # standard errors), the free ones for an averaging-phase Newton step, none else
+            idx = all_idx if info_now else (free_idx if phase2 and len(free_idx) else None)
+            if idx is None:
                 with torch.no_grad():
                     lp, tr = md.log_density(theta, b, return_trace=True)
-                new_stats = {key: v.detach().mean(0) for key, v in hooks.statistics(values, b, tr).items()}
-                stats = {key: _sa(stats.get(key), v, gamma) for key, v in new_stats.items()}
-                values = {**values, **{n: torch.as_tensor(v, dtype=dtype) for n, v in
-                                       hooks.closed_form(stats, (m1, m2), values, k).items()}}
-                theta = md.pack(values).to(dtype)
-                values = md.unpack(theta)
-                for n in md.names:
-                    trace[n].append(values[n].detach().clone())
-                t_m += time.perf_counter() - t0
-                continue
-            scores, hess, lp, tr = _derivatives(md, theta, b)
-            if not (bool(torch.isfinite(scores).all()) and bool(torch.isfinite(hess).all())):
-                # a draw where the density is not differentiable: skip this update
-                for n in md.names:
-                    trace[n].append(values[n].detach().clone())
-                t_m += time.perf_counter() - t0
-                continue
-            n_info = n_info + 1 if phase2 else 1
-            Dg = _sa(Dg, scores.mean(0), 1.0 / n_info)
-            A = _sa(A, hess / C, 1.0 / n_info)
-            B = _sa(B, torch.einsum("cgk,cgl->kl", scores, scores) / C, 1.0 / n_info)
-            # the Newton preconditioner's information: the same averages with a memory of
-            # at least ~20 iterations (one iteration's chains estimate Var[d L_g] poorly)
-            w_info = max(gamma, 0.05)
-            A_e = _sa(A_e, hess / C, w_info)
-            B_e = _sa(B_e, torch.einsum("cgk,cgl->kl", scores, scores) / C, w_info)
-            D_e = _sa(D_e, scores.mean(0), w_info)
+            else:
+                scores, hess, lp, tr = _derivatives(md, theta, b, idx)
+                if not (bool(torch.isfinite(scores).all()) and bool(torch.isfinite(hess).all())):
+                    # a draw where the density is not differentiable: skip this update
+                    for n in md.names:
+                        trace[n].append(values[n].detach().clone())
+                    t_m += time.perf_counter() - t0
+                    continue
+            if info_now:
+                n_info += 1
+                Dg = _sa(Dg, scores.mean(0), 1.0 / n_info)
+                A = _sa(A, hess / C, 1.0 / n_info)
+                B = _sa(B, torch.einsum("cgk,cgl->kl", scores, scores) / C, 1.0 / n_info)
+            if idx is not None and len(free_idx):
+                # the Newton preconditioner: the information of the free coordinates
+                pos = [idx.index(i) for i in free_idx]
+                sf, hf = scores[..., pos], hess[pos][:, pos]
+                A_e = _sa(A_e, hf / C, gamma)
+                B_e = _sa(B_e, torch.einsum("cgk,cgl->kl", sf, sf) / C, gamma)
+                D_e = _sa(D_e, sf.mean(0), gamma)
             new_stats = {key: v.detach().mean(0) for key, v in hooks.statistics(values, b, tr).items()}
             stats = {key: _sa(stats.get(key), v, gamma) for key, v in new_stats.items()}
             # ---------------------------------------------------------- maximisation
-            if bool(free.any()) and not phase2:
+            if len(free_idx) and not phase2:
                 # exploration (step 1): the M-step of the current draws, solved by Newton
-                theta = _newton_m_step(md, theta, b, free, max_step, newton_iters,
-                                       scores.sum((0, 1)) / C, hess / C)
+                theta = _newton_m_step(md, theta, b, free, max_step, newton_iters)
                 values = md.unpack(theta)
-            elif bool(free.any()):
+            elif len(free_idx):
                 # averaging: one stochastic-approximation Newton step, preconditioned by
                 # Louis' observed information (the complete-data one where that is not
                 # positive definite)
-                s_now = scores.sum((0, 1))[free] / C
-                info = -(A_e + B_e - D_e.T @ D_e)[free][:, free]
+                s_now = sf.sum((0, 1)) / C
+                info = -(A_e + B_e - D_e.T @ D_e)
                 if int(torch.linalg.cholesky_ex(info)[1]) != 0:
-                    info = -A_e[free][:, free]
+                    info = -A_e
                 step = gamma * torch.linalg.solve(_positive_definite(info), s_now)
                 step = step * min(1.0, max_step / float(step.abs().max().clamp_min(1e-300)))
                 theta = theta.clone()
