@@ -422,6 +422,7 @@ class GaussianCopula(ZooModel):
         marginals : list of d distribution classes (``dist.Gamma``, ...) or instances (kept
             fixed)
         max_iters : int
+            ``max_iter`` is its deprecated name.
             L-BFGS iterations per marginal.
 
         Returns

@@ -262,6 +262,7 @@ class DirichletProcessMixture(ZooModel):
         covariance_prior : array ``[d, d]``, optional
             ``W_0^{-1}`` (default: the data covariance), scikit-learn's convention.
         max_iters, tol : int, float
+            (``max_iter`` is the deprecated name of ``max_iters``.)
             Stop when the ELBO per row changes by less than ``tol`` nats.
         n_init : int
             Restarts; the highest ELBO wins.

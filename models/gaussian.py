@@ -586,6 +586,7 @@ class FactorAnalysis(_FactorModel):
         data : array ``[N, d]`` (no NaN)
         k : int, ``1 <= k < d``
         max_iters : int
+            ``max_iter`` is its deprecated name.
         tol : float
             Stop when the mean log-likelihood per row changes by less than ``tol`` nats.
         min_psi : float

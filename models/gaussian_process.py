@@ -579,6 +579,7 @@ class GaussianProcess(ZooModel):
             distance, variances ``var(y)``, noise ``var(y) / 10``, period a quarter of the
             input range, mean ``mean(y)``).
         max_iters : int
+            ``max_iter`` is its deprecated name.
             L-BFGS iterations.
 
         Returns

@@ -396,6 +396,7 @@ class HMM(ZooModel):
             ``M`` (default: largest symbol + 1).
         covariance_type : {"full", "diag"}
         max_iters, tol : int, float
+            (``max_iter`` is the deprecated name of ``max_iters``.)
             Stop when the mean log-likelihood per sequence changes by less than ``tol``.
         n_init : int
             Random restarts (seeds ``seed, seed+1, ...``); the best log-likelihood wins.

@@ -171,6 +171,9 @@ class LDA(ZooModel):
         Parameters
         ----------
         y : Tensor ``[V]`` or ``[D, V]`` of counts
+        max_iters, tol : int, float
+            Fixed-point iterations of the E-step, and the change in ``gamma`` at which they
+            stop (``max_iter`` is the deprecated name of ``max_iters``).
 
         Returns
         -------
@@ -279,6 +282,7 @@ class LDA(ZooModel):
         alpha : float or array ``[K]``, optional
             Fixed concentration; None learns an asymmetric one (initialised at ``1 / K``).
         max_iters : int
+            ``max_iter`` is its deprecated name.
         tol : float
             Stop when the ELBO per word changes by less than ``tol`` nats.
         n_init : int

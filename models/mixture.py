@@ -213,6 +213,7 @@ class GaussianMixture(ZooModel):
         n_init : int
             Restarts; the fit with the highest log-likelihood is returned.
         max_iters : int
+            ``max_iter`` is its deprecated name.
         tol : float
             Stop when the mean log-likelihood per row changes by less than ``tol`` nats.
         reg_covar : float

@@ -796,7 +796,8 @@ class HawkesProcess(_PointProcess):
         """Maximum likelihood ``mu, alpha, beta`` from padded sequences ``y [N, M]`` on
         ``[0, T)``: the exact log likelihood maximised by L-BFGS over the log parameters
         (start: ``mu`` half the event rate, ``beta`` the event rate, ``alpha = beta / 2``;
-        override with ``init``)."""
+        override with ``init``), at most ``max_iters`` L-BFGS iterations (``max_iter`` is
+        its deprecated name)."""
         yt = torch.as_tensor(y, dtype=torch.float64) if not torch.is_tensor(y) else y.double()
         yt = yt.reshape(-1, yt.shape[-1])
         Tt = torch.tensor(float(T), dtype=torch.float64, device=yt.device)

@@ -377,6 +377,7 @@ class LinearGaussianSSM(ZooModel):
             Starting values of estimated parameters (default: ``A = 0.9 I``, random ``C``,
             ``Q``, ``R`` from the data variance, ``m0 = 0``, ``P0 = I``).
         max_iters : int
+            ``max_iter`` is its deprecated name.
         tol : float
             Tolerance on the change of the mean log-likelihood per observed entry.
         seed : int
