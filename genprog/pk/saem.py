@@ -40,6 +40,7 @@ import torch
 
 from ..errors import ConvergenceWarning
 from ..infer.saem import MixedEffectsDensity, SaemHooks, saem
+from ..threads import threads_for, using_threads
 from .estimation import LaplaceObjective, PopulationFit, _layout, _start_values
 from .population import omega_scale_tril
 
@@ -202,7 +203,7 @@ def _float64():
 def fit_saem(pop, data, *, exploration: int = 300, averaging: int = 200, chains: int | None = None,
              mh_steps: int = 2, importance_draws: int = 1000, seed: int = 0,
              init: dict | None = None, fixed: dict | None = None,
-             standard_errors: bool = True) -> PopulationFit:
+             standard_errors: bool = True, threads: int | None = None) -> PopulationFit:
     """Population maximum likelihood by SAEM (``PopulationModel.fit(data, method="saem")``).
 
     Parameters
@@ -227,6 +228,9 @@ def fit_saem(pop, data, *, exploration: int = 300, averaging: int = 200, chains:
         Sites held at given values (natural scale).
     standard_errors : bool
         Keep the covariance (Louis' formula, stochastically approximated).
+    threads : int, optional
+        torch's intra-op threads during the fit (default: by the size of the work,
+        :func:`genprog.threads.threads_for`; restored afterwards).
 
     Returns
     -------
@@ -238,7 +242,10 @@ def fit_saem(pop, data, *, exploration: int = 300, averaging: int = 200, chains:
     start_time = time.perf_counter()
     pop.check_data(data)
     data = data.to(dtype=torch.float64)
-    with _float64():
+    S, T = data.obs_dv.shape
+    C = chains or max(1, math.ceil(50 / S))
+    work = S * T * max(int(data.dose_time.shape[-1]), 1) * C
+    with _float64(), using_threads(threads_for(work, threads)):
         priors = pop.priors_for(data)
         fixed = {k: torch.as_tensor(v, dtype=torch.float64) for k, v in (fixed or {}).items()}
         unknown = (set(fixed) | set(init or {})) - set(priors)

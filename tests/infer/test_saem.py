@@ -252,6 +252,31 @@ def test_theo_summary_and_diagnostics_take_the_saem_fit(theo_fit):
     plt.close(pk.vpc(theo_fit, n_sim=20))
 
 
+@pytest.mark.slow
+def test_inter_occasion_variability_matches_focei():
+    """40 subjects x 3 occasions (tests/pk's IOV design, kappa on CL): SAEM's closed-form
+    ``omega_iov`` and the rest agree with FOCE-I's estimates on the same data (cl 2.795,
+    v 30.50, ka 1.063, omega 0.241 / 0.190 / 0.180, omega_iov 0.2336, prop SD 0.0960), to a
+    fraction of their standard errors."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "_iov_design", Path(__file__).parents[1] / "pk" / "test_estimation.py")
+    design = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(design)  # the design and model of tests/pk's IOV tests
+    IOV_MODEL, simulate_iov = design.IOV_MODEL, design.simulate_iov
+    data = pk.read_nonmem(simulate_iov(40), time_varying=["OCC"])
+    fit = IOV_MODEL.fit(data, method="saem", exploration=200, averaging=150, seed=0)
+    focei = {"cl": (2.795, 0.104), "v": (30.50, 0.89), "ka": (1.063, 0.043),
+             "omega_iov_cl": (0.2336, 0.019), "sigma_prop": (0.0960, 0.0027),
+             "omega_ka": (0.241, 0.031), "omega_cl": (0.190, 0.033), "omega_v": (0.180, 0.021)}
+    table = fit.summary()
+    for name, (ref, se) in focei.items():
+        assert abs(table.loc[name, "estimate"] - ref) < 0.5 * se, name
+    assert fit.eta.shape == (40, 6)
+
+
 # =========================================================================== any Pyro NLME model
 
 
