@@ -324,7 +324,7 @@ class Model:
                     f"condition: site {name!r} has shape {info.shape}, got values of shape "
                     f"{tuple(t.shape)}"
                 )
-            if t.is_floating_point() and bool(torch.isinf(t).any()):
+            if t.is_floating_point() and bool(torch.isinf(t).any()) and _standard_support(info.support):
                 idx = [int(i) for i in torch.isinf(t).nonzero()[0]]
                 raise ValueError(
                     f"condition: site {name!r} has an infinite value at index {idx}; observations "
@@ -634,6 +634,15 @@ class Model:
         latent = [n for n, i in s.sites.items() if i.kind == "latent" and n not in self.observed]
         return (f"{type(self).__name__}({self.name}, latent={latent}, "
                 f"observed={sorted(self.observed)}, device={self.device or 'cpu'})")
+
+
+def _standard_support(support) -> bool:
+    """True for torch's / Pyro's own constraints (real, positive, intervals, ...), whose
+    values are finite; a model's custom support (e.g. event times padded with +inf) may
+    admit infinite values, and is left to the distribution to judge."""
+    base = elementwise_support(support) if support is not None else None
+    base = base if base is not None else support
+    return type(base).__module__.startswith(("torch.distributions", "pyro.distributions.constraints"))
 
 
 def _reject_options(options, method, valid):
