@@ -11,6 +11,7 @@ set concatenate back to it exactly (:func:`concat_shards`).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import torch
 
@@ -94,7 +95,7 @@ def concat_shards(shards) -> Dataset:
     world = infos[0]["world"]
     expected = [(r, world) for r in range(world)]
     if [(i["rank"], i["world"]) for i in infos] != expected or any(
-            a["stop"] != b["start"] for a, b in zip(infos, infos[1:])):
+            a["stop"] != b["start"] for a, b in itertools.pairwise(infos)):
         raise ValueError(f"concat_shards: shards {[(i['rank'], i['world']) for i in infos]} are not "
                          f"the blocks 0..{world - 1} of one data set, in order")
     first = shards[0]

@@ -22,12 +22,16 @@ import socket
 
 import numpy as np
 import pandas as pd
+import pyro
 import pytest
 import torch
 import torch.multiprocessing as mp
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from genprog import pk
 from genprog.pk.distributed import fit_mle_distributed, read_nonmem_shard
+from genprog.pk.estimation import LaplaceObjective
 from genprog.pk.sharding import concat_shards, shard_bounds, shard_dataset
 
 N_SUBJECTS = 18
@@ -42,8 +46,8 @@ def _design(n: int) -> pd.DataFrame:
     rows = []
     for i in range(1, n + 1):
         wt = float(np.round(rng.uniform(50, 100), 1))
-        rows.append(dict(ID=i, TIME=0.0, AMT=100.0, DV=0.0, EVID=1, MDV=1, WT=wt))
-        rows += [dict(ID=i, TIME=t, AMT=0.0, DV=0.0, EVID=0, MDV=0, WT=wt) for t in (0.5, 1, 3, 8, 24)]
+        rows.append({"ID": i, "TIME": 0.0, "AMT": 100.0, "DV": 0.0, "EVID": 1, "MDV": 1, "WT": wt})
+        rows += [{"ID": i, "TIME": t, "AMT": 0.0, "DV": 0.0, "EVID": 0, "MDV": 0, "WT": wt} for t in (0.5, 1, 3, 8, 24)]
     return pd.DataFrame(rows)
 
 
@@ -66,9 +70,14 @@ def _worker(rank, world, port, out):
     tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         data = _data()
-        plain = fit_mle_distributed(MODEL, shard_dataset(data, rank, world), standard_errors=False)
+        try:  # rank 1 passes rank 0's shard: every rank raises, none waits forever
+            fit_mle_distributed(MODEL, shard_dataset(data, 0 if rank == 1 else rank, world))
+            refused = None
+        except ValueError as e:
+            refused = str(e)
+        plain = MODEL.fit(shard_dataset(data, rank, world), "mle", distributed=True, standard_errors=False)
         tight = fit_mle_distributed(MODEL, data, newton_steps=NEWTON, init=INIT)  # whole data on every rank
-        result = {"plain": _record(plain), "tight": _record(tight),
+        result = {"plain": _record(plain), "tight": _record(tight), "refused": refused,
                   "n_shard": len(plain.data.ids), "shard": plain.info["distributed"]["shard"]}
         with open(f"{out}.{rank}", "w") as f:  # every rank, to check that all agree
             json.dump(result, f)
@@ -146,6 +155,13 @@ def test_shards_of_two_data_sets_do_not_concatenate():
 def test_fit_needs_a_process_group():
     with pytest.raises(ValueError, match="process group"):
         fit_mle_distributed(MODEL, pk.read_nonmem(pk.dataset_path("theo_sd")))
+    with pytest.raises(ValueError, match="process group"):
+        MODEL.fit(pk.read_nonmem(pk.dataset_path("theo_sd")), "mle", distributed=True)
+
+
+def test_unsharded_methods_are_refused():
+    with pytest.raises(ValueError, match="subject-sharded fits support"):
+        MODEL.fit(pk.read_nonmem(pk.dataset_path("theo_sd")), "saem", distributed=True)
 
 
 # ---------------------------------------------------------------------- fits
@@ -170,6 +186,8 @@ def test_sharded_fit_equals_the_single_process_fit(world, reference, tmp_path):
         with open(f"{out}.{r}") as f:
             results.append(json.load(f))
     single, tight, data = reference["single"], reference["tight"], reference["data"]
+    assert "holds shard 0 of" in results[1]["refused"]
+    assert all("rank 1 failed" in r["refused"] for r in results[:1] + results[2:])
     # every rank took the same steps: identical estimates, OFV and covariance, bitwise
     for kind in ("plain", "tight"):
         for r in results[1:]:
@@ -198,3 +216,50 @@ def test_sharded_fit_equals_the_single_process_fit(world, reference, tmp_path):
     se = tight.covariance.diagonal().sqrt()
     assert float(((se_w - se) / se).abs().max()) < 1e-6  # finite-difference Hessians: ~1e-8 relative
     assert math.isfinite(plain["ofv"])
+
+
+# ---------------------------------------------------------------------- memory
+def test_no_subjects_by_records_by_records_tensor_on_the_fit_path():
+    """Every tensor one objective evaluation (EBEs from two starts, value and gradient)
+    creates is recorded: none has two dims of the observation count T, and the largest
+    is the inner iterations' ``[2 starts x (2P + 1) points x S x D x T]`` (D doses), so
+    the memory per subject does not grow with T^2."""
+    S, T, D, P = 5, 11, 3, 3
+    rows = []
+    for i in range(1, S + 1):
+        rows += [{"ID": i, "TIME": t, "AMT": 100.0, "DV": 0.0, "EVID": 1, "MDV": 1, "WT": 60.0 + 5 * i} for t in (0.0, 12.0, 24.0)]
+        rows += [{"ID": i, "TIME": 24.5 + 4 * k, "AMT": 0.0, "DV": 0.0, "EVID": 0, "MDV": 0, "WT": 60.0 + 5 * i} for k in range(T)]
+    model = pk.PopulationModel(pk.OneCompartment(), ["ka", "cl", "v"], "proportional", covariates={"cl": "WT"})
+    truth = {**TRUTH, "omega": [0.3, 0.3, 0.3]}
+    data = pk.simulate_data(model, pk.read_nonmem(pd.DataFrame(rows)).to(dtype=torch.float64), truth, seed=2)
+    assert tuple(data.obs_dv.shape) == (S, T) and tuple(data.dose_time.shape) == (S, D)
+
+    class Shapes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.seen.update(tuple(t.shape) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
+            return out
+
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        with pyro.validation_enabled(False):
+            obj = LaplaceObjective(model, data, model.priors_for(data))
+            values = {k: torch.as_tensor(v, dtype=torch.float64) for k, v in truth.items()}
+            phi = obj.layout.pack(values).requires_grad_(True)
+            eta0 = 0.1 * torch.ones(S, P, dtype=torch.float64)  # a warm start: two starts solved
+            shapes = Shapes()
+            with shapes:
+                ll, _ = obj.log_likelihood(phi, eta0)
+                ll.backward()
+    finally:
+        torch.set_default_dtype(old)
+    assert torch.isfinite(ll)
+    twice_t = [s for s in shapes.seen if list(s).count(T) >= 2]
+    assert not twice_t, twice_t
+    largest = max(math.prod(s) for s in shapes.seen)
+    assert largest <= 2 * (2 * P + 1) * S * D * T, sorted(shapes.seen, key=math.prod)[-3:]
