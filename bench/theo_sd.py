@@ -27,6 +27,7 @@ Usage (from the repository root)::
     python bench/theo_sd.py --quick            # smoke run (100 + 100)
     python bench/theo_sd.py --per-eval         # ms per potential+grad call only
     python bench/theo_sd.py --per-step         # NUTS ms per leapfrog step, with its breakdown
+    python bench/theo_sd.py --chees-threads    # 64-chain ChEES under torch's default threads
     python bench/theo_sd.py --chains 1,16,256,4096 --device cuda   # ChEES chains sweep
 """
 
@@ -260,6 +261,29 @@ def per_step(chains=4, warmup=150, draws=150, repeats=3, seed=0, dense_mass=Fals
                                                    - statistics.median(ccalls))}
 
 
+def chees_threads(chains=64, warmup=100, draws=50, seed=0):
+    """Wall and CPU seconds of a short ``sample_chees`` run on theo_sd with torch's thread
+    count as the process found it (``torch.get_num_threads()``; the samplers choose their
+    own inside the run since issue 14), to run next to competing processes."""
+    from genprog.infer.chees import sample_chees
+    from genprog.infer.compiled import compile_potential
+    from genprog.infer.init import initial_points
+
+    pop, data = population()
+    density = pop(data).density()
+    z0 = initial_points(density, chains, "median", torch.Generator().manual_seed(seed))
+    pg = compile_potential(density, True)
+    pg(z0)
+    t, c = time.perf_counter(), time.process_time()
+    res = sample_chees(pg, z0, warmup=warmup, draws=draws,
+                       generator=torch.Generator().manual_seed(seed))
+    wall, cpu = time.perf_counter() - t, time.process_time() - c
+    return {"torch threads outside": torch.get_num_threads(), "chains": chains,
+            "grad_evals": res.num_grad_evals, "wall s": wall, "cpu s": cpu,
+            "wall ms/step": 1e3 * wall / res.num_grad_evals,
+            "load1": os.getloadavg()[0]}
+
+
 def _fmt(x, spec):
     return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
 
@@ -296,15 +320,21 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--quick", action="store_true", help="100 warmup + 100 draws (smoke run)")
     p.add_argument("--per-eval", action="store_true", help="only time potential+grad calls")
+    p.add_argument("--chees-threads", action="store_true",
+                   help="only time a short 64-chain ChEES run at the process's thread count")
     p.add_argument("--per-step", action="store_true",
                    help="only time NUTS per leapfrog step (4 chains x (150 + 150), 3 repeats)")
     p.add_argument("--skip", default="", help="comma-separated runs to skip: "
                    "nuts,chees,eager,numpyro,pyro")
     a = p.parse_args(argv)
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+    if "OMP_NUM_THREADS" in os.environ:
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     if a.quick:
         a.warmup, a.draws = 100, 100
         a.chees_warmup, a.chees_draws = 200, 100
+    if a.chees_threads:
+        print(chees_threads(chains=a.chees_chains, seed=a.seed))
+        return None
     if a.per_step:
         print(per_step(chains=int(a.chains.split(",")[0]), seed=a.seed))
         return None
