@@ -42,7 +42,6 @@ from ..errors import ConvergenceWarning
 from ..infer.saem import MixedEffectsDensity, SaemHooks, saem
 from ..threads import threads_for, using_threads
 from .estimation import LaplaceObjective, PopulationFit, _layout, _start_values
-from .population import omega_scale_tril
 
 
 class PopulationHooks(SaemHooks):
@@ -64,6 +63,7 @@ class PopulationHooks(SaemHooks):
     def __init__(self, pop, data, sites, anneal: int = 0):
         self.pop = pop
         self.data = data
+        self.objective = LaplaceObjective(pop, data, pop.priors_for(data))
         self.P = len(pop.random_effects)
         self.K = pop.occasions(data)[1] if pop.iov else 0
         self.Q = len(pop.iov)
@@ -101,7 +101,9 @@ class PopulationHooks(SaemHooks):
         return torch.stack(cols, -1)
 
     def scale_tril(self, values: dict) -> torch.Tensor:
-        return omega_scale_tril(values["omega"], values.get("omega_corr"))
+        """Cholesky factor ``[P + K Q, P + K Q]`` of a subject's random effects: the IIV
+        block, then ``omega_iov`` per occasion (as FOCE-I's objective builds it)."""
+        return self.objective.scale_tril(values)
 
     def reparam(self, values: dict, b: torch.Tensor):
         """``b [C, S, P + K Q]`` -> ``eta_raw [C, S, 1, P]`` (and ``kappa_raw``) and the log
@@ -109,7 +111,7 @@ class PopulationHooks(SaemHooks):
         C, S, _ = b.shape
         out, logdet = {}, b.new_zeros(C, S)
         if self.P:
-            L = self.scale_tril(values)
+            L = self.scale_tril(values)[:self.P, :self.P]
             eta = b[..., :self.P] - self.mean(values)
             raw = torch.linalg.solve_triangular(L, eta.reshape(-1, self.P).T, upper=False).T
             out["eta_raw"] = raw.reshape(C, S, 1, self.P)
@@ -125,10 +127,7 @@ class PopulationHooks(SaemHooks):
         return torch.cat([self.mean(values), torch.zeros(S, self.K * self.Q)], -1)
 
     def population_proposal(self, values: dict):
-        blocks = [self.scale_tril(values)] if self.P else []
-        if self.Q:
-            blocks.append(torch.diag_embed(values["omega_iov"].repeat(self.K)))
-        return self.initial_b(values), torch.block_diag(*blocks)
+        return self.initial_b(values), self.scale_tril(values)
 
     # ------------------------------------------------------------------ M-step
     def statistics(self, values: dict, b: torch.Tensor, trace) -> dict:
