@@ -31,7 +31,7 @@ old results or none, and exits with status 130 and one line.
 ``describe`` prints the data summary only. Problems with the input (a missing or
 malformed file, a parameter the structure lacks, a covariate the file lacks, an output
 folder that cannot be written) are one ``error: ...`` line on stderr and exit status 2,
-never a traceback; a fit that fails or gives non-finite estimates is one line and exit
+never a traceback; SIGTERM is handled like an interrupt (exit status 143); a fit that fails or gives non-finite estimates is one line and exit
 status 1 (``--traceback`` shows the Python traceback instead, for bug reports).
 """
 
@@ -70,7 +70,7 @@ METHODS = ("mle", "saem", "vi", "nuts")
 #: Files a fit writes; ``--overwrite`` replaces a folder holding only these.
 RESULT_FILES = frozenset({"summary.csv", "individual.csv", "residuals.csv", "gof.png",
                           "vpc.png", "npde.png", "individual.png", "posterior.nc"})
-EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED = 2, 1, 130
+EXIT_USAGE, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_TERMINATED = 2, 1, 130, 143
 
 
 class UsageError(Exception):
@@ -79,6 +79,10 @@ class UsageError(Exception):
 
 class FitFailed(Exception):
     """The fit or the writing of its results failed (exit status 1)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like an interrupt (exit status 143)."""
 
 
 # ---- arguments -----------------------------------------------------------------------------
@@ -269,9 +273,10 @@ def _check_covariates_in(data, covariates) -> None:
 class _Output:
     """``--out``, written atomically: a staging folder next to it, renamed at the end."""
 
-    def __init__(self, path, overwrite: bool):
+    def __init__(self, path, overwrite: bool, interrupts: _Interrupts | None = None):
         self.path = Path(path).expanduser().absolute()
         self.overwrite = overwrite
+        self.interrupts = interrupts or _Interrupts()
         self.staging: Path | None = None
         self.committed = False
 
@@ -315,7 +320,9 @@ class _Output:
         return self.staging
 
     def commit(self) -> None:
-        """Replace ``--out`` by the staging folder (interrupts deferred meanwhile)."""
+        """Replace ``--out`` by the staging folder (interrupts deferred meanwhile); an
+        interrupt received before (even one that an import swallowed) stops it."""
+        self.interrupts.check()
         with _interrupts_ignored():
             old = None
             if self.path.exists():
@@ -343,15 +350,49 @@ class _Output:
 
 @contextlib.contextmanager
 def _interrupts_ignored():
-    """SIGINT is ignored inside the block (main thread only): a rename pair is not split."""
+    """SIGINT and SIGTERM are ignored inside the block (main thread only): a rename pair
+    is not split, a clean-up is not cut short."""
+    with _signal_handlers(dict.fromkeys((signal.SIGINT, signal.SIGTERM), signal.SIG_IGN)):
+        yield
+
+
+class _Interrupts:
+    """SIGINT and SIGTERM during a command: remembered, and raised at once as
+    ``KeyboardInterrupt`` / :class:`Terminated` so that a long fit stops. Remembering
+    matters: an interrupt that lands inside an import or a callback can be swallowed or
+    turned into another error, and must still end the command as an interrupt."""
+
+    def __init__(self):
+        self.received = None
+
+    def _handle(self, signum, frame):
+        self.received = signum
+        self.check()
+
+    @contextlib.contextmanager
+    def catching(self):
+        with _signal_handlers({signal.SIGINT: self._handle, signal.SIGTERM: self._handle}):
+            yield
+
+    def check(self) -> None:
+        """Raise for an interrupt received so far."""
+        if self.received == signal.SIGTERM:
+            raise Terminated
+        if self.received is not None:
+            raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _signal_handlers(handlers: dict):
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _umask() -> int:
@@ -505,34 +546,57 @@ def main(argv=None) -> int:
     """Run the command line with ``argv`` (default ``sys.argv[1:]``); returns the exit
     status: 0 success, 1 the fit failed (one ``error: ...`` line), 2 bad input (one
     ``error: ...`` line on stderr; argparse's own usage errors exit 2 as well), 130
-    interrupted (one ``interrupted: ...`` line)."""
+    interrupted and 143 terminated (one line; without ``argv``, as the program, the
+    process ends there with that status)."""
     try:
         args = _parser().parse_args(argv)
     except SystemExit as e:  # --help, or argparse's usage error (already printed)
         return e.code if isinstance(e.code, int) else EXIT_USAGE
     out, err = sys.stdout, sys.stderr
-    output = _Output(args.out, args.overwrite) if args.command == "fit" else None
+    interrupts = _Interrupts()
+    output = _Output(args.out, args.overwrite, interrupts) if args.command == "fit" else None
     try:
-        return _command(args, output, out, err)
-    except KeyboardInterrupt:
-        where = "" if output is None else (
-            f" after the results were written to {output.path}" if output.committed
-            else f"; {output.path} left as it was" if output.path.exists()
-            else f"; nothing written to {output.path}")
-        print(f"interrupted{where}", file=err, flush=True)
-        return EXIT_INTERRUPTED
+        with interrupts.catching():
+            status = _command(args, output, out, err)
+        interrupts.check()
+        return status
+    except KeyboardInterrupt as e:
+        return _interrupted(output, isinstance(e, Terminated), err, program=argv is None)
     except (UsageError, ValueError, TypeError, OSError) as e:
+        if interrupts.received is not None:    # an interrupt turned into another error
+            return _interrupted(output, interrupts.received == signal.SIGTERM, err,
+                                program=argv is None)
         if getattr(args, "traceback", False):
             raise
         print(f"error: {_message(e)}", file=err)
         return EXIT_USAGE
     except Exception as e:   # the fit or the diagnostics failed: one line, not a traceback
+        if interrupts.received is not None:
+            return _interrupted(output, interrupts.received == signal.SIGTERM, err,
+                                program=argv is None)
         if getattr(args, "traceback", False):
             raise
         what = str(e) if isinstance(e, FitFailed) else f"{type(e).__name__}: {_message(e)}"
         print(f"error: fit failed: {' '.join(what.split())} (--traceback for details)"
               if not isinstance(e, FitFailed) else f"error: {what}", file=err)
         return EXIT_FAILED
+
+
+def _interrupted(output, terminated: bool, err, program: bool = False) -> int:
+    """The one line for an interrupt, and its exit status. As the program (``main()``
+    without ``argv``), end the process here: an interrupt that landed inside an import or
+    a callback can leave CPython set to die by SIGINT at exit, which would replace the
+    status by -2."""
+    where = "" if output is None else (
+        f" after the results were written to {output.path}" if output.committed
+        else f"; {output.path} left as it was" if output.path.exists()
+        else f"; nothing written to {output.path}")
+    print(f"{'terminated' if terminated else 'interrupted'}{where}", file=err, flush=True)
+    status = EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
+    if program:
+        sys.stdout.flush()
+        os._exit(status)
+    return status
 
 
 def _command(args, output, out, err) -> int:

@@ -577,8 +577,11 @@ def _partials(folder):
     return [p for p in folder.iterdir() if ".partial-" in p.name or ".old-" in p.name]
 
 
-@pytest.mark.parametrize("old_results", [False, True], ids=["no-old-results", "old-results-kept"])
-def test_cli_interrupt_leaves_old_results_or_none(old_results, tmp_path):
+@pytest.mark.parametrize("sig, old_results, status, word", [
+    (signal.SIGINT, False, 130, "interrupted"), (signal.SIGINT, True, 130, "interrupted"),
+    (signal.SIGTERM, False, 143, "terminated"),
+], ids=["sigint-no-old-results", "sigint-old-results-kept", "sigterm-no-old-results"])
+def test_cli_interrupt_leaves_old_results_or_none(sig, old_results, status, word, tmp_path):
     out = tmp_path / "o"
     if old_results:
         _folder(out, {"summary.csv": "old run"})
@@ -589,13 +592,13 @@ def test_cli_interrupt_leaves_old_results_or_none(old_results, tmp_path):
     while not _partials(tmp_path) and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)
     assert _partials(tmp_path), "the temporary folder never appeared"
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    assert proc.returncode == status, err
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
-    assert last.startswith("interrupted") and str(out) in last
-    assert [ln for ln in err.splitlines() if ln.startswith(("interrupted", "error"))] == [last]
+    assert last.startswith(word) and str(out) in last
+    assert [ln for ln in err.splitlines() if ln.startswith((word, "error"))] == [last]
     assert _partials(tmp_path) == []
     if old_results:
         assert (out / "summary.csv").read_text() == "old run" and "left as it was" in last
