@@ -23,6 +23,7 @@ from .gaussian import (
     _shape,
     _split_obs,
     check_positive_definite,
+    conditional_mean,
     data_matrix,
     gaussian_log_prob,
     keep_float64,
@@ -168,8 +169,6 @@ class GaussianMixture(ZooModel):
     def impute(self, y) -> torch.Tensor:
         """``y`` ``[N, d]`` (or ``[d]``) with each NaN entry replaced by its conditional
         mean ``E[y_missing | y_observed] = sum_j p(z=j | y_obs) E_j[y_missing | y_obs]``."""
-        from .gaussian import conditional_mean
-
         self._require_parameters("impute")
         t, single = self._as_data(y, "impute")
         r = torch.softmax(self._component_log_probs(t), dim=-1)           # [N, K]
