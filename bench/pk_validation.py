@@ -85,28 +85,19 @@ def design_rows(duration: float = 0.0, subset: str = "full") -> pd.DataFrame:
         amt = 1000.0 * mg
         rate = amt / duration if duration > 0 else 0.0
         for j in range(SUBJECTS_PER_GROUP):
-            sid = g * SUBJECTS_PER_GROUP + j + 1
-
-            def dose(t, ss=0, ii=0.0):
-                rows.append({"ID": sid, "TIME": t, "AMT": amt, "RATE": rate, "EVID": 1, "DV": 0.0,
-                             "SS": ss, "II": ii, "CMT": 1, "DOSE": mg})
-
-            def obs(t):
-                rows.append({"ID": sid, "TIME": t, "AMT": 0.0, "RATE": 0.0, "EVID": 0, "DV": 0.0,
-                             "SS": 0, "II": 0.0, "CMT": 1, "DOSE": mg})
-
-            dose(0.0)
-            for t in SINGLE_DOSE_TIMES[:-1]:
-                obs(float(t))
-            obs(SINGLE_DOSE_TIMES[-1] - TROUGH_OFFSET)  # the 72 h sample: the first trough
+            base = {"ID": g * SUBJECTS_PER_GROUP + j + 1, "DV": 0.0, "CMT": 1, "DOSE": mg}
+            dose = {**base, "AMT": amt, "RATE": rate, "EVID": 1, "SS": 0, "II": 0.0}
+            obs = {**base, "AMT": 0.0, "RATE": 0.0, "EVID": 0, "SS": 0, "II": 0.0}
+            rows.append({**dose, "TIME": 0.0})
+            rows += [{**obs, "TIME": float(t)} for t in SINGLE_DOSE_TIMES[:-1]]
+            rows.append({**obs, "TIME": SINGLE_DOSE_TIMES[-1] - TROUGH_OFFSET})  # the first trough
             if subset == "full":
                 for t in DAILY_DOSES:
                     if t > SINGLE_DOSE_TIMES[-1]:
-                        obs(t - TROUGH_OFFSET)
-                    dose(t)
-                dose(SS_DOSE, ss=1, ii=24.0)
-                for t in SINGLE_DOSE_TIMES:
-                    obs(SS_DOSE + float(t))
+                        rows.append({**obs, "TIME": t - TROUGH_OFFSET})
+                    rows.append({**dose, "TIME": t})
+                rows.append({**dose, "TIME": SS_DOSE, "SS": 1, "II": 24.0})
+                rows += [{**obs, "TIME": SS_DOSE + float(t)} for t in SINGLE_DOSE_TIMES]
     return pd.DataFrame(rows)
 
 
@@ -166,6 +157,7 @@ def run_one(name: str, seed: int = 0, subset: str = "full", threads=None) -> dic
             "inner_s": timing.get("inner_s", float("nan")),
             "outer_s": timing.get("outer_s", float("nan")),
             "se_s": timing.get("standard_errors_s", float("nan")),
+            "cpu_s": timing.get("cpu_s", float("nan")),
             "evaluations": fit.info["evaluations"], "threads": fit.info.get("threads"),
             "ofv": fit.ofv, "converged": fit.converged, "se_ok": fit.covariance is not None,
             "flip_flop": len(fit.info.get("flip_flop_subjects", ())),
@@ -187,7 +179,7 @@ def parallel_run(name: str, n: int = 2, seed: int = 0) -> list:
 
 def format_row(r: dict) -> str:
     errs = " ".join(f"{k[4:]} {100 * v:+.1f}%" for k, v in r.items() if k.startswith("err_"))
-    return (f"{r['design']:>10} {r['subset']:>4} seed {r['seed']}  wall {r['wall_s']:6.1f} s "
+    return (f"{r['design']:>10} {r['subset']:>4} seed {r['seed']}  wall {r['wall_s']:6.1f} s, cpu {r['cpu_s']:6.1f} s "
             f"(inner {r['inner_s']:5.1f}, outer {r['outer_s']:5.1f}, SE {r['se_s']:5.1f}; "
             f"{r['evaluations']} evals, {r['threads']} thr)  OFV {r['ofv']:.2f}  "
             f"flip-flop {r['flip_flop']}  {errs}  {'PASS' if not r['fail'] else 'FAIL: ' + r['fail']}")
@@ -202,7 +194,7 @@ def main(argv=None):
     parser.add_argument("--parallel", type=int, default=0,
                         help="also run this many oral1 fits at once in separate processes")
     args = parser.parse_args(argv)
-    print(f"# {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, "
+    print(f"# {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, "
           f"{platform.processor() or platform.machine()}, cores {os.cpu_count()}, "
           f"affinity {len(os.sched_getaffinity(0))}, load {os.getloadavg()[0]:.2f}, "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}")

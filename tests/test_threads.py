@@ -33,9 +33,8 @@ def test_omp_num_threads_caps_the_choice_and_requested_wins(monkeypatch):
 def test_bad_thread_counts_are_refused(bad):
     with pytest.raises(ValueError, match="positive integer"):
         threads_for(10, requested=bad)
-    with pytest.raises(ValueError, match="positive integer"):
-        with using_threads(bad):
-            pass
+    with pytest.raises(ValueError, match="positive integer"), using_threads(bad):
+        pass
 
 
 def test_using_threads_restores_the_previous_count_even_after_an_error():
@@ -44,7 +43,6 @@ def test_using_threads_restores_the_previous_count_even_after_an_error():
     with using_threads(other) as n:
         assert n == other and torch.get_num_threads() == other
     assert torch.get_num_threads() == before
-    with pytest.raises(RuntimeError):
-        with using_threads(other):
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), using_threads(other):
+        raise RuntimeError("boom")
     assert torch.get_num_threads() == before

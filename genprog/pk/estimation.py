@@ -32,6 +32,7 @@ Standard errors come from a finite-difference Hessian of the objective.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import warnings
@@ -44,6 +45,9 @@ from pyro.distributions.transforms import biject_to
 
 from ..errors import ConvergenceWarning
 from ..threads import threads_for, using_threads
+from .likelihood import observation_log_likelihood
+from .random_effects import random_effects_scale_tril
+from .summary import population_summary
 
 
 @dataclass
@@ -88,15 +92,13 @@ def _start_values(pop, data, priors) -> dict:
     """Prior medians (typical values at the data-based guesses; omega 0.3, IOV omega 0.2;
     sigma at 0.3 x the prior scale; covariate coefficients at their prior centre, threshold
     effects at 0)."""
-    from .population import RelativeChange
-
     start = {}
     for name, prior in priors.items():
         if name == "omega":
             start[name] = torch.full(prior.event_shape, 0.3)
         elif name == "omega_iov":
             start[name] = torch.full(prior.event_shape, 0.2)
-        elif isinstance(prior, RelativeChange):
+        elif getattr(prior, "median_is_zero", False):  # a relative change (threshold effect)
             start[name] = torch.zeros(prior.batch_shape)
         elif name == "omega_corr":
             start[name] = torch.eye(prior.event_shape[-1])
@@ -111,6 +113,16 @@ def _start_values(pop, data, priors) -> dict:
 
 
 APPROXIMATIONS = ("laplace", "focei")
+
+
+def _take_subjects(x, dim, idx):
+    """The subjects ``idx`` (all when None) of a tensor with a subject dim ``dim``."""
+    return x if idx is None else x.index_select(dim, idx)
+
+
+def _put_subjects(x, new, dim, idx):
+    """``x`` with the subjects ``idx`` (all when None) replaced by ``new``."""
+    return new if idx is None else x.index_copy(dim, idx, new)
 
 
 class LaplaceObjective:
@@ -150,15 +162,9 @@ class LaplaceObjective:
     def scale_tril(self, values):
         """Cholesky factor ``[P, P]`` of the random effects' covariance: the IIV omega
         block, then ``omega_iov`` repeated for each occasion (block diagonal)."""
-        from .population import omega_scale_tril
-
-        blocks = []
-        if self.P_iiv:
-            blocks.append(omega_scale_tril(values["omega"], values.get("omega_corr")))
-        if self.P > self.P_iiv:
-            K = (self.P - self.P_iiv) // len(self.pop.iov)
-            blocks.append(torch.diag_embed(values["omega_iov"].repeat(K)))
-        return blocks[0] if len(blocks) == 1 else torch.block_diag(*blocks)
+        K = (self.P - self.P_iiv) // len(self.pop.iov) if self.P > self.P_iiv else 0
+        return random_effects_scale_tril(values.get("omega") if self.P_iiv else None,
+                                         values.get("omega_corr"), values.get("omega_iov"), K)
 
     def conditional(self, values, eta):
         """``log p(y_i | eta_i, phi)`` ``[..., S]`` and predictions ``[..., S, T]`` for etas
@@ -181,19 +187,8 @@ class LaplaceObjective:
             ind = {k: v.expand(lead)[..., subjects] for k, v in ind.items()}
             data, observed, blq = data.subset(subjects), observed[subjects], blq[subjects]
         pred = self.pop.predict(ind, data, per_occasion=self.pop.has_kappas(eta))
-        sd = self.pop.residual_sd(pred, sigma).clamp_min(1e-9)
-        dv = torch.where(observed, data.obs_dv, torch.ones_like(pred))
-        if self.pop.error == "exponential":
-            mean = torch.log(pred.clamp_min(1e-30))
-            lp = dist.LogNormal(mean, sd).log_prob(dv.clamp_min(1e-30))
-            z = (torch.log(torch.nan_to_num(data.obs_lloq, nan=1.0).clamp_min(1e-30)) - mean) / sd
-        else:
-            mean = pred
-            lp = dist.Normal(pred, sd).log_prob(dv)
-            z = (torch.nan_to_num(data.obs_lloq, nan=0.0) - pred) / sd
-        ll = torch.where(observed, lp, torch.zeros_like(lp)).sum(-1)
-        if self.has_blq:
-            ll = ll + torch.where(blq, torch.special.log_ndtr(z), torch.zeros_like(z)).sum(-1)
+        ll, mean, sd, z = observation_log_likelihood(self.pop.error, pred, sigma, data.obs_dv, observed,
+                                                     blq if self.has_blq else None, data.obs_lloq)
         return ll, pred, mean, sd, z
 
     def joint(self, values, eta, subjects=None):
@@ -368,12 +363,8 @@ class LaplaceObjective:
             moving = ~done.reshape(-1, S).all(0)
             idx = moving.nonzero().squeeze(-1) if compact and not bool(moving.all()) else None
 
-            def part(x, dim):  # the moving subjects' slice of a full [..., S, ...] tensor
-                return x if idx is None else x.index_select(dim, idx)
-
-            def put(x, new, dim):
-                return new if idx is None else x.index_copy(dim, idx, new)
-
+            part = functools.partial(_take_subjects, idx=idx)
+            put = functools.partial(_put_subjects, idx=idx)
             h_a, g_a, N_a, lam_a, done_a = part(h, -1), part(g, -2), part(N, -3), part(lam, -1), part(done, -1)
             evals = torch.linalg.eigvalsh(N_a)
             shift = (1e-8 * evals[..., -1:].abs() - evals[..., :1]).clamp_min(0.0) + lam_a[..., None]
@@ -592,8 +583,6 @@ class PopulationFit:
 
     def summary(self):
         """Parameter table in pharmacometric terms (see :func:`genprog.pk.summary.population_summary`)."""
-        from .summary import population_summary
-
         return population_summary(self)
 
     def individual_parameters(self):

@@ -48,10 +48,19 @@ from ..fit import Fit
 from ..model import Model
 from ..threads import threads_for, using_threads
 from .dataset import Dataset
+from .estimation import fit_mle
+from .likelihood import ERROR_MODELS, censored_z, observation_distribution, residual_sd, sigma_sites
+from .random_effects import (
+    cat_effects,
+    etas_from_raw,
+    kappas_from_raw,
+    omega_scale_tril,
+    posterior_etas,
+)
 from .saem import fit_saem
 from .structural import Compartments
+from .summary import bayesian_summary
 
-ERROR_MODELS = ("additive", "proportional", "combined", "exponential")
 COVARIATE_KINDS = ("power", "allometric", "linear", "categorical", "threshold")
 _ALLOMETRIC = {"cl": 0.75, "q": 0.75, "q3": 0.75, "v": 1.0, "v1": 1.0, "v2": 1.0, "v3": 1.0}
 
@@ -115,6 +124,7 @@ class RelativeChange(dist.TransformedDistribution):
 
     arg_constraints: dict = {}
     support = constraints.greater_than(-1.0)
+    median_is_zero = True  # optimisers start a relative change at 0 (no effect)
 
     def __init__(self, scale=0.5, validate_args=None):
         super().__init__(dist.LogNormal(0.0, scale), [AffineTransform(-1.0, 1.0)], validate_args=validate_args)
@@ -160,48 +170,6 @@ def _covariate_effects(covariates) -> tuple:
     if dup:
         raise ValueError(f"covariate effects: {dup} given twice")
     return tuple(effects)
-
-
-def omega_scale_tril(omega, corr_cholesky=None):
-    """Cholesky factor of ``Omega = diag(omega) R diag(omega)``, i.e. ``diag(omega) L`` with
-    ``R = L L^T``: ``omega [..., P]`` (and ``L [..., P, P]``) -> ``[..., P, P]``."""
-    if corr_cholesky is None:
-        return torch.diag_embed(omega)
-    return omega[..., :, None] * corr_cholesky
-
-
-def etas_from_raw(scale_tril, eta_raw):
-    """Non-centred etas: ``scale_tril [..., P, P]`` times ``eta_raw [..., S, 1, P]`` (the
-    site's value) -> ``eta [..., S, P]``."""
-    return (scale_tril[..., None, :, :] @ eta_raw.squeeze(-2)[..., None]).squeeze(-1)
-
-
-def posterior_etas(pop, draws: dict):
-    """Etas per draw ``[n, S, P]`` from flattened draws ``{site: [n, ...]}`` (None without
-    random effects). With inter-occasion variability the kappas follow the etas in the last
-    dim (``P + K Q`` columns, occasion-major), as :meth:`PopulationModel.individual_parameters`
-    takes them."""
-    eta = None
-    if pop.random_effects and "eta_raw" in draws:
-        eta = etas_from_raw(omega_scale_tril(draws["omega"], draws.get("omega_corr")), draws["eta_raw"])
-    if getattr(pop, "iov", ()) and "kappa_raw" in draws:
-        kappa = kappas_from_raw(draws["omega_iov"], draws["kappa_raw"])
-        eta = kappa if eta is None else _cat_effects(eta, kappa)
-    return eta
-
-
-def _cat_effects(eta, kappa):
-    """``[..., S, P]`` and ``[..., S, KQ]`` (leading dims broadcast) -> ``[..., S, P + KQ]``."""
-    lead = torch.broadcast_shapes(eta.shape[:-1], kappa.shape[:-1])
-    return torch.cat([eta.expand(*lead, eta.shape[-1]), kappa.expand(*lead, kappa.shape[-1])], -1)
-
-
-def kappas_from_raw(omega_iov, kappa_raw):
-    """Non-centred kappas: ``omega_iov [..., Q]`` and ``kappa_raw [..., S, 1, K*Q]`` (the
-    site's value, occasion-major) -> ``kappa [..., S, K*Q]``."""
-    raw = kappa_raw.squeeze(-2)
-    Q = omega_iov.shape[-1]
-    return (raw.unflatten(-1, (-1, Q)) * omega_iov[..., None, None, :]).flatten(-2)
 
 
 def steady_state_parts(data: Dataset):
@@ -621,17 +589,12 @@ class PopulationModel:
         return (pred * onehot).sum(-3)
 
     def residual_sd(self, pred: torch.Tensor, sigma: dict) -> torch.Tensor:
-        if self.error == "additive":
-            return sigma["sigma_add"] + 0 * pred
-        if self.error == "proportional":
-            return sigma["sigma_prop"] * pred.clamp_min(1e-12)
-        if self.error == "combined":
-            return torch.sqrt(sigma["sigma_add"] ** 2 + (sigma["sigma_prop"] * pred) ** 2)
-        return sigma["sigma_exp"] + 0 * pred
+        """Residual SD ``[..., S, T]`` of this model's error model (see :mod:`.likelihood`)."""
+        return residual_sd(self.error, pred, sigma)
 
     def sigma_sites(self) -> tuple:
-        return {"additive": ("sigma_add",), "proportional": ("sigma_prop",),
-                "combined": ("sigma_add", "sigma_prop"), "exponential": ("sigma_exp",)}[self.error]
+        """The residual-error parameter sites of this model's error model."""
+        return sigma_sites(self.error)
 
     def default_priors(self, data: Dataset) -> dict:
         """Weakly informative priors scaled by the data: ``LogNormal(log guess, 1)`` for
@@ -728,34 +691,27 @@ class PopulationModel:
                 n_kappa = K * len(self.iov)
                 kappa_raw = pyro.sample("kappa_raw", dist.Normal(0.0, 1.0).expand([n_kappa]).to_event(1))
                 kappa = kappas_from_raw(omega_iov, kappa_raw)  # [..., S, K*Q]
-                eta = kappa if eta is None else _cat_effects(eta, kappa)
+                eta = kappa if eta is None else cat_effects(eta, kappa)
             ind = self.individual_parameters(typical, betas, eta, data)  # {p: [..., (K,) S]}
             pred = self.predict(ind, data, per_occasion=bool(self.iov))  # [..., S, T]
             with pyro.plate("time", T, dim=-1):
                 return self._observe(pred, sigma, data, dv)
 
     def _observe(self, pred, sigma, data, dv):
+        """The observation sites: ``"dv"`` (measured observations) and the M3 factor
+        ``"blq_m3"`` of BLQ ones (the likelihood of :mod:`.likelihood`)."""
         mask = self.observation_mask(data)
         observed = mask & ~data.obs_blq
         sd = self.residual_sd(pred, sigma).clamp_min(1e-9)
-        if self.error == "exponential":
-            d = dist.LogNormal(torch.log(pred.clamp_min(1e-30)), sd)
-        else:
-            d = dist.Normal(pred, sd)
+        d = observation_distribution(self.error, pred, sd)
         if dv is not None:
             safe = torch.where(observed, dv, torch.ones_like(dv) if self.error == "exponential" else pred.detach())
         else:
             safe = None
         y = pyro.sample("dv", d.mask(observed), obs=safe)
         if bool(data.obs_blq.any()):
-            blq = mask & data.obs_blq
-            lloq = torch.nan_to_num(data.obs_lloq, nan=0.0)
-            if self.error == "exponential":
-                z = (torch.log(lloq.clamp_min(1e-30)) - torch.log(pred.clamp_min(1e-30))) / sd
-            else:
-                z = (lloq - pred) / sd
-            log_cdf = torch.special.log_ndtr(z)
-            pyro.factor("blq_m3", torch.where(blq, log_cdf, torch.zeros_like(log_cdf)))
+            log_cdf = torch.special.log_ndtr(censored_z(self.error, pred, sd, data.obs_lloq))
+            pyro.factor("blq_m3", torch.where(mask & data.obs_blq, log_cdf, torch.zeros_like(log_cdf)))
         return y
 
     def __call__(self, data: Dataset) -> Model:
@@ -790,8 +746,6 @@ class PopulationModel:
 
             return fit_distributed(self, data, method, **options)
         if method == "mle":
-            from .estimation import fit_mle
-
             return fit_mle(self, data, **options)
         if method == "saem":  # SAEM (Monolix / nlmixr2): see genprog.pk.saem.fit_saem
             return fit_saem(self, data, **options)
@@ -822,8 +776,6 @@ class PopulationBayesFit(Fit):
             return super().summary(**arviz_options)
         if kind != "pk":
             raise ValueError(f"summary: kind must be 'pk' or 'arviz', got {kind!r}")
-        from .summary import bayesian_summary
-
         return bayesian_summary(self, self.population, prob=prob)
 
     def individual_parameters(self):

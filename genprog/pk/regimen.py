@@ -25,6 +25,7 @@ import torch
 
 from ..validation import check_int
 from .dataset import Dataset
+from .estimation import LaplaceObjective
 from .population_fit import fit_point, laplace_objective, replicate_parameters
 from .simulation import percentile_label, sigma_like, with_residual_error
 
@@ -355,8 +356,6 @@ def simulate_data(model, data: Dataset, params: dict, *, seed: int = 0, lloq: fl
     >>> sim.obs_dv.shape == data.obs_dv.shape
     True
     """
-    from .estimation import LaplaceObjective
-
     if not isinstance(data, Dataset):
         raise TypeError(f"simulate_data: expected a pk.Dataset, got {type(data).__name__}")
     d64 = data.to(dtype=torch.float64)

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .population import posterior_etas
+from .random_effects import posterior_etas
 
 COLUMNS = ["estimate", "se", "rse_pct", "ci_low", "ci_high", "cv_pct", "shrinkage_pct"]
 

@@ -823,19 +823,20 @@ def _ss_rows():
     """Two subjects: doses at 0 and 24, an SS=1 dose (II 12) at 48 with a plain dose at the
     same time, a dose at 60, an SS=2 (added) dose at 72, then an EVID 4 reset and dose at
     100 and an SS=1 dose at 130; observations everywhere in between and at dose times."""
+    events = [("dose", 0.0, 0, 0.0, 1), ("obs", 1.0), ("obs", 24.0), ("dose", 24.0, 0, 0.0, 1),
+              ("obs", 30.0), ("obs", 48.0), ("dose", 48.0, 1, 12.0, 1), ("dose", 48.0, 0, 0.0, 1),
+              ("obs", 50.0), ("dose", 60.0, 0, 0.0, 1), ("obs", 65.0), ("dose", 72.0, 2, 12.0, 1),
+              ("obs", 73.0), ("obs", 90.0), ("dose", 100.0, 0, 0.0, 4), ("obs", 101.0), ("obs", 129.0),
+              ("dose", 130.0, 1, 24.0, 1), ("obs", 130.0), ("obs", 140.0)]
     rows = []
     for i, scale in ((1, 1.0), (2, 2.0)):
-        def dose(t, ss=0, ii=0.0, evid=1):
-            rows.append({"ID": i, "TIME": t, "AMT": 100.0 * scale, "EVID": evid, "DV": 0.0, "SS": ss, "II": ii,
-                         "CMT": 1})
-
-        def obs(t):
-            rows.append({"ID": i, "TIME": t, "AMT": 0.0, "EVID": 0, "DV": 0.0, "SS": 0, "II": 0.0, "CMT": 1})
-
-        dose(0.0); obs(1.0); obs(24.0); dose(24.0); obs(30.0); obs(48.0)  # noqa: E702
-        dose(48.0, ss=1, ii=12.0); dose(48.0); obs(50.0); dose(60.0); obs(65.0)  # noqa: E702
-        dose(72.0, ss=2, ii=12.0); obs(73.0); obs(90.0)  # noqa: E702
-        dose(100.0, evid=4); obs(101.0); obs(129.0); dose(130.0, ss=1, ii=24.0); obs(130.0); obs(140.0)  # noqa: E702
+        for kind, t, *rest in events:
+            if kind == "dose":
+                ss, ii, evid = rest
+                rows.append({"ID": i, "TIME": t, "AMT": 100.0 * scale, "EVID": evid, "DV": 0.0, "SS": ss,
+                             "II": ii, "CMT": 1})
+            else:
+                rows.append({"ID": i, "TIME": t, "AMT": 0.0, "EVID": 0, "DV": 0.0, "SS": 0, "II": 0.0, "CMT": 1})
     return pd.DataFrame(rows)
 
 
