@@ -817,7 +817,8 @@ def _log_student_t(x, mean, L, df):
 
 def fit_saem(model, *, random, group: str | None = None, exploration: int = 300,
              averaging: int = 200, chains: int | None = None, mh_steps: int = 3,
-             importance_draws: int = 2000, seed: int = 0, init: dict | None = None) -> SaemResult:
+             importance_draws: int = 2000, seed: int = 0, init: dict | None = None,
+             hooks: SaemHooks | None = None) -> InferenceRecord:
     """SAEM maximum likelihood of a conditioned model whose random effects are the
     latent sites ``random`` inside a plate of groups (``Model.fit("saem", random=[...])``).
 
@@ -840,6 +841,9 @@ def fit_saem(model, *, random, group: str | None = None, exploration: int = 300,
     init : dict, optional
         Starting population values on the natural scale (default: each site's prior
         median, from 101 prior draws).
+    hooks : SaemHooks, optional
+        Closed-form M-steps, an independence proposal; a hook with ``reparam`` and ``dim``
+        attributes also sets the sampler's coordinates (see :class:`MixedEffectsDensity`).
 
     Returns
     -------
@@ -869,7 +873,8 @@ def fit_saem(model, *, random, group: str | None = None, exploration: int = 300,
     2.9
     """
     density = model.density()
-    md = MixedEffectsDensity(density, random, group)
+    md = MixedEffectsDensity(density, random, group, reparam=getattr(hooks, "reparam", None),
+                             dim=getattr(hooks, "dim", None))
     gen = torch.Generator(device=getattr(model, "device", None) or "cpu").manual_seed(int(seed))
     z0 = density.sample_prior(101, gen).median(0).values
     values, _ = density.constrain(z0[None])
@@ -881,8 +886,8 @@ def fit_saem(model, *, random, group: str | None = None, exploration: int = 300,
     for n, v in (init or {}).items():
         start[n] = torch.as_tensor(v, dtype=z0.dtype, device=z0.device).expand(md.shapes[n])
     theta0 = md.pack(start).to(z0.dtype)
-    res = saem(md, theta0, exploration=exploration, averaging=averaging, chains=chains,
-               mh_steps=mh_steps, importance_draws=importance_draws, seed=seed)
+    res = saem(md, theta0, hooks=hooks, exploration=exploration, averaging=averaging,
+               chains=chains, mh_steps=mh_steps, importance_draws=importance_draws, seed=seed)
     slices = md.slices()
     random = md.to_sites(res.conditional_mean[None])
     parts = [(res.theta[slices[s.name]] if s.name in slices else random[s.name]).reshape(-1)
