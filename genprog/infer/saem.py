@@ -209,7 +209,7 @@ class MixedEffectsDensity:
         population values ``theta`` (zeros with a ``reparam``, whose coordinates the
         program cannot draw). The global RNG is forked, seeded from ``generator``."""
         if self.reparam is not None:
-            return torch.zeros(chains, self.n_groups, self.dim, dtype=theta.dtype)
+            return torch.zeros(chains, self.n_groups, self.dim, dtype=theta.dtype, device=theta.device)
         values = {k: v.expand(chains, *v.shape) for k, v in self.unpack(theta).items()}
         seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=generator.device))
         with torch.random.fork_rng(devices=[]), torch.no_grad():
@@ -549,16 +549,18 @@ def saem(md: MixedEffectsDensity, theta0: torch.Tensor, *, hooks: SaemHooks | No
     b0 = b.mean(0)
     slices = md.slices()
     closed = [n for n in hooks.closed_form_sites if n in slices]
-    free = torch.ones(K, dtype=torch.bool)
+    dev = theta0.device
+    free = torch.ones(K, dtype=torch.bool, device=dev)
     for n in closed:
         free[slices[n]] = False
-    scale = torch.full((G,), 2.38 / math.sqrt(max(D, 1)) * 0.5, dtype=dtype)
-    chol = torch.eye(D, dtype=dtype).expand(G, D, D).clone()
+    scale = torch.full((G,), 2.38 / math.sqrt(max(D, 1)) * 0.5, dtype=dtype, device=dev)
+    eye = torch.eye(D, dtype=dtype, device=dev)
+    chol = eye.expand(G, D, D).clone()
     prop_m1 = b0.clone()
-    prop_m2 = (b[..., :, None] * b[..., None, :]).mean(0) + 0.1 * torch.eye(D, dtype=dtype)
+    prop_m2 = (b[..., :, None] * b[..., None, :]).mean(0) + 0.1 * eye
     stats = {}
     m1 = m2 = A = B = Dg = A_e = B_e = D_e = None
-    acc_sum = torch.zeros(G, dtype=dtype)
+    acc_sum = torch.zeros(G, dtype=dtype, device=dev)
     acc_n = 0
     trace = {n: [] for n in md.names}
     t_sim = t_m = 0.0
@@ -585,7 +587,7 @@ def saem(md: MixedEffectsDensity, theta0: torch.Tensor, *, hooks: SaemHooks | No
                 # independence step from a Gaussian fitted to each group's draws so far:
                 # nearly independent draws where the conditional law is close to Gaussian
                 b, lp = _independence_step(md, theta, b, lp, prop_m1, 1.2 * chol, gen)
-            acc = torch.zeros(G, dtype=dtype)
+            acc = torch.zeros(G, dtype=dtype, device=dev)
             for _ in range(mh_steps):
                 b, lp, accepted = _rw_step(md, theta, b, lp, scale, chol, gen)
                 acc = acc + accepted.to(dtype).mean(0)
@@ -597,7 +599,7 @@ def saem(md: MixedEffectsDensity, theta0: torch.Tensor, *, hooks: SaemHooks | No
             prop_m1 = prop_m1 + w * (b.mean(0) - prop_m1)
             prop_m2 = prop_m2 + w * ((b[..., :, None] * b[..., None, :]).mean(0) - prop_m2)
             cov = prop_m2 - prop_m1[..., :, None] * prop_m1[..., None, :]
-            cov = 0.5 * (cov + cov.transpose(-1, -2)) + 1e-8 * torch.eye(D, dtype=dtype)
+            cov = 0.5 * (cov + cov.transpose(-1, -2)) + 1e-8 * eye
             L, bad = torch.linalg.cholesky_ex(cov)
             chol = torch.where((bad == 0)[:, None, None], L, chol)
             if phase2:
@@ -725,7 +727,8 @@ def _conditional_moments(md, theta, b, proposal, fitted_mean, chol, scale, mh_st
 def _natural_stderr(md, theta, covariance) -> dict:
     """Delta-method standard errors of the natural-scale values, by site."""
     if covariance is None:
-        return {n: torch.full(md.shapes[n], float("nan"), dtype=theta.dtype) for n in md.names}
+        return {n: torch.full(md.shapes[n], float("nan"), dtype=theta.dtype, device=theta.device)
+                for n in md.names}
     J = torch.autograd.functional.jacobian(
         lambda t: torch.cat([v.reshape(-1) for v in md.unpack(t).values()]), theta)
     var = torch.einsum("ik,kl,il->i", J, covariance, J).clamp_min(0)
@@ -783,7 +786,8 @@ def importance_log_likelihood(md: MixedEffectsDensity, theta: torch.Tensor, mean
         for lo in range(0, draws, batch):
             n = min(batch, draws - lo)
             z = torch.randn(n, G, D, generator=gen, dtype=dtype, device=mean.device)
-            chi2 = torch._standard_gamma(torch.full((n, G), df / 2, dtype=dtype), generator=gen) * 2.0
+            chi2 = torch._standard_gamma(torch.full((n, G), df / 2, dtype=dtype, device=mean.device),
+                                         generator=gen) * 2.0
             u = torch.sqrt(df / chi2)[..., None]
             b = mean[None] + u * (L[None] @ z[..., None]).squeeze(-1)
             lp = _safe_log_density(md, theta, b)

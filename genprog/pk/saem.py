@@ -89,7 +89,7 @@ class PopulationHooks(SaemHooks):
         """``log`` covariate factor of ``p`` per subject ``[S]`` (0 with ka_above_k's ka)."""
         S = self.data.n_subjects
         if p == "ka" and self.pop.ka_above_k:
-            return torch.zeros(S)
+            return self.data.obs_dv.new_zeros(S)
         betas = {e.site: values[e.site] for e in self.pop.covariate_effects if e.estimated}
         f = self.pop.covariate_factor(p, betas, self.data)
         return torch.log(torch.as_tensor(f)).expand(S)
@@ -124,7 +124,7 @@ class PopulationHooks(SaemHooks):
 
     def initial_b(self, values: dict):
         S = self.data.n_subjects
-        return torch.cat([self.mean(values), torch.zeros(S, self.K * self.Q)], -1)
+        return torch.cat([self.mean(values), self.data.obs_dv.new_zeros(S, self.K * self.Q)], -1)
 
     def population_proposal(self, values: dict):
         return self.initial_b(values), self.scale_tril(values)
@@ -169,7 +169,7 @@ class PopulationHooks(SaemHooks):
             out["omega"] = omega
             if "omega_corr" in self.closed_form_sites:
                 sd = S2.diagonal().clamp_min(1e-12).sqrt()
-                corr = S2 / (sd[:, None] * sd[None, :]) + 1e-9 * torch.eye(self.P)
+                corr = S2 / (sd[:, None] * sd[None, :]) + 1e-9 * torch.eye(self.P, dtype=S2.dtype, device=S2.device)
                 L = torch.linalg.cholesky(corr)
                 out["omega_corr"] = L / L.norm(dim=-1, keepdim=True)  # unit rows: a correlation
         if self.Q and "omega_iov" in self.closed_form_sites:
@@ -264,7 +264,7 @@ def fit_saem(pop, data, *, exploration: int = 300, averaging: int = 200, chains:
         start.update({"omega": torch.ones(hooks.P)} if hooks.P else {})
         start.update({"omega_iov": torch.full((hooks.Q,), 0.5)} if hooks.Q else {})
         start.update({k: torch.as_tensor(v, dtype=torch.float64) for k, v in (init or {}).items()})
-        theta0 = md.pack({k: start[k] for k in md.names})
+        theta0 = md.pack({k: start[k] for k in md.names}).to(data.obs_dv.device)
         res = saem(md, theta0, hooks=hooks, exploration=exploration, averaging=averaging,
                    chains=chains, mh_steps=mh_steps, importance_draws=importance_draws, seed=seed,
                    standard_errors=standard_errors)
