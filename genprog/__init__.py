@@ -5,7 +5,7 @@ condition, marginalize, log_marginal and fit (MAP, Laplace, VI, NUTS/HMC), with 
 output. See DESIGN.md for the architecture.
 """
 
-from .errors import CompileWarning, ConvergenceWarning, DataWarning, EstimatorWarning
+from .errors import CompileWarning, ConvergenceWarning, DataWarning, EstimatorWarning, VectorizationWarning
 from .estimate import Estimate
 from .fit import Fit, load
 from .model import Model, model
@@ -21,4 +21,5 @@ def capabilities():
 
 __version__ = "0.1.0"
 
-__all__ = ["CompileWarning", "ConvergenceWarning", "DataWarning", "Estimate", "EstimatorWarning", "Fit", "Model", "__version__", "capabilities", "load", "model"]
+__all__ = ["CompileWarning", "ConvergenceWarning", "DataWarning", "Estimate", "EstimatorWarning", "Fit", "Model", "__version__", "capabilities", "load", "model",
+           "VectorizationWarning"]

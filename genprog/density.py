@@ -2,9 +2,11 @@
 
 :class:`JointDensity` packs a model's continuous latent sites into one flat vector
 ``z`` of shape ``[N, D]`` (N particles / chains / draws; D unconstrained coordinates),
-and evaluates ``log p(z, observed)`` for all N at once by running the Pyro program a
-single time inside a particle plate. Discrete latent sites are summed out exactly by
-parallel enumeration (Pyro's ``poutine.enum`` + ``contract_to_tensor``).
+and evaluates ``log p(z, observed)`` for all N at once: by running the Pyro program a
+single time inside a particle plate when the model broadcasts, else under
+``torch.func.vmap`` of a one-draw program, else draw by draw (:mod:`genprog.vectorize`;
+the path taken is :attr:`JointDensity.batching`). Discrete latent sites are summed out
+exactly by parallel enumeration (Pyro's ``poutine.enum`` + ``contract_to_tensor``).
 
 This is the object every inference algorithm consumes: MAP/Laplace optimise it,
 NUTS/HMC sample it, the evidence estimators split it into prior and likelihood.
@@ -22,32 +24,24 @@ from pyro.infer import config_enumerate
 from pyro.ops.contract import contract_to_tensor
 from pyro.ops.packed import unpack
 
-from .handlers import SubstituteBatched, missing_site_name
+from .handlers import EnumerateDiscrete, SubstituteBatched, SubstituteValues, missing_site_name
 from .sites import PARTICLE_PLATE, ModelStructure, is_model_site
-
-VECTORIZE_HINT = (
-    "genprog evaluates many draws at once inside a plate at dim {dim}; write the model so it "
-    "broadcasts over extra leading batch dims (as Pyro's enumeration requires): index with "
-    "pyro.ops.indexing.Vindex(x)[..., i] and use `...` rather than fixed leading dims"
+from .vectorize import (
+    Batching,
+    choose_batching,
+    in_particle_plate,
+    particle_dims_to_front,
+    run_draws,
+    sample_sites,
 )
+from .vmap_einsum import VmapLogRing
+
+__all__ = ["JointDensity", "particle_dims_to_front", "run_vectorized"]
 
 
 def run_vectorized(program, args, kwargs, n: int, max_plate_nesting: int):
-    """Trace ``program`` (already wrapped in the particle plate), turning shape errors
-    into a ValueError that explains how to make a model vectorizable."""
-    try:
-        return poutine.trace(program).get_trace(*args, **kwargs)
-    except (RuntimeError, IndexError, ValueError) as e:
-        if isinstance(e, NotImplementedError):
-            raise
-        msg = str(e)
-        if n > 1 and ("hape" in msg or "size" in msg or "index" in msg or "dimension" in msg) \
-                and "Expected parameter" not in msg:
-            raise ValueError(
-                f"running the model for {n} draws at once failed ({type(e).__name__}: "
-                f"{msg.splitlines()[0]}). " + VECTORIZE_HINT.format(dim=-(max_plate_nesting + 1))
-            ) from e
-        raise
+    """Trace ``program`` (already wrapped in the particle plate of size ``n``)."""
+    return poutine.trace(program).get_trace(*args, **kwargs)
 
 
 def _site_log_prob(site) -> torch.Tensor:
@@ -66,22 +60,6 @@ def _site_log_prob(site) -> torch.Tensor:
     return lp
 
 
-def particle_dims_to_front(value: torch.Tensor, n: int, site_ndim: int) -> torch.Tensor:
-    """Reshape a value traced under the particle plate to ``[n, *site_shape]``.
-
-    ``value`` has shape ``[(n|1), 1, ..., 1, *site_shape]`` (singleton plate slots between);
-    ``site_ndim`` is ``len(site_shape)``.
-    """
-    site_shape = value.shape[value.dim() - site_ndim:] if site_ndim else torch.Size()
-    lead = value.shape[: value.dim() - site_ndim]
-    lead_n = 1
-    for s in lead:
-        lead_n *= s
-    if lead_n not in (1, n):
-        raise RuntimeError(f"cannot align value of shape {tuple(value.shape)} to {n} particles")
-    return value.reshape(lead_n, *site_shape).expand(n, *site_shape)
-
-
 class JointDensity:
     """``log p(latents, observed)`` of a (conditioned) program, batched over particles.
 
@@ -98,11 +76,21 @@ class JointDensity:
     base_program : callable, optional
         The program without observations, used by :meth:`sample_prior` to draw missing
         entries from their prior predictive.
+    given : dict[str, Tensor], optional
+        Values ``[N, *shape]`` observed at sites, one per draw (``Model.log_prob`` of N
+        assignments); every batched call then has N draws.
+
+    Attributes
+    ----------
+    batching : str
+        How the program is run for many draws: ``"plate"``, ``"vmap"`` or ``"loop"``
+        (decided once per structure, see :mod:`genprog.vectorize`).
     """
 
     def __init__(self, program, args, kwargs, structure: ModelStructure, missing=None,
-                 base_program=None):
+                 base_program=None, given=None):
         self.program = program
+        self.given = given or {}
         self.args = args
         self.kwargs = kwargs
         self.structure = structure
@@ -163,31 +151,42 @@ class JointDensity:
         return torch.cat(parts, -1)
 
     # ------------------------------------------------------------------ tracing
-    def trace(self, values: dict, n: int, program=None, enumerate_discrete=True):
-        """Run the program once for ``n`` particles with latent ``values`` substituted."""
+    def trace(self, values: dict, n: int, program=None, enumerate_discrete=True, given=None):
+        """Run the program once for ``n`` particles with latent ``values`` ``[n, *shape]``
+        substituted (the plate path)."""
         program = program or self.program
         k = self.max_plate_nesting
+        given = self.given if given is None else given
         prog = SubstituteBatched(values, k)(program)
+        if given:
+            prog = SubstituteBatched(given, k, observe=True)(prog)
         if enumerate_discrete and self.has_enumeration:
             prog = poutine.enum(config_enumerate(prog, default="parallel"),
                                 first_available_dim=-(k + 2))
+        return run_vectorized(in_particle_plate(prog, n, k), self.args, self.kwargs, n, k)
 
-        def vectorized(*args, **kwargs):
-            with pyro.plate(PARTICLE_PLATE, n, dim=-(k + 1)):
-                return prog(*args, **kwargs)
+    def trace_one(self, values: dict, given=None, enumerate_discrete=True):
+        """Run the program for one draw with latent ``values`` ``[*shape]`` substituted
+        (the vmap and loop paths); no particle plate."""
+        prog = SubstituteValues(values)(self.program)
+        if given:
+            prog = SubstituteValues(given, observe=True)(prog)
+        if enumerate_discrete and self.has_enumeration:
+            prog = EnumerateDiscrete(first_available_dim=-(self.max_plate_nesting + 1))(
+                config_enumerate(prog, default="parallel"))
+        return poutine.trace(prog).get_trace(*self.args, **self.kwargs)
 
-        return run_vectorized(vectorized, self.args, self.kwargs, n, k)
-
-    def _sum_to_particles(self, lp: torch.Tensor, n: int) -> torch.Tensor:
+    def _sum_to_particles(self, lp: torch.Tensor, n: int, batched: bool = True) -> torch.Tensor:
         k = self.max_plate_nesting
-        if lp.dim() < k + 1:
+        if not batched or lp.dim() < k + 1:
             return lp.sum().expand(n)
         lp = lp.movedim(-(k + 1), 0)
         return lp.reshape(lp.shape[0], -1).sum(-1).expand(n)
 
-    def _factor_terms(self, tr, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _factor_terms(self, tr, n: int, batched: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum of continuous-latent log densities, sum of the rest), each ``[N]``; the
-        rest (observed and discrete sites) has discrete latents summed out."""
+        rest (observed and discrete sites) has discrete latents summed out. ``batched``:
+        ``tr`` was traced in the particle plate (else one draw, ``n = 1``)."""
         latent_names = {s.name for s in self.sites}
         if not self.has_enumeration:
             prior = lik = 0.0
@@ -199,10 +198,10 @@ class JointDensity:
                     # missing entries of an observed site are latent: their density
                     # p(y_missing | parents) belongs to the prior (which sample_prior draws)
                     drawn = self._missing_batch_elements(name)
-                    prior = prior + self._sum_to_particles(lp * drawn.to(lp.dtype), n)
-                    lik = lik + self._sum_to_particles(lp * (~drawn).to(lp.dtype), n)
+                    prior = prior + self._sum_to_particles(lp * drawn.to(lp.dtype), n, batched)
+                    lik = lik + self._sum_to_particles(lp * (~drawn).to(lp.dtype), n, batched)
                     continue
-                term = self._sum_to_particles(lp, n)
+                term = self._sum_to_particles(lp, n, batched)
                 if name in latent_names:
                     prior = prior + term
                 else:
@@ -211,7 +210,7 @@ class JointDensity:
             return zero + prior, zero + lik
         tr.compute_log_prob()
         tr.pack_tensors()
-        particle = tr.plate_to_symbol[PARTICLE_PLATE]
+        particle = tr.plate_to_symbol.get(PARTICLE_PLATE) if batched else None
         enum_symbols = set(tr.symbol_to_dim) - set(tr.plate_to_symbol.values())
         prior_terms, tree = [], OrderedDict()
         for name, site in tr.nodes.items():
@@ -219,16 +218,17 @@ class JointDensity:
                 continue
             packed = site["packed"]["log_prob"]
             if name in latent_names and not (set(packed._pyro_dims) & enum_symbols):
-                prior_terms.append(self._sum_to_particles(site["log_prob"], n))
+                prior_terms.append(self._sum_to_particles(site["log_prob"], n, batched))
                 continue
             ordinal = frozenset(
                 tr.plate_to_symbol[f.name] for f in site["cond_indep_stack"] if f.vectorized
             )
             tree.setdefault(ordinal, []).append(packed)
         present = {d for terms in tree.values() for t in terms for d in t._pyro_dims}
-        target = frozenset({particle}) & present  # a 1-particle dim is packed away
-        lik = contract_to_tensor(tree, enum_symbols, target_ordinal=target)
-        lik = lik.expand(n) if particle in lik._pyro_dims else lik.reshape(()).expand(n)
+        target = frozenset({particle}) & present if particle else frozenset()  # a 1-particle dim is packed away
+        lik = contract_to_tensor(tree, enum_symbols, target_ordinal=target,
+                                 ring=None if batched else VmapLogRing())
+        lik = lik.expand(n) if particle and particle in lik._pyro_dims else lik.reshape(()).expand(n)
         prior = sum(prior_terms) if prior_terms else torch.zeros_like(lik)
         return prior, lik
 
@@ -268,12 +268,67 @@ class JointDensity:
                 return site["value"].device
         return torch.device("cpu")
 
+    # ------------------------------------------------------------------ batching
+    @property
+    def batching(self) -> str:
+        """``"plate"``, ``"vmap"`` or ``"loop"``: how this program runs for many draws."""
+        return self.batching_decision.mode
+
+    @property
+    def batching_decision(self) -> Batching:
+        """The :class:`~genprog.vectorize.Batching` (path and why), decided on a probe
+        of two draws the first time it is needed and cached on the structure."""
+        cache = self.structure.batching
+        if "density" in cache:
+            return cache["density"]
+        g = torch.Generator(device=self._input_device()).manual_seed(0)
+        dtype = self._input_dtype()
+        z = 0.5 * torch.randn(2, self.dim, generator=g, device=self._input_device(), dtype=dtype)
+        given = {k: (v[:2] if v.shape[0] >= 2 else v[:1].expand(2, *v.shape[1:]))
+                 for k, v in self.given.items()}
+
+        def plate(inputs):
+            values, _ = self.constrain(inputs["z"])
+            return self._factor_terms(self.trace(values, 2, given=inputs["given"]), 2)
+
+        return choose_batching(cache, "density", plate=plate, one_draw=self._one_draw_terms,
+                               probe={"z": z, "given": given}, what="the model's log density")
+
+    def _input_device(self):
+        for x in list(self.args) + list(self.kwargs.values()):
+            if torch.is_tensor(x):
+                return x.device
+        return torch.empty(0).device
+
+    def _input_dtype(self):
+        for x in list(self.args) + list(self.kwargs.values()):
+            if torch.is_tensor(x) and x.is_floating_point():
+                return x.dtype
+        return torch.get_default_dtype()
+
+    def _one_draw_terms(self, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log prior, log likelihood), scalars, of one draw ``{"z": [D], "given": {...}}``
+        (the prior without the Jacobian of the constraining map)."""
+        values, _ = self.constrain(inputs["z"][None])
+        tr = self.trace_one({k: v[0] for k, v in values.items()}, inputs["given"])
+        prior, lik = self._factor_terms(tr, 1, batched=False)
+        return prior[0], lik[0]
+
+    def _terms(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(log prior without Jacobian, log likelihood, log|J|), each ``[N]``."""
+        n = z.shape[0]
+        values, ladj = self.constrain(z)
+        mode = self.batching
+        if mode == "plate":
+            prior, lik = self._factor_terms(self.trace(values, n), n)
+        else:
+            prior, lik = run_draws(self._one_draw_terms, {"z": z, "given": self.given}, n, mode)
+        return prior, lik, ladj
+
     # ------------------------------------------------------------------ densities
     def log_prior_and_likelihood(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(log prior incl. log|J|, log likelihood)``, each ``[N]``, at ``z [N, D]``."""
-        values, ladj = self.constrain(z)
-        tr = self.trace(values, z.shape[0])
-        prior, lik = self._factor_terms(tr, z.shape[0])
+        prior, lik, ladj = self._terms(z)
         return prior + ladj, lik
 
     def log_prior(self, z: torch.Tensor) -> torch.Tensor:
@@ -285,9 +340,7 @@ class JointDensity:
     def log_joint(self, z: torch.Tensor, jacobian: bool = True) -> torch.Tensor:
         """``log p(z, observed)`` ``[N]``; with ``jacobian=False`` the density of the
         constrained values (whose mode is the MAP estimate)."""
-        values, ladj = self.constrain(z)
-        tr = self.trace(values, z.shape[0])
-        prior, lik = self._factor_terms(tr, z.shape[0])
+        prior, lik, ladj = self._terms(z)
         return prior + lik + (ladj if jacobian else 0.0)
 
     def potential_and_grad(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -323,9 +376,30 @@ class JointDensity:
             latents gets those latents summed out per element (at most one such site).
             Missing (NaN) entries are dropped: such a site gets ``[N, n_observed]``.
         """
-        tr = self.trace(values, n)
         by_name = self.structure.sites
         report = [by_name[name] for name in (sites or [s.name for s in self.structure.observed])]
+        mode = self.batching
+        if mode == "plate":
+            tr = self.trace(values, n)
+            terms, nodes = self._pointwise_terms(tr, report, n), tr.nodes
+        else:
+            def one_draw(inputs):
+                tr = self.trace_one(inputs["values"], inputs["given"])
+                return {name: lp[0] for name, lp in self._pointwise_terms(tr, report, 1).items()}
+
+            terms = run_draws(one_draw, {"values": values, "given": self.given}, n, mode)
+            with torch.no_grad(), pyro.validation_enabled(False):  # masks: outside vmap
+                nodes = self.trace_one({k: v[0] for k, v in values.items()},
+                                       {k: v[0] for k, v in self.given.items()}).nodes
+        out = {}
+        for s in report:
+            keep = self._observation_mask(nodes[s.name], s)
+            out[s.name] = terms[s.name] if keep is None else terms[s.name][:, keep]
+        return out
+
+    def _pointwise_terms(self, tr, report, n: int) -> dict:
+        """``{site: [n, *batch_shape]}`` log densities of the observed sites in ``report``
+        from trace ``tr`` (of ``n`` particles, or of one draw with ``n = 1``)."""
         k = self.max_plate_nesting
         tr.compute_log_prob()
         pointwise = {s.name: tr.nodes[s.name]["log_prob"] for s in report}
@@ -351,8 +425,10 @@ class JointDensity:
                 target = frozenset(tr.plate_to_symbol[f.name]
                                    for f in tr.nodes[site.name]["cond_indep_stack"]
                                    if f.vectorized) & present
+                ring = VmapLogRing() if PARTICLE_PLATE not in tr.plate_to_symbol else None
                 pointwise[site.name] = unpack(
-                    contract_to_tensor(tree, enum_symbols, target_ordinal=target), tr.symbol_to_dim)
+                    contract_to_tensor(tree, enum_symbols, target_ordinal=target, ring=ring),
+                    tr.symbol_to_dim)
         out = {}
         for s in report:
             lp = pointwise[s.name]
@@ -360,12 +436,26 @@ class JointDensity:
             while lp.dim() < k + 1:
                 lp = lp.unsqueeze(0)
             target_shape = (n,) + (1,) * (k - b) + tuple(s.batch_shape)
-            lp = lp.expand(target_shape).reshape(n, *s.batch_shape)
-            keep = self._observation_mask(tr.nodes[s.name], s)
-            if keep is not None:
-                lp = lp[:, keep]
-            out[s.name] = lp
+            out[s.name] = lp.expand(target_shape).reshape(n, *s.batch_shape)
         return out
+
+    # ------------------------------------------------------------------ deterministic sites
+    def deterministic_values(self, values: dict, n: int) -> dict:
+        """Values of the deterministic sites, ``{site: [n, *shape]}``, at ``n`` draws of
+        the latent ``values`` (none when discrete latents are summed out)."""
+        det = [s for s in self.structure.sites.values() if s.kind == "deterministic"]
+        if not det or self.has_enumeration:
+            return {}
+        mode = self.batching
+        if mode == "plate":
+            tr = self.trace(values, n, enumerate_discrete=False)
+            return {s.name: particle_dims_to_front(tr.nodes[s.name]["value"], n, len(s.shape)) for s in det}
+
+        def one_draw(inputs):
+            tr = self.trace_one(inputs["values"], inputs["given"], enumerate_discrete=False)
+            return {s.name: tr.nodes[s.name]["value"].expand(s.shape) for s in det}
+
+        return run_draws(one_draw, {"values": values, "given": self.given}, n, mode)
 
     def _observation_mask(self, node, site):
         """Which batch elements of an observed site are observations: not missing (NaN)
@@ -396,21 +486,21 @@ class JointDensity:
         Missing entries of observed sites are drawn from their prior predictive."""
         seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item()) if generator else None
         program = self.base_program or self.program
-        k = self.max_plate_nesting
-
-        def vectorized(*args, **kwargs):
-            with pyro.plate(PARTICLE_PLATE, n, dim=-(k + 1)):
-                return program(*args, **kwargs)
-
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
+        imputed = {missing_site_name(name) for name in self.missing}
+        names_shapes = {s.name: s.shape for s in self.sites if s.name not in imputed}
+        names_shapes.update({name: tuple(mask.shape) for name, mask in self.missing.items()})
+        with torch.random.fork_rng(devices=_rng_devices(generator)), torch.no_grad():
             if seed is not None:
                 torch.manual_seed(seed)
-            tr = run_vectorized(vectorized, self.args, self.kwargs, n, k)
-        values = {}
-        for s in self.sites:
-            if s.name in tr.nodes:
-                values[s.name] = particle_dims_to_front(tr.nodes[s.name]["value"], n, len(s.shape))
+            values, _ = sample_sites(program, self.args, self.kwargs, names_shapes, n,
+                                     self.max_plate_nesting, self.structure.batching)
         for name, mask in self.missing.items():
-            full = particle_dims_to_front(tr.nodes[name]["value"], n, mask.dim())
-            values[missing_site_name(name)] = full[:, mask]
+            values[missing_site_name(name)] = values.pop(name)[:, mask]
         return self.unconstrain(values)
+
+
+def _rng_devices(generator) -> list:
+    """Devices whose RNG a seeded draw forks (CUDA when the generator lives there)."""
+    if generator is not None and generator.device.type == "cuda":
+        return [generator.device.index or 0]
+    return []

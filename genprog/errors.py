@@ -20,3 +20,8 @@ class CompileWarning(UserWarning):
 class DataWarning(UserWarning):
     """A data set was read, but some of its rows are odd (duplicates, ignored columns,
     skipped comment rows); ``describe()`` lists them."""
+
+
+class VectorizationWarning(UserWarning):
+    """A model could be run for many draws neither in a particle plate nor under
+    ``torch.func.vmap``; genprog loops over draws instead (exact, but N times the cost)."""

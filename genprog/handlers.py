@@ -6,6 +6,9 @@ Each is one small :class:`~pyro.poutine.messenger.Messenger`:
   imputations come from a latent site ``"{name}_missing"`` (one entry per NaN).
 * :class:`FixSites` — hold sites at given values with no density (``fit(fixed=...)``).
 * :class:`SubstituteBatched` — substitute values that carry leading particle dims.
+* :class:`SubstituteValues` — substitute the values of one draw (as Pyro's ``substitute``
+  does for params), e.g. inside a program run under ``torch.func.vmap``.
+* :class:`EnumerateDiscrete` — Pyro's parallel enumeration, runnable under ``torch.func.vmap``.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import pyro.distributions as dist
 import torch
 from pyro.distributions import constraints
+from pyro.poutine.enum_messenger import EnumMessenger
 from pyro.poutine.messenger import Messenger
 
 
@@ -73,11 +77,14 @@ def fill_missing(observed: torch.Tensor, missing: torch.Tensor, fill: torch.Tens
     prefix = tuple(fill.shape[:-1])
     if batch_ndim:
         prefix = prefix[: max(len(prefix) - batch_ndim, 0)]
-    idx = missing.reshape(-1).nonzero().squeeze(-1)
+    fill = fill.reshape(*prefix, -1)
+    flat_missing = missing.reshape(-1)
+    # out of place (no index_put into an unbatched tensor), so it runs under torch.func.vmap:
+    # entry j of the flattened site takes fill[(number of missing entries before j)]
+    position = (torch.cumsum(flat_missing.long(), 0) - 1).clamp(min=0)
     flat = torch.nan_to_num(observed.reshape(-1), nan=0.0).to(fill.dtype)
-    flat = flat.expand(*prefix, flat.numel()).clone()
-    flat[..., idx] = fill.reshape(*prefix, idx.numel())
-    return flat.reshape(*prefix, *observed.shape)
+    completed = torch.where(flat_missing, fill[..., position], flat)
+    return completed.reshape(*prefix, *observed.shape)
 
 
 class ObserveWithMissing(Messenger):
@@ -157,3 +164,36 @@ class SubstituteBatched(Messenger):
         msg["value"] = value.reshape(value.shape[0], *([1] * pad), *value.shape[1:])
         if self.observe:
             msg["is_observed"] = True
+
+
+class SubstituteValues(Messenger):
+    """Substitute one draw's site values ``{site: [*shape]}``; sites keep their latent
+    status (their log density still counts) unless ``observe`` is True."""
+
+    def __init__(self, values: dict, observe: bool = False):
+        super().__init__()
+        self.values = values
+        self.observe = observe
+
+    def _pyro_sample(self, msg):
+        if msg["name"] in self.values:
+            msg["value"] = self.values[msg["name"]]
+            if self.observe:
+                msg["is_observed"] = True
+
+
+class EnumerateDiscrete(EnumMessenger):
+    """Pyro's :class:`~pyro.poutine.enum_messenger.EnumMessenger` (parallel enumeration of
+    sites marked for it), runnable under ``torch.func.vmap``: Pyro reads a site value's
+    shape through ``value.data``, which a vmapped tensor does not allow, so that read is
+    given a shape-only (meta) stand-in of the value."""
+
+    def _pyro_post_sample(self, msg):
+        value = msg["value"]
+        if not (torch.is_tensor(value) and torch._C._functorch.is_batchedtensor(value)):
+            return super()._pyro_post_sample(msg)
+        msg["value"] = torch.empty(value.shape, device="meta")
+        try:
+            super()._pyro_post_sample(msg)
+        finally:
+            msg["value"] = value

@@ -8,7 +8,7 @@ reads it from a :class:`ModelStructure`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from pyro import poutine
@@ -72,11 +72,17 @@ class SiteInfo:
 
 @dataclass(frozen=True)
 class ModelStructure:
-    """The sites of a model (in execution order) and its plate nesting."""
+    """The sites of a model (in execution order) and its plate nesting.
+
+    ``batching`` caches, per purpose (log density, forward run), how the program is run
+    for many draws (a :class:`genprog.vectorize.Batching`); it is decided once per
+    structure, i.e. per model, inputs and observations.
+    """
 
     sites: dict
     max_plate_nesting: int
     plates: dict  # plate name -> (dim, size)
+    batching: dict = field(default_factory=dict, compare=False, repr=False)
 
     def of_kind(self, *kinds: str) -> list[SiteInfo]:
         return [s for s in self.sites.values() if s.kind in kinds]

@@ -200,9 +200,12 @@ class CompiledPotential:
     def _build(self, z: torch.Tensor):
         n = z.shape[0]
         start = time.perf_counter()
-        if self.density.has_enumeration:
+        if self.density.has_enumeration or self.density.batching == "loop":
             fn, mode, reason = self.density.potential_and_grad, "eager", (
-                "enumerated discrete sites are summed out by Pyro at every call")
+                "enumerated discrete sites are summed out by Pyro at every call"
+                if self.density.has_enumeration else
+                "the model runs draw by draw (batching 'loop'): a recording would burn in "
+                "its Python branches on latent values")
             self.records[n] = CompileRecord(n, mode, time.perf_counter() - start, reason)
             return fn
         reasons = []
