@@ -48,6 +48,7 @@ from ..fit import Fit
 from ..model import Model
 from ..threads import threads_for, using_threads
 from .dataset import Dataset
+from .distributed import fit_distributed
 from .estimation import fit_mle
 from .likelihood import ERROR_MODELS, censored_z, observation_distribution, residual_sd, sigma_sites
 from .random_effects import (
@@ -742,8 +743,6 @@ class PopulationModel:
         ``distributed=True``: subjects sharded over torch.distributed ranks
         (:func:`genprog.pk.distributed.fit_distributed`)."""
         if options.pop("distributed", False):
-            from .distributed import fit_distributed
-
             return fit_distributed(self, data, method, **options)
         if method == "mle":
             return fit_mle(self, data, **options)
