@@ -509,33 +509,41 @@ def _write_results(args, model, data, fit, table, stage, out, err) -> list:
         print(f"\nelpd_loo {table.attrs['elpd_loo']:.3f} (se {table.attrs['elpd_loo_se']:.3f}, "
               f"p_loo {table.attrs['p_loo']:.2f})", file=out)
     individual = fit.individual_parameters()
-    eta = getattr(fit, "eta", None)
-    if torch.is_tensor(eta):
+    eta = getattr(fit, "eta", None)      # point fits: the EBEs [S, n_random]
+    if torch.is_tensor(eta) and eta.dim() == 2 and eta.shape[0] == len(individual):
         for j, p in enumerate(model.random_effects):
             individual[f"eta_{p}"] = eta[:, j].detach().cpu().numpy()
     individual.to_csv(stage / "individual.csv", float_format="%.8g")
     written.append("individual.csv")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        residuals(fit, npde=True, n_sim=args.npde_sim, seed=args.seed).to_csv(
-            stage / "residuals.csv", index=False, float_format="%.8g")
-        written.append("residuals.csv")
-        plot_gof(fit).savefig(stage / "gof.png", dpi=110)
-        vpc(fit, n_sim=args.n_sim, seed=args.seed).savefig(stage / "vpc.png", dpi=110)
-        fig = plot_npde(fit, n_sim=args.npde_sim, seed=args.seed)
-        fig.savefig(stage / "npde.png", dpi=110)
-        written += ["gof.png", "vpc.png", "npde.png"]
-        a = fig.npde_table.attrs
-        print(f"\nNPDE: mean {a['mean']:.3f}, variance {a['variance']:.3f}, "
-              f"global p {a['p_global']:.3g}", file=out)
-        if args.individual:
-            plot_individual(fit, subjects=list(data.ids)[:args.individual]).savefig(
-                stage / "individual.png", dpi=110)
-            written.append("individual.png")
-    _report_warnings(caught, err)
+        try:
+            written += _write_diagnostics(args, data, fit, stage, out)
+        finally:
+            _report_warnings(caught, err)
     if args.method in ("vi", "nuts"):
         fit.save(stage / "posterior.nc")
         written.append("posterior.nc")
+    return written
+
+
+def _write_diagnostics(args, data, fit, stage, out) -> list:
+    """Residuals (with NPDE) and the four plots, into ``stage``; the names written."""
+    residuals(fit, npde=True, n_sim=args.npde_sim, seed=args.seed).to_csv(
+        stage / "residuals.csv", index=False, float_format="%.8g")
+    written = ["residuals.csv"]
+    plot_gof(fit).savefig(stage / "gof.png", dpi=110)
+    vpc(fit, n_sim=args.n_sim, seed=args.seed).savefig(stage / "vpc.png", dpi=110)
+    fig = plot_npde(fit, n_sim=args.npde_sim, seed=args.seed)
+    fig.savefig(stage / "npde.png", dpi=110)
+    written += ["gof.png", "vpc.png", "npde.png"]
+    a = fig.npde_table.attrs
+    print(f"\nNPDE: mean {a['mean']:.3f}, variance {a['variance']:.3f}, "
+          f"global p {a['p_global']:.3g}", file=out)
+    if args.individual:
+        plot_individual(fit, subjects=list(data.ids)[:args.individual]).savefig(
+            stage / "individual.png", dpi=110)
+        written.append("individual.png")
     return written
 
 
