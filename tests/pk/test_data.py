@@ -419,3 +419,43 @@ def test_bad_arguments():
         read_nonmem(42)
     with pytest.raises(ValueError, match="same name"):
         read_nonmem(good().assign(dv=1.0))
+
+
+# ---- the same data, written differently: every variant reads the same tensors ---------
+
+
+def _variant(kind, text):
+    lines = text.splitlines()
+    if kind == "utf-16":
+        return text.encode("utf-16")
+    if kind == "utf-8-bom":
+        return text.encode("utf-8-sig")
+    if kind == "crlf":
+        return text.replace("\n", "\r\n").encode()
+    if kind == "whitespace":
+        return "\n".join("  ".join(ln.split(",")) for ln in lines).encode() + b"\n"
+    if kind == "quoted":
+        return "\n".join(",".join(f'"{f}"' for f in ln.split(",")) for ln in lines).encode()
+    if kind == "comments":   # NONMEM comment rows of the three kinds, and a blank line
+        body = [lines[0], "C,a comment row", *lines[1:5], "# another", "", "@x", *lines[5:]]
+        return ("# theophylline (a comment before the header)\n" + "\n".join(body)).encode()
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["utf-16", "utf-8-bom", "crlf", "whitespace", "quoted",
+                                  "comments"])
+def test_file_variants_read_the_same(kind, tmp_path):
+    text = (DATASETS / "theo_sd.csv").read_text()
+    ref = read_nonmem(DATASETS / "theo_sd.csv")
+    path = tmp_path / "variant.csv"
+    path.write_bytes(_variant(kind, text))
+    if kind == "comments":
+        with pytest.warns(DataWarning, match=r"4 comment rows skipped .*lines 1, 3, 8, 10"):
+            data = read_nonmem(path)
+    else:
+        data = read_nonmem(path)
+    assert data.ids == ref.ids
+    for name in ("dose_time", "dose_amt", "dose_cmt", "obs_time", "obs_dv", "obs_cmt",
+                 "obs_mask", "dose_mask"):
+        assert torch.equal(getattr(data, name), getattr(ref, name)), name
+    assert torch.equal(data.covariates["WT"], ref.covariates["WT"])
