@@ -116,6 +116,7 @@ def sample_chees(
     init_trajectory_length: float | None = None,
     max_energy_error: float = 1000.0,
     progress: bool = False,
+    threads: int | None = None,
 ) -> ChEESResult:
     """Run ChEES-HMC on many chains at once (chains are the batch dimension).
 
@@ -147,6 +148,11 @@ def sample_chees(
         there and is rejected.
     progress : bool
         Show a tqdm bar.
+    threads : int, optional
+        Torch's intra-op threads while sampling (the previous count is restored after);
+        default :func:`genprog.threads.threads_for` of ``chains * D`` elements, which is
+        one thread for usual sizes (more threads only spin on small batched tensors, and
+        on a shared machine they oversubscribe the cores).
 
     Returns
     -------
@@ -213,7 +219,7 @@ def sample_chees(
         from tqdm import tqdm
 
         bar = tqdm(total=warmup + draws, desc="chees warmup" if warmup else "chees")
-    with using_threads(threads_for(B * D)):
+    with using_threads(threads_for(B * D, threads)):
         try:
             for i in range(warmup + draws):
                 T_now = math.exp(log_T) if i < warmup else T

@@ -167,6 +167,7 @@ def sample_hmc(
     max_energy_error: float = 1000.0,
     progress: bool = False,
     step_size_jitter: float = 0.2,
+    threads: int | None = None,
 ) -> SamplerResult:
     """Run static HMC on many chains at once, with the same warmup as
     :func:`genprog.infer.nuts.sample_nuts`.
@@ -174,7 +175,7 @@ def sample_hmc(
     Parameters
     ----------
     potential_and_grad, init, warmup, draws, generator, target_accept, adapt_mass,
-    dense_mass, init_step_size, max_energy_error, progress
+    dense_mass, init_step_size, max_energy_error, progress, threads
         As in :func:`genprog.infer.nuts.sample_nuts`.
     num_steps : int, optional
         Leapfrog steps per transition (default 10 when ``trajectory_length`` is not
@@ -232,4 +233,4 @@ def sample_hmc(
     return run_chains(step, potential_and_grad, init, warmup=warmup, draws=draws,
                       generator=generator, target_accept=target_accept, adapt_mass=adapt_mass,
                       dense_mass=bool(dense_mass), init_step_size=init_step_size,
-                      progress=progress, name="hmc")
+                      progress=progress, name="hmc", threads=threads)

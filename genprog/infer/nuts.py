@@ -219,6 +219,7 @@ def sample_nuts(
     init_step_size: Tensor | float | None = None,
     max_energy_error: float = 1000.0,
     progress: bool = False,
+    threads: int | None = None,
 ) -> SamplerResult:
     """Run the No-U-Turn sampler on many chains at once (chains are the batch dimension).
 
@@ -253,6 +254,11 @@ def sample_nuts(
         A transition diverges when ``H - H0`` exceeds this or is not finite.
     progress : bool
         Show a tqdm bar with the divergence count and mean step size.
+    threads : int, optional
+        Torch's intra-op threads while sampling (the previous count is restored after);
+        default :func:`genprog.threads.threads_for` of ``chains * D`` elements, which is
+        one thread for usual sizes (more threads only spin on small batched tensors, and
+        on a shared machine they oversubscribe the cores).
 
     Returns
     -------
@@ -280,4 +286,4 @@ def sample_nuts(
     return run_chains(step, potential_and_grad, init, warmup=warmup, draws=draws,
                       generator=generator, target_accept=target_accept, adapt_mass=adapt_mass,
                       dense_mass=bool(dense_mass), init_step_size=init_step_size,
-                      progress=progress, name="nuts")
+                      progress=progress, name="nuts", threads=threads)

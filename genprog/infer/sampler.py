@@ -239,6 +239,7 @@ def run_chains(
     init_step_size: Tensor | float | None,
     progress: bool,
     name: str,
+    threads: int | None = None,
 ) -> SamplerResult:
     """Warmup (Stan's adaptation, per chain), then ``draws`` kept transitions of ``step``.
 
@@ -253,6 +254,11 @@ def run_chains(
         Estimate a dense inverse mass matrix in the windows instead of its diagonal.
     name : str
         Label of the progress bar.
+    threads : int, optional
+        Torch's intra-op threads while sampling (the previous count is restored after);
+        default :func:`genprog.threads.threads_for` of ``chains * D`` elements, which is
+        one thread for usual sizes (more threads only spin on small batched tensors, and
+        on a shared machine they oversubscribe the cores).
 
     Returns
     -------
@@ -290,7 +296,7 @@ def run_chains(
         from tqdm import tqdm
 
         bar = tqdm(total=warmup + draws, desc=f"{name} warmup" if warmup else name)
-    with using_threads(threads_for(B * D)):
+    with using_threads(threads_for(B * D, threads)):
         try:
             if init_step_size is not None and warmup == 0:
                 eps = init_step_size

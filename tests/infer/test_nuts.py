@@ -642,3 +642,26 @@ def test_dense_mass_hmc_and_reproducible():
     again = sample_hmc(case.potential(torch.float64), case.init(4, dtype=torch.float64),
                        generator=torch.Generator().manual_seed(22), **kw)
     assert torch.equal(res.samples, again.samples)
+
+
+# --------------------------------------------------------------------------- threads
+
+
+@pytest.mark.parametrize("threads, expected", [(None, 1), (2, 2)])
+def test_threads_set_while_sampling_and_restored(threads, expected):
+    """A small batch samples on one thread (or the count asked for); the caller's count
+    is restored afterwards."""
+    seen = []
+
+    def pg(z):
+        seen.append(torch.get_num_threads())
+        return 0.5 * (z * z).sum(-1), z
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        sample_nuts(pg, torch.zeros(4, 2), warmup=10, draws=5, threads=threads)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+    assert seen[-1] == expected and seen.count(expected) >= len(seen) - 1
