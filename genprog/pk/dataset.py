@@ -112,18 +112,26 @@ class Dataset:
         return int(self.obs_mask.sum())
 
     def to(self, device=None, dtype=None) -> Dataset:
-        """A copy with tensors on ``device``; floating tensors take ``dtype``."""
+        """A copy with tensors on ``device``; floating tensors take ``dtype``.
 
-        def move(x):
+        Raises ``ValueError`` naming the field when a finite value does not fit ``dtype``
+        (``1e300`` read in float64 and moved to float32 would become ``inf``).
+        """
+
+        def move(x, name):
             if not torch.is_tensor(x):
-                return {k: move(v) for k, v in x.items()} if isinstance(x, dict) else x
+                return {k: move(v, f"{name}[{k!r}]") for k, v in x.items()} \
+                    if isinstance(x, dict) else x
             if x.is_floating_point():
-                return x.to(device=device, dtype=dtype or x.dtype)
+                moved = x.to(device=device, dtype=dtype or x.dtype)
+                if dtype is not None and dtype != x.dtype:
+                    _check_cast(x, moved, name)
+                return moved
             return x.to(device=device)
 
-        return dataclasses.replace(self, **{f.name: move(getattr(self, f.name))
+        return dataclasses.replace(self, **{f.name: move(getattr(self, f.name), f.name)
                                             for f in dataclasses.fields(self)
-                                            if f.name not in ("ids", "dvid_names", "categories", "summary")})
+                                            if f.name not in _NOT_TENSORS})
 
     def subset(self, index) -> Dataset:
         """The subjects at ``index`` (a list of positions or a boolean mask)."""
@@ -141,4 +149,17 @@ class Dataset:
 
         return dataclasses.replace(self, ids=ids, **{f.name: take(getattr(self, f.name))
                                                      for f in dataclasses.fields(self)
-                                                     if f.name not in ("ids", "dvid_names", "categories", "summary")})
+                                                     if f.name not in _NOT_TENSORS})
+
+
+_NOT_TENSORS = ("ids", "dvid_names", "categories", "summary")
+
+
+def _check_cast(before: torch.Tensor, after: torch.Tensor, name: str) -> None:
+    """``ValueError`` when a finite entry became infinite in the cast."""
+    lost = torch.isfinite(before) & ~torch.isfinite(after.to(before.device))
+    if bool(lost.any()):
+        value = float(before[lost][0])
+        raise ValueError(f"Dataset.to(dtype={after.dtype}): {name} holds {value:g}, beyond the "
+                         f"range of {after.dtype} ({int(lost.sum())} value(s)); rescale the "
+                         "data (another unit) or keep the wider dtype")

@@ -241,6 +241,22 @@ def test_float64_storage_holds_what_float32_cannot(tmp_path):
     assert data.obs_dv[0, 1].item() == 1e300
 
 
+@pytest.mark.parametrize("field", ["obs_dv", "covariates['WT']"], ids=["dv", "covariate"])
+def test_narrowing_a_dataset_names_the_field_that_overflows(field, tmp_path):
+    column = "DV" if field == "obs_dv" else "WT"
+    path = edit_file(2 if column == "DV" else 4, column, "1e300" if column == "DV" else "5e39")(tmp_path)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        data = read_nonmem(path, covariates=["WT"])
+    finally:
+        torch.set_default_dtype(old)
+    with pytest.raises(ValueError) as info:
+        data.to(dtype=torch.float32)
+    assert field in str(info.value) and "float32" in str(info.value)
+    assert data.to(dtype=torch.float64).obs_dv.dtype == torch.float64
+
+
 # ---- accepted oddities: ONE DataWarning, and the same notes in describe() ----------------
 
 ODDITIES = [
