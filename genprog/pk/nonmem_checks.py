@@ -6,7 +6,7 @@ or observation rows, MDV 0 on a dose row, an II that does nothing (no ADDL, no S
 value read as "not at steady state", comment rows skipped, a file that is not UTF-8, a
 column read as time-varying because it varies. Each is one line in ``summary["notes"]``
 (printed by :func:`~genprog.pk.data.describe`), and :func:`warn_oddities` issues them as
-ONE :class:`DataWarning`.
+ONE :class:`~genprog.errors.DataWarning`.
 
 :func:`check_compartments` is where a structural model meets the data: doses into a
 compartment the model does not have are an error; observations in a compartment other
@@ -21,15 +21,11 @@ import numpy as np
 import pandas as pd
 import torch
 
+from genprog.errors import DataWarning
 from genprog.pk.nonmem_events import Events
 from genprog.pk.nonmem_table import Table
 
 __all__ = ["DataWarning", "check_compartments", "event_oddities", "warn_oddities"]
-
-
-class DataWarning(UserWarning):
-    """The data set was read, but has oddities (listed in the message and in
-    ``describe()``) that may be mistakes."""
 
 
 def event_oddities(t: Table, ev: Events, ids: list) -> list:
