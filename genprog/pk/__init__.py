@@ -6,10 +6,9 @@
 12
 """
 
-from importlib import resources
-
-from .data import describe, read_nonmem
-from .dataset import Dataset
+from ..errors import DataWarning
+from .data import check_compartments, describe, read_nonmem
+from .dataset import Dataset, dataset_path
 from .diagnostics import (
     individual_curves,
     npde,
@@ -23,6 +22,7 @@ from .diagnostics import (
     vpc,
     vpc_table,
 )
+from .distributed import fit_distributed, read_nonmem_shard
 from .estimation import PopulationFit, fit_mle
 from .ode import ODEModel, linear_compartments, michaelis_menten
 from .population import CovariateEffect, PopulationBayesFit, PopulationModel, initial_estimates
@@ -40,18 +40,10 @@ from .structural import (
     two_compartment_oral,
 )
 
-
-def dataset_path(name: str) -> str:
-    """Path of a bundled public data set: ``"theo_sd"``, ``"warfarin"`` or ``"pheno_sd"``."""
-    names = ("theo_sd", "warfarin", "pheno_sd")
-    if name not in names:
-        raise ValueError(f"dataset_path: unknown data set {name!r}; bundled: {names}")
-    return str(resources.files("genprog.pk") / "datasets" / f"{name}.csv")
-
-
 __all__ = [
     "Compartments",
     "CovariateEffect",
+    "DataWarning",
     "Dataset",
     "ODEModel",
     "OneCompartment",
@@ -61,8 +53,10 @@ __all__ = [
     "Regimen",
     "ThreeCompartment",
     "TwoCompartment",
+    "check_compartments",
     "dataset_path",
     "describe",
+    "fit_distributed",
     "fit_mle",
     "individual_curves",
     "initial_estimates",
@@ -77,6 +71,7 @@ __all__ = [
     "plot_individual",
     "plot_npde",
     "read_nonmem",
+    "read_nonmem_shard",
     "residuals",
     "shrinkage",
     "simulate",

@@ -82,11 +82,12 @@ from genprog.pk.nonmem_covariates import read_covariates
 from genprog.pk.nonmem_events import expand_doses, read_events
 from genprog.pk.nonmem_parse import parse_file
 from genprog.pk.nonmem_table import Table, subject_ids
+from genprog.pk.sharding import shard_dataset
 
 __all__ = ["DataWarning", "check_compartments", "describe", "read_nonmem"]
 
 def read_nonmem(source, *, covariates=None, categorical=None, lloq=None,
-                time_varying=None) -> Dataset:
+                time_varying=None, shard: tuple | None = None) -> Dataset:
     """Read NONMEM-style PK data into a :class:`~genprog.pk.dataset.Dataset`.
 
     Parameters
@@ -106,6 +107,11 @@ def read_nonmem(source, *, covariates=None, categorical=None, lloq=None,
         Covariates to read at each observation time (last value carried forward).
         Default: every numeric non-NONMEM column that varies within a subject and is not
         named in ``covariates``.
+    shard : (rank, world), optional
+        Keep only this rank's block of subjects (contiguous in file order, sizes differing
+        by at most one, never a subject split; :func:`genprog.pk.sharding.shard_dataset`),
+        for subject-sharded fits under ``torch.distributed``. The whole file is parsed so
+        that category codes and padded widths agree across ranks.
 
     Returns
     -------
@@ -154,7 +160,7 @@ def read_nonmem(source, *, covariates=None, categorical=None, lloq=None,
     notes = [*notes, *event_oddities(t, ev, ids), *cov.notes]
     data = _dataset(t, ev, expand_doses(ev), cov, ids, notes)
     warn_oddities(t.name, notes)
-    return data
+    return data if shard is None else shard_dataset(data, *shard)
 
 
 def _dataset(t: Table, ev, doses, cov, ids, notes) -> Dataset:

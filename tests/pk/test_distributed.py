@@ -135,6 +135,9 @@ def test_read_nonmem_shard_is_the_block_of_the_whole_file():
     assert shard.ids == whole.ids[8:12]
     assert torch.equal(shard.obs_dv, whole.obs_dv[8:12])
     assert shard.summary["shard"] == {"rank": 2, "world": 3, "start": 8, "stop": 12, "n_subjects": 12}
+    by_keyword = [pk.read_nonmem(path, shard=(r, 3)) for r in range(3)]
+    assert by_keyword[2].ids == shard.ids
+    assert torch.equal(concat_shards(by_keyword).obs_dv, whole.obs_dv)
 
 
 @pytest.mark.parametrize("n, rank, world, match", [
