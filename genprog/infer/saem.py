@@ -487,6 +487,12 @@ def _sa(old, new, gamma):
 # =========================================================================== the algorithm
 
 
+#: exploration iterations at whose end the averaging phase's Newton preconditioner (Louis'
+#: information of the free coordinates) starts accumulating: one iteration's chains
+#: estimate ``Var[d L_g]`` poorly
+INFO_WARMUP = 20
+
+
 def saem(md: MixedEffectsDensity, theta0: torch.Tensor, *, hooks: SaemHooks | None = None,
          exploration: int = 300, averaging: int = 200, chains: int | None = None,
          mh_steps: int = 3, max_step: float = 1.0, importance_draws: int = 2000,
@@ -570,7 +576,7 @@ def saem(md: MixedEffectsDensity, theta0: torch.Tensor, *, hooks: SaemHooks | No
     # with a closed-form M-step for every site, derivatives serve the information only:
     # about 50 evaluations over the averaging phase suffice
     info_every = max(1, averaging // 50)
-    n_info = 0
+    n_info = n_pre = 0
     all_idx = list(range(K))
     free_idx = [i for i in all_idx if bool(free[i])]
     with pyro.validation_enabled(False):
@@ -615,7 +621,8 @@ def saem(md: MixedEffectsDensity, theta0: torch.Tensor, *, hooks: SaemHooks | No
             info_now = phase2 and standard_errors and (k - exploration) % info_every == 0
             # derivatives: every coordinate when the information is accumulated (for the
             # standard errors), the free ones for an averaging-phase Newton step, none else
-            idx = all_idx if info_now else (free_idx if phase2 and len(free_idx) else None)
+            warm = k >= exploration - INFO_WARMUP  # the preconditioner's average starts
+            idx = all_idx if info_now else (free_idx if warm and len(free_idx) else None)
             if idx is None:
                 with torch.no_grad():
                     lp, tr = md.log_density(theta, b, return_trace=True)
@@ -636,9 +643,10 @@ def saem(md: MixedEffectsDensity, theta0: torch.Tensor, *, hooks: SaemHooks | No
                 # the Newton preconditioner: the information of the free coordinates
                 pos = [idx.index(i) for i in free_idx]
                 sf, hf = scores[..., pos], hess[pos][:, pos]
-                A_e = _sa(A_e, hf / C, gamma)
-                B_e = _sa(B_e, torch.einsum("cgk,cgl->kl", sf, sf) / C, gamma)
-                D_e = _sa(D_e, sf.mean(0), gamma)
+                n_pre += 1  # a plain average from the last INFO_WARMUP exploration iterations on
+                A_e = _sa(A_e, hf / C, 1.0 / n_pre)
+                B_e = _sa(B_e, torch.einsum("cgk,cgl->kl", sf, sf) / C, 1.0 / n_pre)
+                D_e = _sa(D_e, sf.mean(0), 1.0 / n_pre)
             new_stats = {key: v.detach().mean(0) for key, v in hooks.statistics(values, b, tr).items()}
             stats = {key: _sa(stats.get(key), v, gamma) for key, v in new_stats.items()}
             # ---------------------------------------------------------- maximisation
