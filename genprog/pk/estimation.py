@@ -676,7 +676,7 @@ def _check_fixed_and_init(priors, fixed, init, dtype):
 
 def _lbfgs(phi, max_iters):
     return torch.optim.LBFGS([phi], lr=1.0, max_iter=max_iters, history_size=20,
-                             tolerance_grad=1e-7, tolerance_change=1e-12,
+                             tolerance_grad=1e-6, tolerance_change=1e-10,
                              line_search_fn="strong_wolfe")
 
 
