@@ -5,7 +5,13 @@ condition, marginalize, log_marginal and fit (MAP, Laplace, VI, NUTS/HMC), with 
 output. See DESIGN.md for the architecture.
 """
 
-from .errors import CompileWarning, ConvergenceWarning, DataWarning, EstimatorWarning, VectorizationWarning
+from .errors import (
+    CompileWarning,
+    ConvergenceWarning,
+    DataWarning,
+    EstimatorWarning,
+    VectorizationWarning,
+)
 from .estimate import Estimate
 from .fit import Fit, load
 from .model import Model, model
@@ -21,5 +27,17 @@ def capabilities():
 
 __version__ = "0.1.0"
 
-__all__ = ["CompileWarning", "ConvergenceWarning", "DataWarning", "Estimate", "EstimatorWarning", "Fit", "Model", "__version__", "capabilities", "load", "model",
-           "VectorizationWarning"]
+__all__ = [
+    "CompileWarning",
+    "ConvergenceWarning",
+    "DataWarning",
+    "Estimate",
+    "EstimatorWarning",
+    "Fit",
+    "Model",
+    "VectorizationWarning",
+    "__version__",
+    "capabilities",
+    "load",
+    "model",
+]

@@ -119,11 +119,11 @@ def _standard_gamma(concentration: torch.Tensor, shape) -> torch.Tensor:
 
 
 def draw_without_inplace_randomness(fn, sample_shape=torch.Size()) -> torch.Tensor:
-    """A draw of ``fn`` built from out-of-place random ops (``torch.rand``, ``randn``,
-    ``_standard_gamma``), which ``vmap(randomness="different")`` batches. Torch's own
-    samplers for e.g. Cauchy, Exponential, Laplace, StudentT and MultivariateNormal
-    fill an unbatched tensor in place, and Beta/Dirichlet use an autograd Function
-    without a vmap rule; both fail under vmap.
+    """A draw of ``fn`` built from random ops that ``vmap(randomness="different")``
+    batches (``torch.rand``, ``randn``, ``_standard_gamma``): the fallback of
+    :class:`VmapSafeSampling` where torch's own sampler fails under vmap (Beta and
+    Dirichlet use an autograd Function without a vmap rule; samplers that fill a fresh
+    tensor in place are otherwise covered by :class:`BatchedFactories`).
 
     Raises
     ------
@@ -432,9 +432,6 @@ def sample_sites(program, args, kwargs, names_shapes: dict, n: int, max_plate_ne
         probe = {name: v[:1].expand(2, *v.shape[1:]) for name, v in values.items()}
     m = 2
 
-    def plate_probe(vals):
-        return plate_trace(vals, m)
-
     def check(mode, out):
         if mode == "vmap":
             return True  # random draws: vmap runs the one-draw program as written
@@ -443,8 +440,8 @@ def sample_sites(program, args, kwargs, names_shapes: dict, n: int, max_plate_ne
         shapes = {name: node["value"].shape for name, node in first.nodes.items() if is_model_site(node)}
         drawn = {name: particle_dims_to_front(tr.nodes[name]["value"], m, len(shape))
                  for name, shape in shapes.items()}
-        _ = {name: particle_dims_to_front(tr.nodes[name]["value"], m, len(shape))
-             for name, shape in names_shapes.items()}
+        for name, shape in names_shapes.items():  # the requested sites must line up too
+            particle_dims_to_front(tr.nodes[name]["value"], m, len(shape))
         got = _log_joint_per_particle(tr, m, k)
         ref = torch.stack([
             _log_joint_one_draw(poutine.trace(SubstituteValues({kk: v[i] for kk, v in drawn.items()})(program))
@@ -453,7 +450,7 @@ def sample_sites(program, args, kwargs, names_shapes: dict, n: int, max_plate_ne
         return agree(got, ref)
 
     key = ("sample", tuple(sorted(names_shapes)), tuple(sorted(values)), discrete_posterior)
-    decision = choose_batching(cache, key, plate=plate_probe, one_draw=one_draw,
+    decision = choose_batching(cache, key, plate=lambda vals: plate_trace(vals, m), one_draw=one_draw,
                                probe=probe if probe else m, randomness="different", check=check,
                                what="the model's forward run")
     if decision.mode == "plate":

@@ -18,7 +18,12 @@ once per batch size ``N`` and replays it:
     traced graph at every call.
 ``"eager"``
     ``density.potential_and_grad`` itself: used for models with enumerated discrete
-    sites, or when both recordings fail or disagree with the model.
+    sites, for models run draw by draw (``density.batching == "loop"``, see
+    :mod:`genprog.vectorize`), or when both recordings fail or disagree with the model.
+
+A model that does not broadcast runs under ``torch.func.vmap`` of a one-draw program
+(``density.batching == "vmap"``); ``make_fx`` records through the vmap into the same
+flat graph of batched ATen ops, validated against the eager potential as below.
 
 Measured on theo_sd (one-compartment population PK, D = 43, float32, 1 CPU thread, a
 loaded 2-core VM), milliseconds per potential-and-gradient call for all chains:
