@@ -49,7 +49,7 @@ from ..model import Model
 from ..threads import threads_for, using_threads
 from .dataset import Dataset
 from .distributed import fit_distributed
-from .estimation import fit_mle
+from .estimation import PopulationFit, fit_mle
 from .likelihood import ERROR_MODELS, censored_z, observation_distribution, residual_sd, sigma_sites
 from .random_effects import (
     cat_effects,
@@ -732,10 +732,30 @@ class PopulationModel:
         m.dataset = data
         return m
 
+    def initial_values(self, fit, data: Dataset, max_abs_raw: float = 3.0) -> dict:
+        """Starting values of the Bayesian program from a population ML fit
+        (``fit(data, "nuts", init=mle_fit)``): its estimates by site and each subject's
+        ``eta_raw = chol(Omega)^-1 EBE`` ``[S, 1, P]`` (non-centred), from EBEs that the
+        guarded inner problem found (a fresh start at the population, flip-flop modes
+        mirrored). Entries of ``eta_raw`` beyond ``max_abs_raw`` prior SDs are clipped to
+        it, so no chain starts in a mode far out in the eta prior."""
+        priors = self.priors_for(data)
+        init = {k: torch.as_tensor(v).detach() for k, v in fit.estimates.items() if k in priors}
+        P = len(self.random_effects)
+        if P and fit.eta.shape[-1] >= P:
+            L = omega_scale_tril(init["omega"], init.get("omega_corr"))
+            raw = torch.linalg.solve_triangular(L, fit.eta[:, :P].detach().to(L.dtype)[..., None],
+                                                upper=False).squeeze(-1)
+            init["eta_raw"] = raw.clamp(-max_abs_raw, max_abs_raw)[:, None, :]
+        return init
+
     def fit(self, data: Dataset, method: str = "nuts", **options):
         """``model(data).fit(method, ...)``; ``method="mle"`` is population maximum
         likelihood with the etas integrated out per subject (FOCE-I by default, or the
         Laplace approximation; see :func:`genprog.pk.estimation.fit_mle`).
+
+        A Bayesian fit may start from an ML fit: ``init=mle_fit`` (see
+        :meth:`initial_values`).
 
         ``threads=`` (every method): torch's intra-op thread count during the fit
         (restored afterwards); default: chosen for the size of the work by
@@ -748,6 +768,8 @@ class PopulationModel:
             return fit_mle(self, data, **options)
         if method == "saem":  # SAEM (Monolix / nlmixr2): see genprog.pk.saem.fit_saem
             return fit_saem(self, data, **options)
+        if isinstance(options.get("init"), PopulationFit):
+            options["init"] = self.initial_values(options["init"], data)
         threads = options.pop("threads", None)
         S, T = data.obs_dv.shape
         work = S * T * max(int(data.dose_time.shape[-1]), 1) * max(int(options.get("chains", 4) or 1), 1)

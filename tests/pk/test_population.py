@@ -24,6 +24,7 @@ The theo_sd ML fit (~6 s) is computed once per module. Everything that runs long
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 
@@ -857,3 +858,19 @@ def test_steady_state_split_predicts_what_the_whole_design_does(structure):
     assert parts is not None and parts[1].dose_mask.shape[1] == 3
     torch.testing.assert_close(model.predict(ind, data), whole, rtol=1e-12, atol=1e-12)
     assert float(whole.abs().max()) > 1.0
+
+
+def test_initial_values_from_an_ml_fit_reproduce_its_ebes(theo, theo_fit):
+    """``fit(data, "nuts", init=mle_fit)`` starts at the ML estimates and at the EBEs:
+    chol(Omega) eta_raw = EBE for every subject (none clipped on theo_sd), shaped as the
+    site ``eta_raw`` [S, 1, P]; a far-out EBE is clipped to 3 prior SDs."""
+    fit, data = theo_fit, theo
+    pop = fit.population
+    init = pop.initial_values(fit, data)
+    assert set(init) >= {"cl", "v", "ka", "omega", "eta_raw"}
+    raw = init["eta_raw"]
+    assert raw.shape == (data.n_subjects, 1, 3)
+    eta = raw[:, 0, :] * fit.estimates["omega"]
+    torch.testing.assert_close(eta, fit.eta.to(eta.dtype), rtol=1e-10, atol=1e-12)
+    far = dataclasses.replace(fit, eta=fit.eta * 0 + 10 * fit.estimates["omega"])
+    assert float(pop.initial_values(far, data)["eta_raw"].max()) == pytest.approx(3.0)
