@@ -662,8 +662,11 @@ def saem(md: MixedEffectsDensity, theta0: torch.Tensor, *, hooks: SaemHooks | No
                 info = -(A_e + B_e - D_e.T @ D_e)
                 if int(torch.linalg.cholesky_ex(info)[1]) != 0:
                     info = -A_e
-                step = gamma * torch.linalg.solve(_positive_definite(info), s_now)
-                step = step * min(1.0, max_step / float(step.abs().max().clamp_min(1e-300)))
+                step = torch.linalg.solve(_positive_definite(info, 1e-3), s_now)
+                # the trust region applies to the Newton step itself, before the gain: a
+                # near-singular information late in the averaging phase moves theta by at
+                # most gamma * max_step
+                step = gamma * step * min(1.0, max_step / float(step.abs().max().clamp_min(1e-300)))
                 theta = theta.clone()
                 theta[free] = theta[free] + step
                 values = md.unpack(theta)
