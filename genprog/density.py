@@ -288,11 +288,11 @@ class JointDensity:
                  for k, v in self.given.items()}
 
         def plate(inputs):
-            values, _ = self.constrain(inputs["z"])
-            return self._factor_terms(self.trace(values, 2, given=inputs["given"]), 2)
+            return self._factor_terms(self.trace(inputs["values"], 2, given=inputs["given"]), 2)
 
         return choose_batching(cache, "density", plate=plate, one_draw=self._one_draw_terms,
-                               probe={"z": z, "given": given}, what="the model's log density")
+                               probe={"values": self.constrain(z)[0], "given": given},
+                               what="the model's log density")
 
     def _input_device(self):
         for x in list(self.args) + list(self.kwargs.values()):
@@ -307,10 +307,10 @@ class JointDensity:
         return torch.get_default_dtype()
 
     def _one_draw_terms(self, inputs) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log prior, log likelihood), scalars, of one draw ``{"z": [D], "given": {...}}``
-        (the prior without the Jacobian of the constraining map)."""
-        values, _ = self.constrain(inputs["z"][None])
-        tr = self.trace_one({k: v[0] for k, v in values.items()}, inputs["given"])
+        """(log prior, log likelihood), scalars, of one draw of constrained latent values
+        ``{"values": {site: [*shape]}, "given": {...}}`` (the prior without the Jacobian of
+        the constraining map, which is computed batched, outside the vmapped region)."""
+        tr = self.trace_one(inputs["values"], inputs["given"])
         prior, lik = self._factor_terms(tr, 1, batched=False)
         return prior[0], lik[0]
 
@@ -322,7 +322,7 @@ class JointDensity:
         if mode == "plate":
             prior, lik = self._factor_terms(self.trace(values, n), n)
         else:
-            prior, lik = run_draws(self._one_draw_terms, {"z": z, "given": self.given}, n, mode)
+            prior, lik = run_draws(self._one_draw_terms, {"values": values, "given": self.given}, n, mode)
         return prior, lik, ladj
 
     # ------------------------------------------------------------------ densities
