@@ -10,9 +10,9 @@ with ``h_i(eta) = log p(y_i | eta, phi) + log N(eta; 0, Omega)``, ``eta_hat_i`` 
 (the empirical Bayes estimate, EBE) and ``H_i`` its curvature there: by default
 (``approximation="focei"``) the expected information with the eta-epsilon interaction
 kept, which is NONMEM's FOCE-I (and nlmixr2's focei) — our OFVs match theirs —, or
-(``"laplace"``) the exact Hessian, NONMEM's LAPLACIAN INTERACTION. All subjects are handled at once: the inner problems are
-independent, so one batched damped-Newton iteration updates every ``eta_i`` together
-(``[S, P]``), and per-subject Hessians ``[S, P, P]`` come from P backward passes.
+(``"laplace"``) the exact Hessian, NONMEM's LAPLACIAN INTERACTION. All subjects are handled
+at once: the inner problems are independent, so one batched iteration updates every
+``eta_i`` together (``[S, P]``; ``[2, S, P]`` with two starts).
 
 The inner problems are solved by batched safeguarded Fisher scoring (the FOCE-I information,
 positive definite, as the curvature; Levenberg damping and a backtracking line search on
@@ -26,8 +26,11 @@ of its mode, and subjects that remain there are reported.
 The outer problem maximises ``sum_i log p(y_i | phi)`` over unconstrained ``phi`` with
 L-BFGS; each evaluation re-solves the inner problems and differentiates the
 Laplace objective exactly, including the dependence of ``eta_hat`` on ``phi`` (implicit
-function theorem, through one differentiable Newton step at the optimum).
-Standard errors come from a finite-difference Hessian of the objective.
+function theorem, through one differentiable Newton step at the optimum; the FOCE-I
+curvature there by central differences with a first-order graph). Standard errors come
+from a finite-difference Hessian of the objective (forward differences of its gradient).
+Non-convergence, omegas at a boundary and flip-flop subjects are reported as
+:class:`~genprog.errors.ConvergenceWarning` and in ``PopulationFit.info``.
 """
 
 from __future__ import annotations
@@ -272,17 +275,11 @@ class LaplaceObjective:
         half_logdet = torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1)
         return -0.5 * (z ** 2).sum(-1) - half_logdet - 0.5 * self.P * math.log(2 * math.pi)
 
-    def _curvature(self, values, eta, create_graph=False, newton=False):
+    def _curvature(self, values, eta, create_graph=False):
         """``h``, gradient and negative curvature ``[..., S, P, P]``: ``-Hessian`` (Laplace)
-        or the FOCE-I information (``approximation="focei"``). With ``newton`` (for the EBE
-        iterations) FOCE-I gives ``-Hessian`` where it is positive definite, else the
-        information: Newton's quadratic convergence near the mode, a safe step elsewhere."""
+        or the FOCE-I information (``approximation="focei"``)."""
         if self.approximation == "focei":
-            if not newton:
-                return self.information(values, eta, create_graph)
-            h, g, A, H = self.information(values, eta, create_graph, hessian=True)
-            ok = torch.linalg.cholesky_ex(-H.detach())[1] == 0
-            return h, g, torch.where(ok[..., None, None], -H, A)
+            return self.information(values, eta, create_graph)
         h, g, H = self.grad_hess(values, eta, create_graph)
         return h, g, -H
 
