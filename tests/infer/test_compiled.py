@@ -230,8 +230,10 @@ def test_compiled_nuts_agrees_with_eager_nuts_statistically():
     import arviz as az
 
     model = MODELS["eight_schools"]()
-    a = model.fit("nuts", chains=4, warmup=500, draws=500, seed=1, compile=True)
-    b = model.fit("nuts", chains=4, warmup=500, draws=500, seed=2, compile=False)
+    with warnings.catch_warnings():  # NUTS may report a rare divergence on eight schools
+        warnings.simplefilter("ignore", gp.ConvergenceWarning)
+        a = model.fit("nuts", chains=4, warmup=500, draws=500, seed=1, compile=True)
+        b = model.fit("nuts", chains=4, warmup=500, draws=500, seed=2, compile=False)
     for site in ("mu", "tau"):
         xa, xb = a.draws[site].numpy(), b.draws[site].numpy()
         se = math.hypot(float(az.mcse(xa)), float(az.mcse(xb)))
