@@ -24,9 +24,12 @@ import torch
 __all__ = ["WORK_PER_THREAD", "available_cores", "threads_for", "using_threads"]
 
 WORK_PER_THREAD = 2_000_000
-"""Tensor elements per evaluation that justify one more intra-op thread (measured on the
-population-PK validation designs, ``bench/pk_validation.py``: 5 x 10^5 elements run
-fastest on one thread)."""
+"""Tensor elements per evaluation that justify one more intra-op thread. Measured on the
+oral validation design (``bench/pk_validation.py``, 120 subjects x 43 observations x 8
+doses x 3 etas, about 1.2 x 10^5; one batched inner solve from two starts) on the shared
+2-core VM at load 5: one thread 2.8 s wall / 0.7 s CPU, two threads 24 s wall / 9.4 s CPU
+(the threads spin at barriers while other processes hold the cores). A conservative
+threshold: problems of this size and up to ~16x larger stay on one thread."""
 
 
 def available_cores() -> int:
