@@ -316,7 +316,8 @@ def choose_batching(cache: dict, key, *, plate, one_draw, probe, randomness: str
     """
     if key in cache:
         return cache[key]
-    m = probe if isinstance(probe, int) else tree_flatten(probe)[0][0].shape[0]
+    leaves = [] if isinstance(probe, int) else tree_flatten(probe)[0]
+    m = probe if isinstance(probe, int) else (leaves[0].shape[0] if leaves else 2)
     inputs = {} if isinstance(probe, int) else probe
     reasons = []
     decision = None
