@@ -82,9 +82,12 @@ def test_oral_one_compartment_design_recovers_the_truth():
 
 
 #: measured on seed 0 (bench/README.md): the two-compartment iv designs put Q 9% above and
-#: omega_Q 21% below the realized sample's; not yet understood (identifiability of Q with
-#: exponential error, or an FOCE-I bias), so they are expected to fail until it is
-_Q_IV = pytest.mark.xfail(reason="2-cmt iv: Q +9%, omega_Q -21% vs the sample (seed 0)", strict=False)
+#: omega_Q 21% below the realized sample's. The same optimum is reached from the truth
+#: (OFV equal to 1e-8), and the fit's own SEs are 4.2% (Q) and 20% (omega_Q): the design
+#: determines Q no better than the tolerances, so a single seed may miss them by chance
+#: (1.3 SE here); expected to fail on some seeds, not an estimator defect shown so far
+_Q_IV = pytest.mark.xfail(reason="2-cmt iv: Q's SE (4%) and omega_Q's (20%) are the tolerances' size",
+                          strict=False)
 _NAMES = [pytest.param(n, marks=_Q_IV) if n in ("bolus2", "infusion2") else n for n in validation.DESIGNS]
 
 
