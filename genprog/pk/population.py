@@ -47,6 +47,7 @@ from torch.distributions import constraints
 from ..fit import Fit
 from ..model import Model
 from ..threads import threads_for, using_threads
+from .data import check_compartments
 from .dataset import Dataset
 from .distributed import fit_distributed
 from .estimation import PopulationFit, fit_mle
@@ -493,6 +494,9 @@ class PopulationModel:
                                  f"(it has {sorted(data.covariates)})")
         if hasattr(self.structure, "check_dataset"):
             self.structure.check_dataset(data)
+        # a dose into a compartment the structure lacks is an error (the reader's DataWarning
+        # already lists observations outside the central compartment)
+        check_compartments(data, self.structure, warn=False)
         if self.iov:
             self.occasions(data)
         mask = self.observation_mask(data)

@@ -26,8 +26,9 @@ import torch
 from ..validation import check_int
 from .dataset import Dataset
 from .estimation import LaplaceObjective
+from .likelihood import with_residual_error
 from .population_fit import fit_point, laplace_objective, replicate_parameters
-from .simulation import percentile_label, sigma_like, with_residual_error
+from .simulation import percentile_label, sigma_like
 
 __all__ = ["Regimen", "simulate_data", "simulate_regimen"]
 
@@ -296,7 +297,7 @@ def simulate_regimen(fit, doses, times, *, subject=None, n: int = 1000, covariat
             conc = pop.structure.concentration({k: x.expand(m) for k, x in ind.items()}, design)
             if residual:
                 _, _, sigma = obj.split(v)
-                conc = with_residual_error(pop, conc, sigma_like(sigma, batched, conc), eps[sl])
+                conc = with_residual_error(pop.error, conc, sigma_like(sigma, batched, conc), eps[sl])
             out.append(conc)
         sims = torch.cat(out, 0).cpu().numpy()  # [n, T]
         if index is None:
@@ -378,7 +379,7 @@ def simulate_data(model, data: Dataset, params: dict, *, seed: int = 0, lloq: fl
         eta = z @ obj.scale_tril(values).transpose(-1, -2) if obj.P else None
         ind = model.individual_parameters(typical, betas, eta, d64)
         conc = model.structure.concentration({k: v.expand(S) for k, v in ind.items()}, d64)
-        dv = with_residual_error(model, conc, sigma, eps)
+        dv = with_residual_error(model.error, conc, sigma, eps)
     observed = model.observation_mask(d64)
     dv = torch.where(observed, dv, d64.obs_dv)
     blq = torch.zeros_like(data.obs_blq)

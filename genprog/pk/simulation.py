@@ -7,10 +7,10 @@ from __future__ import annotations
 import torch
 
 from ..validation import check_int
+from .likelihood import with_residual_error
 from .population_fit import fit_data, laplace_objective, replicate_parameters
 
-__all__ = ["new_etas", "percentile_label", "sigma_like", "simulate", "take_replicates",
-           "with_residual_error"]
+__all__ = ["new_etas", "percentile_label", "sigma_like", "simulate", "take_replicates"]
 
 
 def take_replicates(values: dict, batched: bool, sl: slice) -> dict:
@@ -30,11 +30,6 @@ def new_etas(obj, values, z: torch.Tensor) -> torch.Tensor | None:
     if not obj.P:
         return None
     return z @ obj.scale_tril(values).transpose(-1, -2)  # [n, S, P] @ ([n,] P, P)
-
-
-def with_residual_error(pop, conc, sigma, eps):
-    sd = pop.residual_sd(conc, sigma)
-    return conc * torch.exp(sd * eps) if pop.error == "exponential" else conc + sd * eps
 
 
 def simulate(fit, n_sim: int = 200, seed: int = 0) -> torch.Tensor:
@@ -85,7 +80,7 @@ def simulate(fit, n_sim: int = 200, seed: int = 0) -> torch.Tensor:
             ind = pop.individual_parameters(typical, betas, new_etas(obj, v, zc), data)
             ind = {k: t.expand(zc.shape[0], S) for k, t in ind.items()}
             conc = pop.structure.concentration(ind, data)  # [n, S, T]
-            out.append(with_residual_error(pop, conc, sigma_like(sigma, batched, conc), eps[sl]))
+            out.append(with_residual_error(pop.error, conc, sigma_like(sigma, batched, conc), eps[sl]))
     return torch.cat(out, 0)
 
 
