@@ -282,8 +282,11 @@ class JointDensity:
         if "density" in cache:
             return cache["density"]
         g = torch.Generator(device=self._input_device()).manual_seed(0)
-        dtype = self._input_dtype()
-        z = 0.5 * torch.randn(2, self.dim, generator=g, device=self._input_device(), dtype=dtype)
+        try:  # two prior draws: in support, and in the latents' own dtype
+            z = self.sample_prior(2, g)
+        except Exception:  # noqa: BLE001 - a model that cannot be sampled: probe near the origin
+            z = 0.5 * torch.randn(2, self.dim, generator=g, device=self._input_device(),
+                                  dtype=torch.get_default_dtype())
         given = {k: (v[:2] if v.shape[0] >= 2 else v[:1].expand(2, *v.shape[1:]))
                  for k, v in self.given.items()}
 
@@ -299,12 +302,6 @@ class JointDensity:
             if torch.is_tensor(x):
                 return x.device
         return torch.empty(0).device
-
-    def _input_dtype(self):
-        for x in list(self.args) + list(self.kwargs.values()):
-            if torch.is_tensor(x) and x.is_floating_point():
-                return x.dtype
-        return torch.get_default_dtype()
 
     def _one_draw_terms(self, inputs) -> tuple[torch.Tensor, torch.Tensor]:
         """(log prior, log likelihood), scalars, of one draw of constrained latent values

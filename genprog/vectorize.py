@@ -343,6 +343,8 @@ def choose_batching(cache: dict, key, *, plate, one_draw, probe, randomness: str
             reasons.append(f"{mode}: the batched run disagrees with one-draw runs")
     if decision is None:
         decision = Batching("loop", "; ".join(reasons))
+    if decision.mode == "loop" and not cache.get("warned"):  # once per cache (model structure)
+        cache["warned"] = True
         warnings.warn(
             f"{what} can be run neither batched in a plate nor under torch.func.vmap "
             f"({decision.reason}); genprog runs it once per draw instead, about "
