@@ -369,14 +369,27 @@ def _exp_divided_difference(p, q):
     ``e^{-min(p, q)} phi(|q - p|)`` in general; when ``|q - p| < 1e-3`` the symmetric form
     ``e^{-(p + q)/2} sinh(z)/z`` (``z = (q - p)/2``, series to ``z^4``, truncation < 1e-23),
     which is smooth in ``p`` and ``q``, so gradients and Hessians are exact through the tie.
+    (Where the general form is taken, ``|q - p| >= 1e-3``, so ``phi`` is its ``expm1``
+    branch: no series is evaluated there.)
     """
     d = q - p
-    small = d.abs() < _PHI_SERIES_BELOW
+    ad = d.abs()
+    small = ad < _PHI_SERIES_BELOW
     z = torch.where(small, d, torch.zeros_like(d)) * 0.5
     z2 = z * z
     near = torch.exp(-0.5 * (p + q)) * (1.0 + z2 * (1.0 / 6.0) * (1.0 + z2 * (1.0 / 20.0)))
-    far = torch.exp(-torch.minimum(p, q)) * _phi(d.abs())
+    ad_safe = torch.where(small, torch.ones_like(ad), ad)
+    far = torch.exp(-torch.minimum(p, q)) * (-torch.expm1(-ad_safe) / ad_safe)
     return torch.where(small, near, far)
+
+
+def _maybe_any(mask) -> bool:
+    """``bool(mask.any())``, or True where that cannot be asked (a traced or vmapped
+    tensor): the caller then takes its general path."""
+    try:
+        return bool(mask.any())
+    except RuntimeError:
+        return True
 
 
 def _central_terms(lam, s, duration):
@@ -405,14 +418,31 @@ def _central_terms_ss(lam, s, duration, tau):
 
 
 def _oral_terms(lam, ka, s):
-    """``(e^{-lam s} - e^{-ka s}) / (ka - lam)`` per exponential (times ``ka`` by the caller)."""
-    return s * _exp_divided_difference(lam * s, ka * s)
+    """``(e^{-lam s} - e^{-ka s}) / (ka - lam)`` per exponential (times ``ka`` by the caller),
+    ``s >= 0``.
+
+    This is ``s E(lam s, ka s)`` evaluated as ``s e^{-min(lam, ka) s} phi(|ka - lam| s)``
+    with the minimum and the absolute value taken of the (small) parameter tensors, then
+    scaled by ``s``: an analytic function of ``lam``, ``ka`` and ``s`` wherever
+    ``ka != lam``, so its autograd derivatives of every order are exact, near-ties
+    included, and one branch is evaluated per element. Only at an exact tie
+    ``ka == lam`` (where ``|.|`` and ``min`` have no derivative) is the smooth symmetric
+    form of :func:`_exp_divided_difference` taken, and only when such a tie exists.
+    """
+    delta = ka - lam
+    out = s * (torch.exp(-torch.minimum(lam, ka) * s) * _phi(delta.abs() * s))
+    tie = delta == 0
+    if _maybe_any(tie):
+        out = torch.where(tie, s * _exp_divided_difference(lam * s, ka * s), out)
+    return out
 
 
-def _oral_terms_ss(lam, ka, s, tau):
-    """Steady-state version of :func:`_oral_terms` (interval ``tau``), s >= 0."""
-    num = s * _exp_divided_difference(lam * s, ka * s) - (s - tau) * _exp_divided_difference(
-        lam * s + ka * tau, ka * s + lam * tau)
+def _oral_terms_ss(lam, ka, s, tau, single=None):
+    """Steady-state version of :func:`_oral_terms` (interval ``tau``), s >= 0; ``single``:
+    ``_oral_terms(lam, ka, s)`` when the caller has it."""
+    if single is None:
+        single = _oral_terms(lam, ka, s)
+    num = single - (s - tau) * _exp_divided_difference(lam * s + ka * tau, ka * s + lam * tau)
     return num / (lam * tau * _phi(lam * tau) * (ka * tau * _phi(ka * tau)))
 
 
@@ -527,11 +557,14 @@ def concentration(structure, params, dose_time, dose_amt, dose_rate, dose_cmt, d
                   dose_ii, dose_mask, obs_time, *, dose_epoch=None, obs_epoch=None):
     """Central-compartment concentration of every subject at its observation times.
 
-    The contributions of all doses of a subject, ``[..., S, D, T]``, are summed over ``D``;
-    a dose contributes to an observation only if it is real (``dose_mask``), not later
-    than the observation (``t_obs >= t_dose (+ tlag)``), of the same epoch when epochs
-    are given, and not wiped out by a later ``SS = 1`` dose. Conventions (compartment
-    numbers, F, tlag, infusions, steady state) are in the module docstring.
+    The contributions of all doses of a subject are summed; a dose contributes to an
+    observation only if it is real (``dose_mask``), not later than the observation
+    (``t_obs >= t_dose (+ tlag)``; a lag is taken to be ``>= 0``), of the same epoch when
+    epochs are given, and not wiped out by a later ``SS = 1`` dose. Only the (dose,
+    observation) pairs that the data allow to act are evaluated, compacted per subject
+    to ``[..., S, K]`` (``K`` the most pairs any subject has, usually far fewer than
+    ``D * T``), and added into their observations. Conventions (compartment numbers, F,
+    tlag, infusions, steady state) are in the module docstring.
 
     Parameters
     ----------
@@ -622,57 +655,16 @@ def concentration(structure, params, dose_time, dose_amt, dose_rate, dose_cmt, d
         duration = torch.where(rate > 0, amt_eff / rate_safe, torch.zeros_like(amt_eff))
     duration = torch.where(const, zero, duration)
 
-    lam, coef = disposition(structure.n, p)                       # [..., S, n]
-    lam = lam.unsqueeze(-2).unsqueeze(-2)                         # [..., S, 1, 1, n]
-    coef = coef.unsqueeze(-2).unsqueeze(-2)
-
-    # Time since dose (after lag), [..., S, D, T].
+    # Which (dose, observation) pairs can act, from the data alone: a real dose, not after
+    # the observation (a lag only delays it further), the same epoch, no SS=1 reset between.
     elapsed = obs_time.unsqueeze(-2) - dose_time.unsqueeze(-1)   # [S, D, T]
-    s = elapsed - tlag.unsqueeze(-1)
-    tau = torch.where(is_ss & ~const, ii, torch.ones_like(ii)).unsqueeze(-1)
-    any_ss = bool(is_ss.any())
-    if any_ss:
-        s_ss = torch.where(s < 0, s + torch.ceil(-s / tau).detach() * tau, s)
-        is_ss_b = is_ss.unsqueeze(-1)
-        s = torch.where(is_ss_b, s_ss, s)
-        started = torch.where(is_ss_b, elapsed >= 0, s >= 0)
-    else:
-        started = s >= 0
-    s = s.clamp_min(0.0).unsqueeze(-1)                            # [..., S, D, T, 1]
-    tau_e = tau.unsqueeze(-1)
-    dur_e = duration.unsqueeze(-1).unsqueeze(-1)
-
-    unit = None
-    if bool((central & dose_mask).any()):
-        infusions = structure.absorption == "zero_order" or bool((central & (rate > 0)).any())
-        terms = _central_terms(lam, s, dur_e) if infusions else torch.exp(-lam * s)
-        if any_ss:
-            terms = torch.where(is_ss.unsqueeze(-1).unsqueeze(-1),
-                                _central_terms_ss(lam, s, dur_e, tau_e), terms)
-        unit = (coef * terms).sum(-1)
-    if bool((depot & dose_mask).any()):
-        ka = p["ka"][..., None, None, None]                        # [..., S, 1, 1, 1]
-        terms = _oral_terms(lam, ka, s)
-        if any_ss:
-            terms = torch.where(is_ss.unsqueeze(-1).unsqueeze(-1),
-                                _oral_terms_ss(lam, ka, s, tau_e), terms)
-        oral = (ka * coef * terms).sum(-1)
-        unit = oral if unit is None else torch.where(depot.unsqueeze(-1), oral, unit)
-    if unit is None:
-        return torch.zeros(torch.broadcast_shapes(lam.shape[:-3], obs_time.shape[:-1]) +
-                           obs_time.shape[-1:], dtype=obs_time.dtype, device=device)
-    contrib = amt_eff.unsqueeze(-1) * unit
-    if bool(const.any()):
-        level = rate.unsqueeze(-1) * (coef / lam).sum(-1)         # RATE * sum A_i / lambda_i
-        contrib = torch.where(const.unsqueeze(-1), level, contrib)
-
-    active = started & dose_mask.unsqueeze(-1)
+    keep = dose_mask.unsqueeze(-1) & (elapsed >= 0)
     if dose_epoch is not None or obs_epoch is not None:
         if dose_epoch is None or obs_epoch is None:
             raise ValueError("give both dose_epoch and obs_epoch, or neither")
         dose_epoch = torch.as_tensor(dose_epoch, device=device)
         obs_epoch = torch.as_tensor(obs_epoch, device=device)
-        active = active & (dose_epoch.unsqueeze(-1) == obs_epoch.unsqueeze(-2))
+        keep = keep & (dose_epoch.unsqueeze(-1) == obs_epoch.unsqueeze(-2))
     reset = is_ss & ((ss == 1) | (ss == 3))
     if bool(reset.any()):
         # A dose stops contributing at the first later SS=1 dose of its epoch.
@@ -681,5 +673,75 @@ def concentration(structure, params, dose_time, dose_amt, dose_rate, dose_cmt, d
             later = later & (dose_epoch.unsqueeze(-2) == dose_epoch.unsqueeze(-1))
         inf = torch.full_like(dose_time, math.inf)
         next_reset = torch.where(later, dose_time.unsqueeze(-2), inf.unsqueeze(-2)).amin(-1)
-        active = active & (obs_time.unsqueeze(-2) < next_reset.unsqueeze(-1))
-    return torch.where(active, contrib, torch.zeros_like(contrib)).sum(-2)
+        keep = keep & (obs_time.unsqueeze(-2) < next_reset.unsqueeze(-1))
+
+    # The pairs that can act are evaluated, compacted per subject to [S, K] (K the most
+    # any subject has; the rest of the slots are padding, masked), when that is fewer
+    # than all D * T; the contributions are then added into their observations.
+    S, D, T = elapsed.shape
+    flat = keep.reshape(S, D * T)
+    K = max(int(flat.sum(-1).max()), 1) if S else 1
+    compact = K < D * T
+    if compact:
+        order = torch.sort((~flat).to(torch.int8), dim=-1, stable=True).indices[:, :K]
+        valid = torch.gather(flat, 1, order)
+        d_idx, t_idx = order // T, order % T
+
+        def per_dose(x):                                          # [..., S, D] -> [..., S, K]
+            x = x.expand(torch.broadcast_shapes(x.shape, (S, D)))
+            return torch.gather(x, -1, d_idx.expand(*x.shape[:-2], S, K))
+
+        elapsed, keep = torch.gather(elapsed.reshape(S, D * T), 1, order), valid
+    else:
+        def per_dose(x):                                          # [..., S, D] -> [..., S, D, 1]
+            return x.unsqueeze(-1)
+
+    lam, coef = disposition(structure.n, p)                       # [..., S, n]
+    grid = 1 if compact else 2                                    # pair dims: K or (D, T)
+    for _ in range(grid):
+        lam, coef = lam.unsqueeze(-2), coef.unsqueeze(-2)         # [..., S, (1,) 1, n]
+
+    # Time since dose (after lag), [..., S, K] or [..., S, D, T].
+    s = elapsed - per_dose(tlag)
+    tau = per_dose(torch.where(is_ss & ~const, ii, torch.ones_like(ii)))
+    any_ss = bool(is_ss.any())
+    if any_ss:
+        s_ss = torch.where(s < 0, s + torch.ceil(-s / tau).detach() * tau, s)
+        is_ss_b = per_dose(is_ss)
+        s = torch.where(is_ss_b, s_ss, s)
+        started = torch.where(is_ss_b, elapsed >= 0, s >= 0)
+    else:
+        started = s >= 0
+    s = s.clamp_min(0.0).unsqueeze(-1)                            # [..., S, pairs, 1]
+    tau_e = tau.unsqueeze(-1)
+    dur_e = per_dose(duration).unsqueeze(-1)
+
+    unit = None
+    if bool((central & dose_mask).any()):
+        infusions = structure.absorption == "zero_order" or bool((central & (rate > 0)).any())
+        terms = _central_terms(lam, s, dur_e) if infusions else torch.exp(-lam * s)
+        if any_ss and infusions:
+            terms = torch.where(is_ss_b.unsqueeze(-1), _central_terms_ss(lam, s, dur_e, tau_e), terms)
+        elif any_ss:  # boluses: e^{-lam s} / (1 - e^{-lam tau}), the denominator per dose
+            terms = torch.where(is_ss_b.unsqueeze(-1), terms / (lam * tau_e * _phi(lam * tau_e)), terms)
+        unit = (coef * terms).sum(-1)
+    if bool((depot & dose_mask).any()):
+        ka = p["ka"][(...,) + (None,) * (grid + 1)]               # [..., S, (1,) 1, 1]
+        terms = _oral_terms(lam, ka, s)
+        if any_ss:
+            terms = torch.where(is_ss_b.unsqueeze(-1), _oral_terms_ss(lam, ka, s, tau_e, terms), terms)
+        oral = (ka * coef * terms).sum(-1)
+        unit = oral if unit is None else torch.where(per_dose(depot), oral, unit)
+    if unit is None:
+        return torch.zeros(torch.broadcast_shapes(lam.shape[:-(grid + 1)], obs_time.shape[:-1]) +
+                           obs_time.shape[-1:], dtype=obs_time.dtype, device=device)
+    contrib = per_dose(amt_eff) * unit
+    if bool(const.any()):
+        level = per_dose(rate) * (coef / lam).sum(-1)             # RATE * sum A_i / lambda_i
+        contrib = torch.where(per_dose(const), level, contrib)
+
+    contrib = torch.where(started & keep, contrib, torch.zeros_like(contrib))
+    if not compact:
+        return contrib.sum(-2)
+    out = torch.zeros(contrib.shape[:-1] + (T,), dtype=contrib.dtype, device=device)
+    return out.scatter_add(-1, t_idx.expand(contrib.shape), contrib)

@@ -21,6 +21,7 @@ import pytest
 import torch
 from scipy.integrate import solve_ivp
 
+from genprog.pk import structural
 from genprog.pk.dataset import Dataset
 from genprog.pk.structural import (
     Compartments,
@@ -555,3 +556,137 @@ def test_cuda_matches_cpu():
                          **{k: v.cuda() for k, v in data.items()})
     assert cuda.device.type == "cuda"
     assert_close(cuda.cpu(), cpu, rtol=1e-12)
+
+
+# --------------------------------------------------------------------------- reference formulas
+# The elementwise formulas as they were before the single-branch oral term (every element
+# evaluated with both the near-tie series and the direct formula); kept here, not in the
+# package, to check that the faster code gives the same values and gradients.
+
+
+def _ref_phi(x):
+    small = x < 1e-3
+    x_safe = torch.where(small, torch.ones_like(x), x)
+    series = ((((x * (1.0 / 120.0) - 1.0 / 24.0) * x + 1.0 / 6.0) * x - 0.5) * x) + 1.0
+    return torch.where(small, series, -torch.expm1(-x_safe) / x_safe)
+
+
+def _ref_edd(p, q):
+    d = q - p
+    small = d.abs() < 1e-3
+    z = torch.where(small, d, torch.zeros_like(d)) * 0.5
+    z2 = z * z
+    near = torch.exp(-0.5 * (p + q)) * (1.0 + z2 * (1.0 / 6.0) * (1.0 + z2 * (1.0 / 20.0)))
+    far = torch.exp(-torch.minimum(p, q)) * _ref_phi(d.abs())
+    return torch.where(small, near, far)
+
+
+def _ref_oral(lam, ka, s):
+    return s * _ref_edd(lam * s, ka * s)
+
+
+def _ref_oral_ss(lam, ka, s, tau):
+    num = s * _ref_edd(lam * s, ka * s) - (s - tau) * _ref_edd(lam * s + ka * tau, ka * s + lam * tau)
+    return num / (lam * tau * _ref_phi(lam * tau) * (ka * tau * _ref_phi(ka * tau)))
+
+
+def _ref_bolus_ss(lam, s, tau):
+    return torch.exp(-lam * s) / (lam * tau * _ref_phi(lam * tau))
+
+
+def _ref_concentration(n, p, doses, obs):
+    """One subject, dose by dose and time by time with the reference formulas: doses are
+    (time, amt, cmt, ss, ii) with cmt 1 the depot (F, tlag) and 2 a central bolus; SS = 2
+    (adds, no reset)."""
+    lam, coef = disposition(n, p)
+    out = []
+    for t in obs:
+        total = torch.zeros((), dtype=DT)
+        for t_d, amt, cmt, ss, ii in doses:
+            elapsed = torch.tensor(t - t_d, dtype=DT)
+            s = elapsed - p["tlag"] if cmt == 1 else elapsed
+            if ss:
+                s = torch.where(s < 0, s + torch.ceil(-s / ii).detach() * ii, s)
+                started = bool(elapsed >= 0)
+            else:
+                started = bool(s >= 0)
+            if not started:
+                continue
+            s = s.clamp_min(0.0)
+            tau = torch.tensor(float(ii), dtype=DT)
+            if cmt == 1:
+                term = p["ka"] * (_ref_oral_ss(lam, p["ka"], s, tau) if ss else _ref_oral(lam, p["ka"], s))
+                total = total + amt * p["f"] * (coef * term).sum()
+            else:
+                term = _ref_bolus_ss(lam, s, tau) if ss else torch.exp(-lam * s)
+                total = total + amt * (coef * term).sum()
+        out.append(total)
+    return torch.stack(out)
+
+
+def _near_tie_parameters(n, g):
+    """Random parameters, with ka at or within 1e-12 .. 1e-3 (relative) of an eigenvalue
+    and, for n >= 2, sometimes a small Q (nearly equal eigenvalues)."""
+    base = {**SLOW[n]}
+    p = {k: torch.tensor(v * math.exp(0.3 * float(torch.randn((), generator=g, dtype=DT))), dtype=DT)
+         for k, v in base.items()}
+    if n >= 2 and float(torch.rand((), generator=g, dtype=DT)) < 0.3:
+        p["q"] = p["q"] * 1e-2
+    lam, _ = disposition(n, p)
+    j = int(torch.randint(n, (), generator=g))
+    rel = [0.0, 1e-12, -1e-9, 1e-7, -1e-5, 1e-4, 3e-3, 0.5][int(torch.randint(8, (), generator=g))]
+    p["ka"] = (lam[j] * (1.0 + rel)).detach()
+    p["tlag"] = torch.tensor(0.25, dtype=DT)
+    p["f"] = torch.tensor(0.8, dtype=DT)
+    return p
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_matches_reference_formulas_near_ties(n):
+    """The single-branch oral term (and the per-dose steady-state bolus denominator) give
+    the values and gradients of the two-branch reference formulas to 1e-10 relative, at
+    random parameters with ka tied to, or within 1e-12 .. 3e-3 of, an eigenvalue."""
+    g = torch.Generator().manual_seed(100 + n)
+    doses = [(0.0, 100.0, 1, 0, 0.0), (12.0, 50.0, 1, 0, 0.0), (24.0, 80.0, 1, 2, 12.0),
+             (30.0, 40.0, 2, 0, 0.0), (36.0, 60.0, 2, 2, 24.0)]
+    obs = [0.0, 1e-4, 0.25, 0.2500001, 0.5, 2.0, 12.0, 12.25, 13.0, 24.0, 24.25, 30.0, 31.0,
+           36.0, 36.25, 40.0, 48.0, 60.0, 96.0]
+    table = dose_table([(t, a, 0.0, c, s, i) for t, a, c, s, i in doses], obs)
+    for _ in range(12):
+        p = {k: v.detach().clone().requires_grad_(True) for k, v in _near_tie_parameters(n, g).items()}
+        got = concentration(Compartments(n), p, **table)[0]
+        ref = _ref_concentration(n, p, doses, obs)
+        assert torch.isfinite(got).all()
+        assert_close(got.detach(), ref.detach(), rtol=1e-10, atol=1e-300)
+        w = torch.linspace(0.5, 1.5, len(obs), dtype=DT)
+        names = list(p)
+        g_got = torch.autograd.grad((got * w).sum(), [p[k] for k in names])
+        g_ref = torch.autograd.grad((ref * w).sum(), [p[k] for k in names])
+        for k, a, b in zip(names, g_got, g_ref):
+            assert_close(a, b, rtol=1e-10, atol=1e-12 * float(b.abs()) + 1e-300)
+
+
+@pytest.mark.parametrize("rel", [0.0, 1e-9, -1e-6, 2e-4, 0.3])
+def test_oral_terms_match_reference_with_second_derivatives(rel):
+    """Elementwise: the oral terms (single dose and steady state) and their first and
+    second derivatives in lam, ka and s against the reference, through and near the tie."""
+    lam = torch.tensor([0.7, 0.05], dtype=DT, requires_grad=True)
+    ka = (0.05 * (1 + rel) * torch.ones((), dtype=DT)).requires_grad_(True)
+    s = torch.tensor([0.0, 1e-6, 0.01, 0.5, 3.0, 11.9, 12.0, 40.0, 300.0], dtype=DT)[:, None]
+    s = s.clone().requires_grad_(True)
+    tau = torch.tensor(12.0, dtype=DT)
+    for new, ref in ((lambda: structural._oral_terms(lam, ka, s), lambda: _ref_oral(lam, ka, s)),
+                     (lambda: structural._oral_terms_ss(lam, ka, s, tau),
+                      lambda: _ref_oral_ss(lam, ka, s, tau))):
+        a, b = new(), ref()
+        assert_close(a.detach(), b.detach(), rtol=1e-12, atol=1e-300)
+        ga = torch.autograd.grad(a.sum(), [lam, ka, s], create_graph=True)
+        gb = torch.autograd.grad(b.sum(), [lam, ka, s], create_graph=True)
+        for x, y in zip(ga, gb):
+            assert_close(x.detach(), y.detach(), rtol=1e-10, atol=1e-14)
+        # Second derivatives: one row of the Hessian per variable.
+        for x, y in zip(ga, gb):
+            hx = torch.autograd.grad(x.sum(), [lam, ka, s], retain_graph=True)
+            hy = torch.autograd.grad(y.sum(), [lam, ka, s], retain_graph=True)
+            for u, v in zip(hx, hy):
+                assert_close(u, v, rtol=1e-9, atol=1e-12)
