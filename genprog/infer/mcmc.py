@@ -49,7 +49,7 @@ def _run(model, kernel, *, chains, warmup, draws, seed, init, point, backend, pr
     check_choice("fit: backend", backend, BACKENDS)
     if "target_accept" in options:
         check_float("fit: target_accept", options["target_accept"], 0.0, 1.0, True, True)
-    for name in ("max_tree_depth", "num_steps", "max_leapfrog_steps"):
+    for name in ("max_tree_depth", "num_steps", "max_leapfrog_steps", "threads"):
         if options.get(name) is not None:
             check_int(f"fit: {name}", options[name])
     _check_compile(compile)
@@ -147,7 +147,7 @@ def fit_nuts(model, *, chains: int = 4, warmup: int = 1000, draws: int = 1000, s
              target_accept: float = 0.8, max_tree_depth: int = 10, dense_mass: bool = False,
              init="median",
              point: list | None = None, backend: str = "genprog", progress: bool | None = None,
-             compile: bool | str = True):
+             compile: bool | str = True, threads: int | None = None):
     """No-U-Turn sampler.
 
     Parameters
@@ -178,6 +178,9 @@ def fit_nuts(model, *, chains: int = 4, warmup: int = 1000, draws: int = 1000, s
         every leapfrog step (:mod:`genprog.infer.compiled`; falls back, with a
         :class:`~genprog.infer.compiled.CompileWarning`, when recording fails). ``False``
         re-runs the Pyro program at every step. Ignored by ``backend="pyro"``.
+    threads : int, optional
+        Torch's intra-op threads while sampling (restored afterwards); default
+        :func:`genprog.threads.threads_for` of ``chains * D`` (one thread for usual sizes).
 
     Returns
     -------
@@ -190,17 +193,18 @@ def fit_nuts(model, *, chains: int = 4, warmup: int = 1000, draws: int = 1000, s
     return _run(model, "nuts", chains=chains, warmup=warmup, draws=draws, seed=seed, init=init,
                 point=point, backend=backend, progress=progress, compile=compile,
                 options={"target_accept": target_accept, "max_tree_depth": max_tree_depth,
-                         "dense_mass": dense_mass})
+                         "dense_mass": dense_mass, "threads": threads})
 
 
 def fit_hmc(model, *, chains: int = 4, warmup: int = 1000, draws: int = 1000, seed: int = 0,
             num_steps: int | None = None, trajectory_length: float | None = None,
             target_accept: float = 0.8, dense_mass: bool = False, init="median",
             point: list | None = None, backend: str = "genprog", progress: bool | None = None,
-            compile: bool | str = True):
+            compile: bool | str = True, threads: int | None = None):
     """Hamiltonian Monte Carlo with a fixed number of leapfrog steps (default 10) or a
     fixed ``trajectory_length``; otherwise as :func:`fit_nuts`."""
-    options = {"target_accept": target_accept, "num_steps": num_steps, "dense_mass": dense_mass}
+    options = {"target_accept": target_accept, "num_steps": num_steps, "dense_mass": dense_mass,
+               "threads": threads}
     if backend == "genprog":
         options["trajectory_length"] = trajectory_length
     return _run(model, "hmc", chains=chains, warmup=warmup, draws=draws, seed=seed, init=init,
@@ -210,7 +214,8 @@ def fit_hmc(model, *, chains: int = 4, warmup: int = 1000, draws: int = 1000, se
 def fit_chees(model, *, chains: int = 64, warmup: int = 500, draws: int = 500, seed: int = 0,
               target_accept: float = 0.651, learning_rate: float = 0.025,
               max_leapfrog_steps: int = 1000, init="median", point: list | None = None,
-              progress: bool | None = None, compile: bool | str = True):
+              progress: bool | None = None, compile: bool | str = True,
+              threads: int | None = None):
     """ChEES-HMC: many chains sharing one step size and one jittered trajectory length
     (Hoffman, Radul & Sountsov 2021); see :func:`genprog.infer.chees.sample_chees`.
 
@@ -227,7 +232,7 @@ def fit_chees(model, *, chains: int = 64, warmup: int = 500, draws: int = 500, s
         Adam's learning rate for the log trajectory length.
     max_leapfrog_steps : int
         Cap on the leapfrog steps of one transition.
-    init, point, progress, compile
+    init, point, progress, compile, threads
         As in :func:`fit_nuts`.
 
     Returns
@@ -239,4 +244,4 @@ def fit_chees(model, *, chains: int = 64, warmup: int = 500, draws: int = 500, s
     return _run(model, "chees", chains=chains, warmup=warmup, draws=draws, seed=seed,
                 init=init, point=point, backend="genprog", progress=progress, compile=compile,
                 options={"target_accept": target_accept, "learning_rate": learning_rate,
-                         "max_leapfrog_steps": max_leapfrog_steps})
+                         "max_leapfrog_steps": max_leapfrog_steps, "threads": threads})

@@ -12,7 +12,6 @@ runs (:mod:`genprog.threads`).
 
 from __future__ import annotations
 
-import operator
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ..threads import threads_for, using_threads
+from ..validation import check_int
 from .adaptation import (
     WarmupSchedule,
     dual_averaging_init,
@@ -138,22 +138,10 @@ TransitionFn = Callable[
 
 
 def check_count(name: str, v, minimum: int = 0) -> int:
-    """An integer argument (Python or NumPy int, not bool) ``>= minimum``, as ``int``.
-
-    Raises
-    ------
-    ValueError
-        Not an integer, or below ``minimum``.
-    """
-    try:
-        if isinstance(v, bool):
-            raise TypeError
-        v = operator.index(v)
-    except TypeError:
-        raise ValueError(f"{name} must be an int, got {v!r}") from None
-    if v < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {v}")
-    return v
+    """An integer argument (Python or NumPy int, not bool) ``>= minimum``, as ``int``
+    (:func:`genprog.validation.check_int`; its ``ArgumentTypeError`` for a non-integer is
+    a ``ValueError`` too)."""
+    return check_int(name, v, minimum=minimum)
 
 
 def check_sampler_args(init, target_accept, max_energy_error) -> None:

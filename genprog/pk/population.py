@@ -775,6 +775,8 @@ class PopulationModel:
         if isinstance(options.get("init"), PopulationFit):
             options["init"] = self.initial_values(options["init"], data)
         threads = options.pop("threads", None)
+        if threads is not None and method in ("nuts", "hmc", "chees"):
+            options["threads"] = threads  # the sampler holds this count while it samples
         S, T = data.obs_dv.shape
         work = S * T * max(int(data.dose_time.shape[-1]), 1) * max(int(options.get("chains", 4) or 1), 1)
         with using_threads(threads_for(work, threads)):
