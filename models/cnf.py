@@ -27,6 +27,7 @@ from torch.distributions import constraints
 from torchdiffeq import odeint
 
 from genprog.optim import minimize
+from genprog.rng import seeded
 from genprog.validation import check_int
 
 from .base import (
@@ -206,8 +207,7 @@ class ContinuousFlow(ZooModel):
         if y.dim() != 2 or not torch.isfinite(y).all():
             raise ValueError("ContinuousFlow.mle: y must be a finite [N, d] tensor")
         n, d = y.shape
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with seeded(seed):
             field = VectorField(d, hidden)
         opt = torch.optim.Adam(field.parameters(), lr=learning_rate)
         g = torch.Generator().manual_seed(seed)

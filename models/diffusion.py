@@ -543,8 +543,7 @@ class Diffusion(ZooModel):
                                        if k in options})
         t_min = float(options.get("t_min", 1e-3))
         if score is None:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
+            with seeded(seed):
                 score = ScoreNet(d, sde_obj, hidden).to(device=y.device, dtype=y.dtype)
         elif not isinstance(score, nn.Module):
             raise TypeError(f"Diffusion.mle: score must be an nn.Module, got {type(score).__name__}")

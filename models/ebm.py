@@ -530,8 +530,7 @@ class EnergyBasedModel(ZooModel):
             raise ValueError(f"EnergyBasedModel.mle: noise_scale must be positive or None, got {noise_scale!r}")
         n, d = y.shape
         if energy is None:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
+            with seeded(seed):
                 energy = EnergyNet(d, hidden).to(device=y.device, dtype=y.dtype)
         elif not isinstance(energy, nn.Module):
             raise TypeError(f"EnergyBasedModel.mle: energy must be an nn.Module, got {type(energy).__name__}")

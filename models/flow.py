@@ -21,6 +21,7 @@ import torch
 from torch.distributions import constraints
 
 from genprog.optim import minimize
+from genprog.rng import seeded
 from genprog.validation import check_int
 
 from .base import (
@@ -207,8 +208,7 @@ class Flow(ZooModel):
             raise ValueError("Flow.mle: y has NaN or infinite entries")
         n, dim = y.shape
         if transforms is None:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
+            with seeded(seed):
                 transforms = build_transforms(dim, kind, layers, hidden, count_bins)
         # standardise: the last affine transform maps the unit-scale flow to the data scale
         loc, scale = y.mean(0), y.std(0).clamp_min(1e-8)

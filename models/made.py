@@ -23,6 +23,7 @@ from torch.distributions import constraints
 from genprog.estimate import Estimate
 from genprog.monte_carlo import log_mean_exp
 from genprog.optim import minimize
+from genprog.rng import seeded
 from genprog.validation import check_int
 
 from .base import ZooModel, renamed_keywords, sample_rows, training_record
@@ -258,8 +259,7 @@ class MADE(ZooModel):
         if not bool(((y == 0) | (y == 1)).all()):
             raise ValueError("MADE.mle: y must hold 0/1 values (no NaN)")
         n, d = y.shape
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with seeded(seed):
             net = MADENet(d, hidden, order, seed)
         opt = torch.optim.Adam(net.parameters(), lr=learning_rate, weight_decay=weight_decay)
         g = torch.Generator().manual_seed(seed)

@@ -7,10 +7,15 @@ turns the record into a :class:`genprog.Fit`; ``Model.log_marginal`` dispatches 
 ``genprog.fit`` or ``genprog.pk``).
 """
 
+from .chees import sample_chees
+from .evidence import annealed_importance_sampling, find_mode, importance_sampling, laplace_evidence
+from .hmc import sample_hmc
 from .map import fit_laplace, fit_map
 from .mcmc import fit_chees, fit_hmc, fit_nuts
 from .nlme import fit_nlme
-from .saem import fit_saem
+from .nuts import sample_nuts
+from .record import InferenceRecord
+from .saem import MixedEffectsDensity, fit_saem, saem
 from .vi import fit_vi
 
 #: method name -> fitting function ``fn(model, **options) -> InferenceRecord``
@@ -28,4 +33,28 @@ FIT_METHODS = {
 #: methods whose records hold MCMC draws (checked for convergence)
 MCMC_METHODS = ("nuts", "hmc", "chees")
 
-__all__ = ["FIT_METHODS", "MCMC_METHODS", "fit_chees", "fit_hmc", "fit_laplace", "fit_map", "fit_nlme", "fit_nuts", "fit_saem", "fit_vi"]
+__all__ = [
+    # dispatch tables
+    "FIT_METHODS",
+    "MCMC_METHODS",
+    "InferenceRecord",
+    # the pure kernels, on a batched potential or an evidence target
+    "MixedEffectsDensity",
+    "annealed_importance_sampling",
+    "find_mode",
+    # Model.fit methods
+    "fit_chees",
+    "fit_hmc",
+    "fit_laplace",
+    "fit_map",
+    "fit_nlme",
+    "fit_nuts",
+    "fit_saem",
+    "fit_vi",
+    "importance_sampling",
+    "laplace_evidence",
+    "saem",
+    "sample_chees",
+    "sample_hmc",
+    "sample_nuts",
+]

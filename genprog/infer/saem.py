@@ -50,6 +50,7 @@ from pyro.distributions.transforms import biject_to
 
 from ..density import _site_log_prob
 from ..estimate import Estimate
+from ..rng import seeded
 from ..sites import is_model_site
 from .record import InferenceRecord
 
@@ -212,8 +213,7 @@ class MixedEffectsDensity:
             return torch.zeros(chains, self.n_groups, self.dim, dtype=theta.dtype, device=theta.device)
         values = {k: v.expand(chains, *v.shape) for k, v in self.unpack(theta).items()}
         seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator, device=generator.device))
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            torch.manual_seed(seed)
+        with seeded(seed), torch.no_grad():
             tr = self.density.trace(values, chains)
         usites = {}
         for s in self.sites:
