@@ -53,11 +53,11 @@ from torch import Tensor
 
 from genprog.errors import EstimatorWarning
 from genprog.estimate import Estimate
+from genprog.infer.hmc import hmc_step
 from genprog.monte_carlo import log_mean_exp
 from genprog.optim import maximize
 from genprog.rng import make_generator
 from genprog.validation import check_int
-from genprog.infer.hmc import hmc_step
 
 __all__ = [
     "EstimatorWarning",
