@@ -78,10 +78,13 @@ def conditional_modes(md: MixedEffectsDensity, theta: torch.Tensor, b0: torch.Te
     L, g, H = _grad_hess(md, theta, b)
     L = torch.where(torch.isfinite(L), L, torch.full_like(L, -math.inf))
     for _ in range(max_iters):
-        done = g.abs().amax(-1) <= tol * (1 + L.abs())
+        step = _newton_direction(torch.nan_to_num(g), torch.nan_to_num(H))
+        # converged: a vanishing gradient, or a Newton decrement (the gain a Newton step
+        # promises) below rounding of L (noisy objectives, e.g. an ODE solution, stop here)
+        decrement = 0.5 * (torch.nan_to_num(g) * step).sum(-1)
+        done = (g.abs().amax(-1) <= tol * (1 + L.abs())) | (decrement <= 10 * eps * (1 + L.abs()))
         if bool(done.all()):
             break
-        step = _newton_direction(torch.nan_to_num(g), torch.nan_to_num(H))
         t = torch.ones_like(L)
         improved = done.clone()
         new_b = b
@@ -104,7 +107,7 @@ def conditional_modes(md: MixedEffectsDensity, theta: torch.Tensor, b0: torch.Te
     return b, L
 
 
-def _robust_modes(md, theta, warm):
+def robust_modes(md, theta, warm):
     """Modes from the warm start and from ``b = 0``, the better one per group."""
     b_warm, L_warm = conditional_modes(md, theta, warm)
     b_zero, L_zero = conditional_modes(md, theta, torch.zeros_like(warm))
@@ -369,7 +372,7 @@ def fit_nlme(model, *, random, group: str | None = None, approximation: str = "l
 
     def objective(theta):
         with torch.no_grad():
-            b_hat, reset = _robust_modes(md, theta.detach(), state["b"])
+            b_hat, reset = robust_modes(md, theta.detach(), state["b"])
         if torch.isfinite(b_hat).all():
             state["b"], state["reset"] = b_hat, reset
         return log_likelihood(md, theta, b_hat)
@@ -381,7 +384,7 @@ def fit_nlme(model, *, random, group: str | None = None, approximation: str = "l
                       ConvergenceWarning, stacklevel=3)
     theta = res.z
     with torch.no_grad():
-        b_hat, reset = _robust_modes(md, theta, state["b"])
+        b_hat, reset = robust_modes(md, theta, state["b"])
     state["b"] = b_hat
     ll = float(log_likelihood(md, theta, b_hat).detach())
     if not math.isfinite(ll):
