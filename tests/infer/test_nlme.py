@@ -164,10 +164,12 @@ def test_hand_written_theo_sd_reproduces_population_model(approximation):
 def theo_ode_by_hand(dose_amt, obs_time, obs_mask, dv=None):
     """theo_sd with the one-compartment oral model as a custom torchdiffeq right-hand side
     (depot and central amounts; one dose at t = 0 per subject, as in theo_sd)."""
-    ka = pyro.sample("ka", dist.LogNormal(0.0, 10.0))
-    cl = pyro.sample("cl", dist.LogNormal(0.0, 10.0))
-    v = pyro.sample("v", dist.LogNormal(0.0, 10.0))
-    omega = pyro.sample("omega", dist.HalfNormal(torch.ones(3)).to_event(1))
+    # priors (ignored by maximum likelihood) kept moderate: the structure is read off one
+    # prior draw, and an extreme one makes the ODE stiff for an adaptive solver
+    ka = pyro.sample("ka", dist.LogNormal(math.log(1.5), 0.5))
+    cl = pyro.sample("cl", dist.LogNormal(math.log(3.0), 0.5))
+    v = pyro.sample("v", dist.LogNormal(math.log(30.0), 0.5))
+    omega = pyro.sample("omega", dist.HalfNormal(0.5 * torch.ones(3)).to_event(1))
     sigma = pyro.sample("sigma_add", dist.HalfNormal(10.0))
     with pyro.plate("subject", obs_time.shape[0]):
         eta = pyro.sample("eta", dist.Normal(torch.zeros(3), omega).to_event(1))
@@ -187,7 +189,6 @@ def theo_ode_by_hand(dose_amt, obs_time, obs_mask, dv=None):
         pyro.sample("dv", dist.Normal(conc, sigma).mask(obs_mask).to_event(1), obs=dv)
 
 
-@pytest.mark.slow
 def test_hand_written_ode_theo_sd_has_population_models_objective():
     """The structural model integrated by torchdiffeq (tolerance 1e-8): at PopulationModel's
     FOCE-I estimate (closed form), the ODE model's FOCE-I objective has the same value
@@ -205,6 +206,6 @@ def test_hand_written_ode_theo_sd_has_population_models_objective():
     theta = theta.clone().requires_grad_(True)
     ll = focei_log_likelihood(md, theta, b_hat)
     grad, = torch.autograd.grad(ll, theta)
-    ofv = -2 * float(ll) - int(data.obs_mask.sum()) * math.log(2 * math.pi)
+    ofv = -2 * float(ll.detach()) - int(data.obs_mask.sum()) * math.log(2 * math.pi)
     assert abs(ofv - ref.ofv) < 1e-4, (ofv, ref.ofv)
     assert float(grad.abs().max()) < 1e-3, grad
