@@ -13,6 +13,7 @@ Each is one small :class:`~pyro.poutine.messenger.Messenger`:
 
 from __future__ import annotations
 
+import pyro
 import pyro.distributions as dist
 import torch
 from pyro.distributions import constraints
@@ -197,3 +198,67 @@ class EnumerateDiscrete(EnumMessenger):
             super()._pyro_post_sample(msg)
         finally:
             msg["value"] = value
+
+
+class PointParameter(dist.ImproperUniform):
+    """Flat (improper) density over a ``pyro.param`` turned into a latent site: the
+    parameter is estimated (by maximum likelihood under a flat density), never given a
+    posterior. ``sample()`` returns the parameter's initial value.
+
+    Parameters
+    ----------
+    support : Constraint
+        The parameter's constraint.
+    init : Tensor
+        Its initial value.
+    event_dim : int
+        Rightmost dims of ``init`` that form one value (Pyro's ``event_dim``; default all).
+    """
+
+    def __init__(self, support, init: torch.Tensor, event_dim: int | None = None):
+        event_dim = init.dim() if event_dim is None else event_dim
+        batch = init.shape[: init.dim() - event_dim]
+        event = init.shape[init.dim() - event_dim:]
+        super().__init__(constraints.independent(support, event_dim) if event_dim else support,
+                         batch, event)
+        self.init = init
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(PointParameter, _instance)
+        new.init = self.init
+        dist.ImproperUniform.__init__(new, self.support, torch.Size(batch_shape), self.event_shape)
+        new._validate_args = self.__dict__.get("_validate_args")
+        return new
+
+    def sample(self, sample_shape=torch.Size()):
+        return self.init.expand(self._extended_shape(sample_shape)).clone()
+
+
+def is_module_parameter(name: str) -> bool:
+    """``pyro.module`` registers a network's weights as params named ``"module$$$weight"``;
+    those stay trained weights, not parameters of the generative story."""
+    return "$$$" in name
+
+
+class ParamsAsLatents(Messenger):
+    """Turn each ``pyro.param(name, init, constraint=...)`` of a model into a latent sample
+    site ``name`` with a flat density over the constraint (:class:`PointParameter`), so that
+    inference estimates it (MAP jointly; a point estimate held inside Bayesian fits) instead
+    of silently keeping its initial value. ``pyro.module`` weights are left alone."""
+
+    def _pyro_param(self, msg):
+        name = msg["args"][0]
+        if len(msg["args"]) < 2 or is_module_parameter(name):
+            return
+        init = msg["args"][1]
+        init = init() if callable(init) else init
+        init = torch.as_tensor(init)
+        if not init.is_floating_point():
+            init = init.to(torch.get_default_dtype())
+        constraint = msg["kwargs"].get("constraint", constraints.real)
+        event_dim = msg["kwargs"].get("event_dim")
+        value = pyro.sample(name, PointParameter(constraint, init.detach(), event_dim),
+                            infer={"_genprog_param": True})
+        msg["value"] = value
+        msg["done"] = True
+        msg["stop"] = True

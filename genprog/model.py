@@ -28,6 +28,7 @@ from .handlers import (
     FixSites,
     MissingValues,
     ObserveWithMissing,
+    ParamsAsLatents,
     missing_site_name,
 )
 from .infer import FIT_METHODS, MCMC_METHODS, evidence
@@ -180,8 +181,9 @@ class Model:
         return self._replace(coords={**self.coords, **{k: list(v) for k, v in coords.items()}})
 
     def base_program(self, *args, **kwargs):
-        """The model with fixed sites applied but no observations."""
-        with FixSites(self.fixed):
+        """The model with fixed sites applied but no observations (``pyro.param`` statements
+        are latent sites with a flat density: :class:`~genprog.handlers.ParamsAsLatents`)."""
+        with FixSites(self.fixed), ParamsAsLatents():
             return self.fn(*args, **kwargs)
 
     def program(self, *args, **kwargs):
@@ -192,8 +194,18 @@ class Model:
             fills[name] = pyro.sample(missing_site_name(name),
                                       MissingValues(elementwise_support(info.support), init))
             batch_ndims[name] = len(info.batch_shape)
-        with FixSites(self.fixed), ObserveWithMissing(self.observed, fills, batch_ndims):
+        with FixSites(self.fixed), ObserveWithMissing(self.observed, fills, batch_ndims), \
+                ParamsAsLatents():
             return self.fn(*args, **kwargs)
+
+    def point_parameters(self) -> list:
+        """Names of the model's ``pyro.param`` statements (not ``pyro.module`` weights) that
+        are latent (not fixed): fits estimate them as points — jointly with everything else
+        in MAP, held at the joint MAP estimate inside Laplace, VI and MCMC fits (``point=``)."""
+        with self.context(), seeded(0), torch.no_grad(), pyro.poutine.block():
+            tr = pyro.poutine.trace(self.program).get_trace(*self.args, **self.kwargs)
+        return [name for name, node in tr.nodes.items() if node["type"] == "sample"
+                and node["infer"].get("_genprog_param") and not node["infer"].get("_genprog_fixed")]
 
     @property
     def base_structure(self) -> ModelStructure:
@@ -569,11 +581,11 @@ class Model:
         if method not in FIT_METHODS:
             raise ValueError(f"fit: unknown method {method!r}; choose from {sorted(FIT_METHODS)}")
         fn = FIT_METHODS[method]
-        params = [p for p in inspect.signature(fn).parameters if p != "model"]
-        unknown = set(options) - set(params)
+        valid = params_of(fn)
+        unknown = set(options) - set(valid)
         if unknown:
             raise TypeError(
-                f"fit({method!r}) got unknown option(s) {sorted(unknown)}; valid options: {params}"
+                f"fit({method!r}) got unknown option(s) {sorted(unknown)}; valid options: {valid}"
             )
         model = self
         if fixed:
@@ -599,9 +611,15 @@ class Model:
         if options.get("point"):
             model._check_names(options["point"], "fit(point=...)",
                                allowed=[s.name for s in model.structure.latent_continuous])
+        params = model.point_parameters()
+        if params and "point" in params_of(fn):
+            options["point"] = list(dict.fromkeys([*(options.get("point") or []), *params]))
         with model.context():
             record = fn(model, **options)
-            return model.fit_from_record(record)
+            fit = model.fit_from_record(record)
+        if params:
+            fit.info["point_parameters"] = params
+        return fit
 
     def fit_from_record(self, record: InferenceRecord) -> Fit:
         """The complete :class:`~genprog.Fit` of an inference algorithm's raw record: draws
@@ -634,6 +652,11 @@ class Model:
         latent = [n for n, i in s.sites.items() if i.kind == "latent" and n not in self.observed]
         return (f"{type(self).__name__}({self.name}, latent={latent}, "
                 f"observed={sorted(self.observed)}, device={self.device or 'cpu'})")
+
+
+def params_of(fn) -> list:
+    """The options an inference function takes (its keyword parameters but ``model``)."""
+    return [p for p in inspect.signature(fn).parameters if p != "model"]
 
 
 def _standard_support(support) -> bool:
