@@ -33,7 +33,6 @@ __all__ = [
     "Welford",
     "dual_averaging_init",
     "dual_averaging_update",
-    "find_reasonable_step_size",
     "mass_matrix_windows",
     "regularized_inverse_mass",
     "step_size_search",
@@ -124,12 +123,44 @@ def step_size_search(
     step_size: Tensor | float | None = None,
     max_iters: int = 100,
 ) -> tuple[Tensor, int]:
-    """:func:`find_reasonable_step_size`, also returning the number of potential calls.
+    """Per-chain initial step size by the doubling/halving heuristic of Hoffman & Gelman.
+
+    Starting from ``step_size`` (default 1), each chain doubles (or halves) its step
+    size while a single leapfrog step from ``z`` with a fresh momentum has acceptance
+    probability above (below) 0.8, and stops at the first step size on the other side,
+    as Stan and NumPyro do. Chains search independently.
+
+    Parameters
+    ----------
+    potential_and_grad : callable ``z [B, D] -> (U [B], grad [B, D])``
+        Batched potential.
+    z, U, grad : Tensor [B, D], [B], [B, D]
+        Current positions, their potential and its gradient (must be finite).
+    inv_mass : Tensor [B, D] or [D]
+        Diagonal inverse mass matrix.
+    generator : torch.Generator or None
+        Source of the momenta.
+    step_size : float or Tensor [B], optional
+        Starting step size (default 1.0).
+    max_iters : int
+        Most doublings/halvings.
 
     Returns
     -------
     step_size : Tensor [B]
+        Step size per chain, in ``z``'s dtype.
     num_grad_evals : int
+        Calls of ``potential_and_grad`` the search made.
+
+    Examples
+    --------
+    >>> import torch
+    >>> pg = lambda z: (0.5 * (z**2).sum(-1), z)
+    >>> z = torch.zeros(3, 2)
+    >>> U, g = pg(z)
+    >>> eps, k = step_size_search(pg, z, U, g, torch.ones(2), torch.Generator().manual_seed(0))
+    >>> eps.shape
+    torch.Size([3])
     """
     B = z.shape[0]
     inv_mass = torch.as_tensor(inv_mass, dtype=z.dtype, device=z.device).expand(z.shape)
@@ -159,56 +190,6 @@ def step_size_search(
             break
         eps = torch.where(active, eps * torch.pow(2.0, direction), eps)
     return eps, evals
-
-
-def find_reasonable_step_size(
-    potential_and_grad: BatchedPotential,
-    z: Tensor,
-    U: Tensor,
-    grad: Tensor,
-    inv_mass: Tensor,
-    generator: torch.Generator | None,
-    *,
-    step_size: Tensor | float | None = None,
-) -> Tensor:
-    """Per-chain initial step size by the doubling/halving heuristic of Hoffman & Gelman.
-
-    Starting from ``step_size`` (default 1), each chain doubles (or halves) its step
-    size while a single leapfrog step from ``z`` with a fresh momentum has acceptance
-    probability above (below) 0.8, and stops at the first step size on the other side,
-    as Stan and NumPyro do. Chains search independently.
-
-    Parameters
-    ----------
-    potential_and_grad : callable ``z [B, D] -> (U [B], grad [B, D])``
-        Batched potential.
-    z, U, grad : Tensor [B, D], [B], [B, D]
-        Current positions, their potential and its gradient (must be finite).
-    inv_mass : Tensor [B, D] or [D]
-        Diagonal inverse mass matrix.
-    generator : torch.Generator or None
-        Source of the momenta.
-    step_size : float or Tensor [B], optional
-        Starting step size (default 1.0).
-
-    Returns
-    -------
-    Tensor [B]
-        Step size per chain, in ``z``'s dtype.
-
-    Examples
-    --------
-    >>> import torch
-    >>> pg = lambda z: (0.5 * (z**2).sum(-1), z)
-    >>> z = torch.zeros(3, 2)
-    >>> U, g = pg(z)
-    >>> eps = find_reasonable_step_size(pg, z, U, g, torch.ones(2), torch.Generator().manual_seed(0))
-    >>> eps.shape
-    torch.Size([3])
-    """
-    eps, _ = step_size_search(potential_and_grad, z, U, grad, inv_mass, generator,
-                              step_size=step_size)
-    return eps
 
 
 # ------------------------------------------------------------------- mass matrix
@@ -299,38 +280,6 @@ def regularized_inverse_mass(state: Welford) -> Tensor:
 # ------------------------------------------------------------------------- windows
 
 
-def mass_matrix_windows(warmup: int) -> list[tuple[int, int]]:
-    """Stan's slow adaptation windows as inclusive ``(first, last)`` iteration indices.
-
-    Initial buffer 75, windows of 25 doubling, terminal buffer 50; the last window is
-    stretched to the terminal buffer. When ``warmup < 150`` the buffers become 15% and
-    10% of ``warmup`` with one window in between; below 20 iterations there is none.
-
-    >>> mass_matrix_windows(1000)
-    [(75, 99), (100, 149), (150, 249), (250, 449), (450, 949)]
-    """
-    if warmup < 20:
-        return []
-    init_buffer, term_buffer, base_window = INIT_BUFFER, TERM_BUFFER, BASE_WINDOW
-    if init_buffer + term_buffer + base_window > warmup:
-        init_buffer = int(0.15 * warmup)
-        term_buffer = int(0.1 * warmup)
-        base_window = warmup - (init_buffer + term_buffer)
-    last = warmup - term_buffer - 1
-    windows = []
-    first, size = init_buffer, base_window
-    end = init_buffer + base_window - 1
-    while True:
-        windows.append((first, end))
-        if end >= last:
-            break
-        size *= 2
-        first, end = end + 1, end + size
-        if end + 2 * size >= warmup - term_buffer:
-            end = last
-    return windows
-
-
 @dataclass(frozen=True)
 class WarmupSchedule:
     """When, during warmup, to collect samples for the mass matrix and when to update it.
@@ -361,3 +310,35 @@ class WarmupSchedule:
     def is_last(self, i: int) -> bool:
         """Whether ``i`` is the last warmup iteration (the averaged step size takes over)."""
         return i == self.warmup - 1
+
+
+def mass_matrix_windows(warmup: int) -> list[tuple[int, int]]:
+    """Stan's slow adaptation windows as inclusive ``(first, last)`` iteration indices.
+
+    Initial buffer 75, windows of 25 doubling, terminal buffer 50; the last window is
+    stretched to the terminal buffer. When ``warmup < 150`` the buffers become 15% and
+    10% of ``warmup`` with one window in between; below 20 iterations there is none.
+
+    >>> mass_matrix_windows(1000)
+    [(75, 99), (100, 149), (150, 249), (250, 449), (450, 949)]
+    """
+    if warmup < 20:
+        return []
+    init_buffer, term_buffer, base_window = INIT_BUFFER, TERM_BUFFER, BASE_WINDOW
+    if init_buffer + term_buffer + base_window > warmup:
+        init_buffer = int(0.15 * warmup)
+        term_buffer = int(0.1 * warmup)
+        base_window = warmup - (init_buffer + term_buffer)
+    last = warmup - term_buffer - 1
+    windows = []
+    first, size = init_buffer, base_window
+    end = init_buffer + base_window - 1
+    while True:
+        windows.append((first, end))
+        if end >= last:
+            break
+        size *= 2
+        first, end = end + 1, end + size
+        if end + 2 * size >= warmup - term_buffer:
+            end = last
+    return windows

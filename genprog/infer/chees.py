@@ -102,21 +102,12 @@ def _chees_gradient(z0, z1, r1, accept_prob, diverging, inv_mass, t):
 
 
 def sample_chees(
-    potential_and_grad: BatchedPotential,
-    init: Tensor,
-    *,
-    warmup: int = 500,
-    draws: int = 500,
-    generator: torch.Generator | None = None,
-    target_accept: float = 0.651,
-    learning_rate: float = 0.025,
-    max_leapfrog_steps: int = 1000,
-    adapt_mass: bool = True,
-    init_step_size: float | None = None,
-    init_trajectory_length: float | None = None,
-    max_energy_error: float = 1000.0,
-    progress: bool = False,
-    threads: int | None = None,
+    potential_and_grad: BatchedPotential, init: Tensor, *,
+    warmup: int = 500, draws: int = 500, generator: torch.Generator | None = None,
+    target_accept: float = 0.651, learning_rate: float = 0.025,
+    max_leapfrog_steps: int = 1000, adapt_mass: bool = True,
+    init_step_size: float | None = None, init_trajectory_length: float | None = None,
+    max_energy_error: float = 1000.0, progress: bool = False, threads: int | None = None,
 ) -> ChEESResult:
     """Run ChEES-HMC on many chains at once (chains are the batch dimension).
 
@@ -149,10 +140,7 @@ def sample_chees(
     progress : bool
         Show a tqdm bar.
     threads : int, optional
-        Torch's intra-op threads while sampling (the previous count is restored after);
-        default :func:`genprog.threads.threads_for` of ``chains * D`` elements, which is
-        one thread for usual sizes (more threads only spin on small batched tensors, and
-        on a shared machine they oversubscribe the cores).
+        As in :func:`genprog.infer.nuts.sample_nuts`.
 
     Returns
     -------

@@ -27,7 +27,7 @@ from .sampler import (
     run_chains,
 )
 
-__all__ = ["HMCStep", "hmc_step", "hmc_transition", "sample_hmc"]
+__all__ = ["HMCStep", "hmc_step", "sample_hmc"]
 
 #: leapfrog steps per transition when neither ``num_steps`` nor ``trajectory_length`` is given
 DEFAULT_NUM_STEPS = 10
@@ -75,38 +75,6 @@ def hmc_step(
     generator: torch.Generator | None,
     max_energy_error: float = 1000.0,
 ) -> HMCStep:
-    """Momentum refresh, ``num_steps`` leapfrog steps, Metropolis test, for all chains.
-
-    Parameters are those of :func:`hmc_transition`.
-
-    Returns
-    -------
-    HMCStep
-    """
-    B = z.shape[0]
-    r0 = sample_momentum(z, inv_mass, generator)
-    H0 = U + kinetic_energy(r0, inv_mass)
-    end = integrate(potential_and_grad, z, r0, U, grad, step_size, num_steps, inv_mass, H0,
-                    max_energy_error)
-    # a diverged chain is frozen at its last finite state and rejected
-    accept_prob = torch.where(end.diverging, 0.0, torch.exp(-end.energy_error).clamp(max=1.0))
-    accept = torch.rand(B, generator=generator, dtype=z.dtype, device=z.device) < accept_prob
-    a = accept.unsqueeze(-1)
-    return HMCStep(torch.where(a, end.z, z), torch.where(accept, end.U, U),
-                   torch.where(a, end.grad, grad), accept_prob, accept, end.diverging, H0, end)
-
-
-def hmc_transition(
-    potential_and_grad: BatchedPotential,
-    z: Tensor,
-    U: Tensor,
-    grad: Tensor,
-    step_size: Tensor | float,
-    num_steps: int | Tensor,
-    inv_mass: Tensor,
-    generator: torch.Generator | None,
-    max_energy_error: float = 1000.0,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One Metropolis-corrected HMC move for every chain (or particle) at once.
 
     Draws ``r ~ N(0, M)``, integrates ``num_steps`` leapfrog steps and accepts the end
@@ -130,10 +98,9 @@ def hmc_transition(
 
     Returns
     -------
-    z, U, grad : the new state, [B, D], [B], [B, D]
-    accept_prob : Tensor [B]
-        Metropolis acceptance probability (0 for diverging chains).
-    diverging : Tensor [B], bool
+    HMCStep
+        The new state, the acceptance probabilities (0 for diverging chains), and the
+        end of the integration.
 
     Examples
     --------
@@ -142,32 +109,32 @@ def hmc_transition(
     >>> g = torch.Generator().manual_seed(0)
     >>> z = torch.randn(100, 3, generator=g)
     >>> U, grad = pg(z)
-    >>> z, U, grad, acc, div = hmc_transition(pg, z, U, grad, 0.3, 5, torch.ones(3), g)
-    >>> z.shape, bool(div.any())
+    >>> s = hmc_step(pg, z, U, grad, 0.3, 5, torch.ones(3), g)
+    >>> s.z.shape, bool(s.diverging.any())
     (torch.Size([100, 3]), False)
     """
-    s = hmc_step(potential_and_grad, z, U, grad, per_chain(step_size, z, "step_size"),
-                 num_steps, inv_mass, generator, max_energy_error)
-    return s.z, s.U, s.grad, s.accept_prob, s.diverging
+    B = z.shape[0]
+    step_size = per_chain(step_size, z, "step_size")
+    r0 = sample_momentum(z, inv_mass, generator)
+    H0 = U + kinetic_energy(r0, inv_mass)
+    end = integrate(potential_and_grad, z, r0, U, grad, step_size, num_steps, inv_mass, H0,
+                    max_energy_error)
+    # a diverged chain is frozen at its last finite state and rejected
+    accept_prob = torch.where(end.diverging, 0.0, torch.exp(-end.energy_error).clamp(max=1.0))
+    accept = torch.rand(B, generator=generator, dtype=z.dtype, device=z.device) < accept_prob
+    a = accept.unsqueeze(-1)
+    return HMCStep(torch.where(a, end.z, z), torch.where(accept, end.U, U),
+                   torch.where(a, end.grad, grad), accept_prob, accept, end.diverging, H0, end)
 
 
 def sample_hmc(
-    potential_and_grad: BatchedPotential,
-    init: Tensor,
-    *,
-    warmup: int = 1000,
-    draws: int = 1000,
-    generator: torch.Generator | None = None,
-    num_steps: int | None = None,
-    trajectory_length: float | None = None,
-    target_accept: float = 0.8,
-    adapt_mass: bool = True,
-    dense_mass: bool = False,
-    init_step_size: Tensor | float | None = None,
-    max_energy_error: float = 1000.0,
-    progress: bool = False,
-    step_size_jitter: float = 0.2,
-    threads: int | None = None,
+    potential_and_grad: BatchedPotential, init: Tensor, *,
+    warmup: int = 1000, draws: int = 1000, generator: torch.Generator | None = None,
+    num_steps: int | None = None, trajectory_length: float | None = None,
+    step_size_jitter: float = 0.2, target_accept: float = 0.8,
+    adapt_mass: bool = True, dense_mass: bool = False,
+    init_step_size: Tensor | float | None = None, max_energy_error: float = 1000.0,
+    progress: bool = False, threads: int | None = None,
 ) -> SamplerResult:
     """Run static HMC on many chains at once, with the same warmup as
     :func:`genprog.infer.nuts.sample_nuts`.

@@ -206,20 +206,12 @@ def nuts_transition(
 
 
 def sample_nuts(
-    potential_and_grad: BatchedPotential,
-    init: Tensor,
-    *,
-    warmup: int = 1000,
-    draws: int = 1000,
-    generator: torch.Generator | None = None,
-    target_accept: float = 0.8,
-    max_tree_depth: int = 10,
-    adapt_mass: bool = True,
-    dense_mass: bool = False,
-    init_step_size: Tensor | float | None = None,
-    max_energy_error: float = 1000.0,
-    progress: bool = False,
-    threads: int | None = None,
+    potential_and_grad: BatchedPotential, init: Tensor, *,
+    warmup: int = 1000, draws: int = 1000, generator: torch.Generator | None = None,
+    target_accept: float = 0.8, max_tree_depth: int = 10,
+    adapt_mass: bool = True, dense_mass: bool = False,
+    init_step_size: Tensor | float | None = None, max_energy_error: float = 1000.0,
+    progress: bool = False, threads: int | None = None,
 ) -> SamplerResult:
     """Run the No-U-Turn sampler on many chains at once (chains are the batch dimension).
 

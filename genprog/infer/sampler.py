@@ -236,17 +236,10 @@ def run_chains(
     step : callable
         The batched transition (:data:`TransitionFn`).
     potential_and_grad, init, warmup, draws, generator, target_accept, adapt_mass,
-    init_step_size, progress
+    dense_mass, init_step_size, progress, threads
         As in :func:`genprog.infer.nuts.sample_nuts` (arguments already checked).
-    dense_mass : bool
-        Estimate a dense inverse mass matrix in the windows instead of its diagonal.
     name : str
         Label of the progress bar.
-    threads : int, optional
-        Torch's intra-op threads while sampling (the previous count is restored after);
-        default :func:`genprog.threads.threads_for` of ``chains * D`` elements, which is
-        one thread for usual sizes (more threads only spin on small batched tensors, and
-        on a shared machine they oversubscribe the cores).
 
     Returns
     -------

@@ -21,9 +21,9 @@ import pytest
 import torch
 
 import genprog as gp
-from genprog.infer.adaptation import find_reasonable_step_size, mass_matrix_windows
+from genprog.infer.adaptation import mass_matrix_windows, step_size_search
 from genprog.infer.hamiltonian import leapfrog, sample_momentum
-from genprog.infer.hmc import hmc_transition, sample_hmc
+from genprog.infer.hmc import hmc_step, sample_hmc
 from genprog.infer.nuts import sample_nuts
 from genprog.infer.sampler import SamplerResult
 
@@ -428,7 +428,8 @@ def test_hmc_transition_leaves_gaussian_invariant(per_chain):
         step, steps = 0.07, 8  # close to the stability limit 0.087: acceptance ~0.8
     accs = []
     for _ in range(3):
-        z, U, grad, acc, div = hmc_transition(pg, z, U, grad, step, steps, torch.ones(2), gen)
+        s = hmc_step(pg, z, U, grad, step, steps, torch.ones(2), gen)
+        z, U, grad, acc, div = s.z, s.U, s.grad, s.accept_prob, s.diverging
         assert not div.any()
         accs.append(acc)
     acc = torch.cat(accs).mean()
@@ -471,7 +472,8 @@ def test_hmc_transition_nan_region_is_rejected():
     z = torch.full((500, 2), 0.05)
     U, grad = pg(z)
     gen = torch.Generator().manual_seed(17)
-    z1, U1, g1, acc, div = hmc_transition(pg, z, U, grad, 0.5, 10, torch.ones(2), gen)
+    s = hmc_step(pg, z, U, grad, 0.5, 10, torch.ones(2), gen)
+    z1, U1, g1, acc, div = s.z, s.U, s.grad, s.accept_prob, s.diverging
     assert div.any()
     assert torch.isfinite(z1).all() and torch.isfinite(U1).all() and torch.isfinite(g1).all()
     assert (acc[div] == 0).all()
@@ -500,14 +502,14 @@ def test_find_reasonable_step_size_scales_with_the_target():
     pg = _gaussian_pg(s)
     z = torch.zeros(3, 4, dtype=torch.float64)
     U, grad = pg(z)
-    eps = find_reasonable_step_size(pg, z, U, grad, torch.ones(3, 4, dtype=torch.float64),
-                                    torch.Generator().manual_seed(18))
+    eps, _ = step_size_search(pg, z, U, grad, torch.ones(3, 4, dtype=torch.float64),
+                              torch.Generator().manual_seed(18))
     assert eps.shape == (3,) and eps.dtype == torch.float64
     ratio = eps / s[:, 0]
     assert (ratio > 0.1).all() and (ratio < 10).all(), ratio
     # a mass matrix matching the scales makes the problem isotropic
-    eps2 = find_reasonable_step_size(pg, z, U, grad, (s**2).expand(3, 4),
-                                     torch.Generator().manual_seed(18))
+    eps2, _ = step_size_search(pg, z, U, grad, (s**2).expand(3, 4),
+                               torch.Generator().manual_seed(18))
     assert float(eps2.max() / eps2.min()) < 10
 
 
