@@ -22,6 +22,7 @@ import torch
 
 from .convergence import check_convergence
 from .density import JointDensity
+from .dtypes import default_dtype
 from .estimate import Estimate
 from .fit import Fit, deterministic_sites
 from .handlers import (
@@ -106,17 +107,9 @@ class Model:
         model has a dtype other than torch's default, that dtype as the default floating
         dtype, so literals inside the model land where the data are. Both are restored on
         exit; outside this block torch's defaults are never changed."""
-        old_dtype = torch.get_default_dtype()
-        switch = self.dtype is not None and self.dtype != old_dtype
         dev = contextlib.nullcontext() if self.device is None else torch.device(self.device)
-        try:
-            if switch:
-                torch.set_default_dtype(self.dtype)
-            with dev:
-                yield
-        finally:
-            if switch:
-                torch.set_default_dtype(old_dtype)
+        with default_dtype(self.dtype), dev:
+            yield
 
     def with_fixed(self, values: dict) -> Model:
         """A copy of the model with the sites in ``values`` held at those (already

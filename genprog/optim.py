@@ -47,6 +47,10 @@ class OptimizationResult:
     trace : tuple[float, ...]
         :func:`minimize`: the loss at every step; :func:`maximize`: the objective after
         each round.
+    grad : Tensor [D] or None
+        The gradient of the objective at ``z`` (:func:`maximize`).
+    num_rounds : int
+        L-BFGS rounds (:func:`maximize`); 0 for :func:`minimize`.
     """
 
     z: torch.Tensor | None
@@ -55,6 +59,8 @@ class OptimizationResult:
     num_iters: int
     converged: bool
     trace: tuple
+    grad: torch.Tensor | None = None
+    num_rounds: int = 0
 
 
 def minimize(loss_fn, optimizer: torch.optim.Optimizer, *, max_iters: int, window: int = 100,
@@ -164,20 +170,58 @@ def value_and_grad(objective, z: torch.Tensor):
     return val, g
 
 
-def maximize(objective, z0: torch.Tensor, max_iters: int = 1000,
-             grad_tol: float = 1e-5) -> OptimizationResult:
+def maximize(objective, z0: torch.Tensor, max_iters: int = 1000, grad_tol: float = 1e-5, *,
+             round_iters: int = 50, max_rounds: int | None = None, fresh_rounds: bool = False,
+             round_tolerances: tuple = (0.0, 0.0)) -> OptimizationResult:
     """Maximise ``objective(z [1, D]) -> [1]`` from ``z0 [D]`` with L-BFGS.
 
-    Runs rounds of 50 iterations until the max-abs gradient drops below ``grad_tol``
-    (scaled by ``1 + |objective|``), the point stops moving, or ``max_iters``. Points
-    where the objective is not finite (or a distribution rejects its parameters) send the
-    line search back.
+    Runs rounds of ``round_iters`` L-BFGS iterations until the max-abs gradient drops below
+    ``grad_tol`` (scaled by ``1 + |objective|``), the point stops moving, ``max_iters``
+    iterations or ``max_rounds`` rounds. Points where the objective is not finite (or a
+    distribution rejects its parameters) send the line search back.
+
+    Parameters
+    ----------
+    objective : callable
+        ``objective(z [1, D]) -> Tensor [1]``, differentiable in ``z``. It may keep state
+        between calls (a warm start of inner problems); it is always called last at the
+        returned point.
+    z0 : Tensor [D]
+    max_iters : int
+        L-BFGS iterations in all.
+    grad_tol : float
+        Converged when ``max |grad| <= grad_tol * (1 + |objective|)``.
+    round_iters : int
+        L-BFGS iterations per round (``max_iter`` of ``torch.optim.LBFGS``).
+    max_rounds : int, optional
+        Rounds at most (default: as many as ``max_iters`` allows).
+    fresh_rounds : bool
+        For objectives with rejected regions (a population likelihood whose inner problems
+        fail at extreme trial points): each round starts from the best point seen so far
+        with a fresh curvature history, and a line search that fails (torch's
+        ``IndexError``/``RuntimeError`` on a degenerate bracket) ends the round instead
+        of the run.
+    round_tolerances : (float, float)
+        ``tolerance_grad`` and ``tolerance_change`` of ``torch.optim.LBFGS``, which end a
+        round early (default: never).
+
+    Returns
+    -------
+    OptimizationResult
+        ``z`` the optimum, ``value`` and ``grad`` there, ``num_rounds`` the rounds run.
     """
     max_iters = check_int("max_iters", max_iters)
+    round_iters = check_int("round_iters", round_iters)
+    if max_rounds is not None:
+        max_rounds = check_int("max_rounds", max_rounds)
     z = z0.detach().clone().requires_grad_(True)
-    opt = torch.optim.LBFGS([z], lr=1.0, max_iter=50, history_size=20,
-                            tolerance_grad=0.0, tolerance_change=0.0,
-                            line_search_fn="strong_wolfe")
+    best = {"loss": math.inf, "z": z.detach().clone()}
+
+    def new_optimizer():
+        return torch.optim.LBFGS([z], lr=1.0, max_iter=round_iters, history_size=20,
+                                 tolerance_grad=round_tolerances[0],
+                                 tolerance_change=round_tolerances[1],
+                                 line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
@@ -190,13 +234,18 @@ def maximize(objective, z0: torch.Tensor, max_iters: int = 1000,
         if loss is None or not torch.isfinite(loss):
             # a large finite loss with no gradient sends the line search back
             loss = z.new_tensor(1e30) + 0 * z.sum()
+        elif fresh_rounds and float(loss.detach()) < best["loss"]:
+            best["loss"], best["z"] = float(loss.detach()), z.detach().clone()
         loss.backward()
         return loss
 
-    trace, iters, converged = [], 0, False
-    grad_norm, value = float("inf"), float("nan")
-    while iters < max_iters:
+    opt = new_optimizer()
+    trace, iters, rounds, converged = [], 0, 0, False
+    grad, value = None, float("nan")
+    while iters < max_iters and (max_rounds is None or rounds < max_rounds):
+        rounds += 1
         before = z.detach().clone()
+        done_before = iters
         try:
             opt.step(closure)
         except ValueError as e:
@@ -205,26 +254,38 @@ def maximize(objective, z0: torch.Tensor, max_iters: int = 1000,
             with torch.no_grad():
                 z.copy_(before)
             break
+        except (IndexError, RuntimeError):
+            if not fresh_rounds:
+                raise
+        if fresh_rounds and math.isfinite(best["loss"]):
+            with torch.no_grad():  # continue from the best point seen
+                z.copy_(best["z"])
         if not torch.isfinite(z).all():
             with torch.no_grad():
                 z.copy_(before)
             break
         state = opt.state[opt._params[0]]
-        iters = int(state.get("n_iter", iters + 50))
-        val, g = value_and_grad(objective, z)
+        n_iter = int(state.get("n_iter", round_iters))
+        iters = done_before + n_iter if fresh_rounds else n_iter
+        val, grad = value_and_grad(objective, z)
         value = float(val.detach())
-        grad_norm = float(g.abs().max()) if g.numel() else 0.0
         trace.append(value)
         if not math.isfinite(value):
             break
-        if grad_norm <= grad_tol * (1 + abs(value)):
+        if _max_abs(grad) <= grad_tol * (1 + abs(value)):
             converged = True
             break
         if torch.equal(before, z.detach()):
-            converged = grad_norm <= 1e-3 * (1 + abs(value))
+            converged = _max_abs(grad) <= 1e-3 * (1 + abs(value))
             break
+        if fresh_rounds:
+            opt = new_optimizer()
     if not converged:
-        val, g = value_and_grad(objective, z)
+        val, grad = value_and_grad(objective, z)
         value = float(val.detach())
-        grad_norm = float(g.abs().max()) if g.numel() else 0.0
-    return OptimizationResult(z.detach(), value, grad_norm, iters, converged, tuple(trace))
+    return OptimizationResult(z.detach(), value, _max_abs(grad), iters, converged, tuple(trace),
+                              grad=grad.detach(), num_rounds=rounds)
+
+
+def _max_abs(g: torch.Tensor) -> float:
+    return float(g.abs().max()) if g.numel() else 0.0

@@ -31,7 +31,7 @@ LAZY_ALLOWED = {
 LAYERS = [
     ("genprog.errors", 0), ("genprog.validation", 0), ("genprog.inputs", 0),
     ("genprog.estimate", 0), ("genprog.rng", 0), ("genprog.monte_carlo", 0),
-    ("genprog.threads", 0), ("genprog.optim", 0),
+    ("genprog.threads", 0), ("genprog.optim", 0), ("genprog.dtypes", 0),
     ("genprog.sites", 1), ("genprog.handlers", 1), ("genprog.vectorize", 1), ("genprog.vmap_einsum", 1),
     ("genprog.density", 1), ("genprog.convergence", 1), ("genprog.arviz_convert", 1),
     ("genprog.infer", 2),

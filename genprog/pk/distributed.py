@@ -37,6 +37,7 @@ import warnings
 import pyro
 import torch
 
+from ..dtypes import default_dtype
 from ..errors import ConvergenceWarning
 from ..threads import threads_for, using_threads
 from ..validation import check_int
@@ -44,14 +45,16 @@ from .data import read_nonmem
 from .dataset import Dataset
 from .estimation import (
     APPROXIMATIONS,
+    STATIONARY_TOL,
     LaplaceObjective,
     PopulationFit,
     _check_fixed_and_init,
     _covariance,
-    _lbfgs,
-    _start_values,
-    _stationary,
     boundary_messages,
+    flip_flop_messages,
+    maximize_likelihood,
+    outer_messages,
+    start_point,
 )
 from .sharding import concat_shards, shard_bounds, shard_dataset
 
@@ -340,66 +343,23 @@ def _fit(pop, shard, whole, rank, world, *, max_iters, max_rounds, seed, init, s
     """The outer loop of :func:`genprog.pk.estimation.fit_mle` on the summed objective."""
     tdist = _dist()
     start_time = time.perf_counter()
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    validation = pyro.validation_enabled(False)  # rejected trial points give NaN, not errors
-    validation.__enter__()
-    try:
+    # rejected trial points give NaN, not validation errors
+    with default_dtype(dtype), pyro.validation_enabled(False):
         local_pop, priors, fixed = _setup(pop, shard, whole, rank, dtype, fixed, init)
         local = LaplaceObjective(local_pop, shard, priors, fixed, approximation)
         obj = ShardedObjective(local)
-        start = {**_start_values(pop, shard, priors), **(init or {})}
-        start = {k: v for k, v in start.items() if k not in fixed}
-        phi = obj.layout.pack({k: torch.as_tensor(v, dtype=dtype) for k, v in start.items()}).detach()
-        eta = torch.zeros(shard.n_subjects, local.P, dtype=dtype, device=shard.obs_dv.device)
-        state = {"eta": eta, "best": (float("inf"), phi.clone(), eta)}
-        phi = phi.clone().requires_grad_(True)
-        opt = _lbfgs(phi, max_iters)
-        trace = []
-
-        def closure():
-            opt.zero_grad()
-            ll, eta_hat = obj.log_likelihood(phi, state["eta"])
-            loss = -ll
-            if not torch.isfinite(loss):
-                loss = loss.detach().new_tensor(1e30).requires_grad_(True) + 0 * phi.sum()
-            else:
-                state["eta"] = eta_hat
-                if float(loss.detach()) < state["best"][0]:
-                    state["best"] = (float(loss.detach()), phi.detach().clone(), eta_hat)
-            loss.backward()
-            trace.append(float(loss.detach()))
-            return loss
-
-        rounds = 0
-        for rounds in range(1, max_rounds + 1):
-            try:
-                opt.step(closure)
-            except (IndexError, RuntimeError):  # torch's line search on a degenerate bracket
-                pass
-            with torch.no_grad():
-                _, best_phi, state["eta"] = state["best"]
-                phi.copy_(best_phi)
-            with torch.enable_grad():
-                ll, eta_hat = obj.log_likelihood(phi, state["eta"])
-                grad, = torch.autograd.grad(ll, phi)
-            grad_norm = float(grad.abs().max())
-            if _stationary(grad_norm, ll) or len(trace) >= max_iters * max_rounds:
-                break
-            opt = _lbfgs(phi, max_iters)
+        phi0 = start_point(obj.layout, pop, shard, priors, fixed, init, dtype)
+        eta0 = torch.zeros(shard.n_subjects, local.P, dtype=dtype, device=shard.obs_dv.device)
+        outer = maximize_likelihood(obj, phi0, eta0, max_iters=max_iters, max_rounds=max_rounds)
+        phi, ll, grad, eta_hat = outer.phi.clone(), outer.log_likelihood, outer.grad, outer.eta
         newton, newton_cov = _newton_steps(obj, phi, ll, grad, eta_hat, newton_steps) if newton_steps else ([], None)
         if newton:
             ll, grad, eta_hat = newton[-1][1:]
-            grad_norm = float(grad.abs().max())
-        ll = ll.detach()
+            outer = dataclasses.replace(outer, phi=phi.detach(), log_likelihood=ll.detach(), grad=grad, eta=eta_hat,
+                                        converged=bool(torch.isfinite(ll)) and
+                                        float(grad.abs().max()) <= STATIONARY_TOL * (1 + abs(float(ll))))
         outer_s = time.perf_counter() - start_time
-        converged = bool(torch.isfinite(ll)) and _stationary(grad_norm, ll)
-        messages = []
-        if not converged:
-            messages.append(
-                f"L-BFGS stopped unconverged after {len(trace)} evaluations in {rounds} round(s) "
-                f"(-2LL {-2 * float(ll):.4f}, max |gradient| {grad_norm:.3g}); raise max_iters or "
-                "try other starting values (init=...)")
+        converged, messages = outer_messages(outer)
         phi = phi.detach()
         values = {k: v.detach() for k, v in obj.layout.unpack(phi).items()}
         boundary = boundary_messages(pop, values)
@@ -410,12 +370,7 @@ def _fit(pop, shard, whole, rank, world, *, max_iters, max_rounds, seed, init, s
         gathered = [None] * world
         tdist.all_gather_object(gathered, flip_ids)
         flip_ids = [i for part in gathered for i in part]
-        if flip_ids:
-            messages.append(
-                f"{len(flip_ids)} subject(s) have their EBE in the flip-flop mode (ka_i < k_i = CL_i/V_i "
-                f"while the typical ka > k), which their data favour over the mirror-image mode: "
-                f"IDs {flip_ids[:20]}{' ...' if len(flip_ids) > 20 else ''}; check their absorption "
-                "data, or use ka_above_k=True")
+        messages += flip_flop_messages(flip_ids)
         for m in messages:
             warnings.warn(f"fit(method='mle', distributed=True): {m}", ConvergenceWarning, stacklevel=4)
         covariance, se_note = None, None
@@ -449,15 +404,12 @@ def _fit(pop, shard, whole, rank, world, *, max_iters, max_rounds, seed, init, s
         minus2ll = -2 * float(ll)
         n_params = int(phi.numel())
         start_stop = shard_bounds(sum(sizes), rank, world)
-    finally:
-        validation.__exit__(None, None, None)
-        torch.set_default_dtype(old)
     return PopulationFit(
         population=result_pop, data=result_data, estimates=values, phi=phi, covariance=covariance,
         eta=eta_out, individual=individual, minus2ll=minus2ll,
         ofv=minus2ll - n_obs * math.log(2 * math.pi), n_obs=n_obs, n_params=n_params, converged=converged,
-        info={"evaluations": len(trace), "rounds": rounds, "objective_trace": trace, "grad_norm": grad_norm,
-              "seed": seed, "standard_errors": se_note or "ok",
+        info={"evaluations": len(outer.trace), "rounds": outer.rounds, "objective_trace": outer.trace,
+              "grad_norm": outer.grad_norm, "seed": seed, "standard_errors": se_note or "ok",
               "flip_flop_subjects": flip_ids, "boundary": boundary, "messages": messages,
               "timing": {"inner_s": local.inner_seconds, "inner_solves": local.inner_solves,
                          "outer_s": outer_s, "standard_errors_s": se_s},

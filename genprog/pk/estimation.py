@@ -46,7 +46,9 @@ import pyro.distributions as dist
 import torch
 from pyro.distributions.transforms import biject_to
 
+from ..dtypes import default_dtype
 from ..errors import ConvergenceWarning
+from ..optim import maximize
 from ..threads import threads_for, using_threads
 from .likelihood import observation_log_likelihood
 from .random_effects import random_effects_scale_tril
@@ -589,6 +591,27 @@ class PopulationFit:
         return pd.DataFrame({k: v.detach().cpu().numpy() for k, v in self.individual.items()},
                             index=pd.Index(self.data.ids, name="ID"))
 
+    # the population-fit protocol (genprog.pk.population_fit.PopulationResult)
+    def fitted_data(self):
+        """The data set of the fit."""
+        return self.data
+
+    def population_point(self):
+        """``(population, data, values, eta)`` in float64: the estimates by site (natural
+        scale) and the EBEs ``[S, P]``."""
+        data = self.data.to(dtype=torch.float64)
+        values = {k: torch.as_tensor(v).detach().double() for k, v in self.estimates.items()}
+        return self.population, data, values, self.eta.detach().double()
+
+    def replicate_parameters(self, n: int, gen: torch.Generator):
+        """``(population, data, values, eta, batched=False)``: every replicate of a point
+        fit uses the estimates and the EBEs ``[S, P]``."""
+        return (*self.population_point(), False)
+
+    def eta_and_omega(self):
+        """``(population, eta [S, P], omega [P] or None)``: the EBEs and the omega estimate."""
+        return self.population, self.eta, self.estimates.get("omega")
+
 
 def fit_mle(pop, data, *, max_iters: int = 200, max_rounds: int = 5, seed: int = 0,
             init: dict | None = None,
@@ -671,12 +694,6 @@ def _check_fixed_and_init(priors, fixed, init, dtype):
     return fixed
 
 
-def _lbfgs(phi, max_iters):
-    return torch.optim.LBFGS([phi], lr=1.0, max_iter=max_iters, history_size=20,
-                             tolerance_grad=1e-6, tolerance_change=1e-10,
-                             line_search_fn="strong_wolfe")
-
-
 OMEGA_NEAR_ZERO = 1e-3
 OMEGA_HUGE = 5.0
 
@@ -707,77 +724,23 @@ def _fit_mle(pop, data, *, max_iters, max_rounds, seed, init, standard_errors, d
              approximation) -> PopulationFit:
     """:func:`fit_mle` on data already in ``dtype``, under the chosen thread count."""
     start_time = time.perf_counter()
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
     # out-of-range trial points give NaN densities (rejected), not validation errors
-    validation = pyro.validation_enabled(False)
-    validation.__enter__()
-    try:
+    with default_dtype(dtype), pyro.validation_enabled(False):
         priors = pop.priors_for(data)
         fixed = _check_fixed_and_init(priors, fixed, init, dtype)
         obj = LaplaceObjective(pop, data, priors, fixed, approximation)
-        start = {**_start_values(pop, data, priors), **(init or {})}
-        start = {k: v for k, v in start.items() if k not in fixed}
-        phi = obj.layout.pack({k: torch.as_tensor(v, dtype=dtype) for k, v in start.items()}).detach()
-        eta = torch.zeros(data.n_subjects, obj.P, dtype=dtype)
-        state = {"eta": eta, "best": (float("inf"), phi.clone(), eta)}
-        phi = phi.clone().requires_grad_(True)
-        opt = _lbfgs(phi, max_iters)
-        trace = []
-
-        def closure():
-            opt.zero_grad()
-            ll, eta_hat = obj.log_likelihood(phi, state["eta"])
-            loss = -ll
-            if not torch.isfinite(loss):
-                loss = loss.detach().new_tensor(1e30).requires_grad_(True) + 0 * phi.sum()
-            else:
-                state["eta"] = eta_hat
-                if float(loss.detach()) < state["best"][0]:
-                    state["best"] = (float(loss.detach()), phi.detach().clone(), eta_hat)
-            loss.backward()
-            trace.append(float(loss.detach()))
-            return loss
-
-        # L-BFGS rounds: a line search that fails on a rejected (non-finite) trial point
-        # ends a round; a fresh round (new curvature history) usually gets past it.
-        rounds = 0
-        for rounds in range(1, max_rounds + 1):
-            try:
-                opt.step(closure)
-            except (IndexError, RuntimeError):  # torch's line search on a degenerate bracket
-                pass
-            with torch.no_grad():  # continue from the best point seen
-                _, best_phi, state["eta"] = state["best"]
-                phi.copy_(best_phi)
-            with torch.enable_grad():
-                ll, eta_hat = obj.log_likelihood(phi, state["eta"])
-                grad, = torch.autograd.grad(ll, phi)
-            grad_norm = float(grad.abs().max())
-            if _stationary(grad_norm, ll) or len(trace) >= max_iters * max_rounds:
-                break
-            opt = _lbfgs(phi, max_iters)
-        ll = ll.detach()
+        phi0 = start_point(obj.layout, pop, data, priors, fixed, init, dtype)
+        outer = maximize_likelihood(obj, phi0, torch.zeros(data.n_subjects, obj.P, dtype=dtype),
+                                    max_iters=max_iters, max_rounds=max_rounds)
+        phi, ll, eta_hat = outer.phi, outer.log_likelihood, outer.eta
         outer_s = time.perf_counter() - start_time
-        converged = bool(torch.isfinite(ll)) and _stationary(grad_norm, ll)
-        messages = []
-        if not converged:
-            messages.append(
-                f"L-BFGS stopped unconverged after {len(trace)} evaluations in {rounds} round(s) "
-                f"(-2LL {-2 * float(ll):.4f}, max |gradient| {grad_norm:.3g}); raise max_iters or "
-                "try other starting values (init=...)")
-        phi = phi.detach()
+        converged, messages = outer_messages(outer)
         values = {k: v.detach() for k, v in obj.layout.unpack(phi).items()}
         boundary = boundary_messages(pop, values)
         messages += boundary
         flipped = obj.flip_flop(values, eta_hat) if obj.P else torch.zeros(data.n_subjects, dtype=torch.bool)
         flip_ids = [data.ids[i] for i in flipped.nonzero().flatten().tolist()]
-        if flip_ids:
-            messages.append(
-                f"{len(flip_ids)} subject(s) have their EBE in the flip-flop mode (ka_i < k_i = CL_i/V_i "
-                f"while the typical ka > k), which their data favour over the mirror-image mode: "
-                f"IDs {flip_ids[:20]}{' ...' if len(flip_ids) > 20 else ''}; check their absorption "
-                "data, or use ka_above_k=True")
+        messages += flip_flop_messages(flip_ids)
         for m in messages:
             warnings.warn(f"fit(method='mle'): {m}", ConvergenceWarning, stacklevel=4)
         covariance, se_note = None, None
@@ -796,16 +759,13 @@ def _fit_mle(pop, data, *, max_iters, max_rounds, seed, init, standard_errors, d
             values["ka"] = (values["ka_minus_k"] + values["cl"] / v).detach()
         minus2ll = -2 * float(ll)
         n_params = int(phi.numel())
-    finally:
-        validation.__exit__(None, None, None)
-        torch.set_default_dtype(old)
     return PopulationFit(
         population=pop, data=data, estimates=values, phi=phi, covariance=covariance,
         eta=eta_hat.detach() if obj.P else torch.zeros(data.n_subjects, 0, dtype=dtype),
         individual=individual, minus2ll=minus2ll, ofv=minus2ll - obj.n_obs * math.log(2 * math.pi),
         n_obs=obj.n_obs, n_params=n_params, converged=converged,
-        info={"evaluations": len(trace), "rounds": rounds, "objective_trace": trace, "grad_norm": grad_norm,
-              "seed": seed, "standard_errors": se_note or "ok",
+        info={"evaluations": len(outer.trace), "rounds": outer.rounds, "objective_trace": outer.trace,
+              "grad_norm": outer.grad_norm, "seed": seed, "standard_errors": se_note or "ok",
               "flip_flop_subjects": flip_ids, "boundary": boundary, "messages": messages,
               "timing": {"inner_s": obj.inner_seconds, "inner_solves": obj.inner_solves,
                          "outer_s": outer_s, "standard_errors_s": se_s},
@@ -814,10 +774,106 @@ def _fit_mle(pop, data, *, max_iters, max_rounds, seed, init, standard_errors, d
     )
 
 
-def _stationary(grad_norm: float, ll) -> bool:
-    """The outer convergence test: largest gradient entry of the log likelihood in the
-    unconstrained parameters below ``1e-3 (1 + |log L|)``."""
-    return grad_norm < 1e-3 * (1 + abs(float(ll.detach() if torch.is_tensor(ll) else ll)))
+STATIONARY_TOL = 1e-3
+"""The outer convergence test: the largest gradient entry of the log likelihood in the
+unconstrained parameters at most ``STATIONARY_TOL * (1 + |log L|)``."""
+
+
+@dataclass
+class OuterResult:
+    """Where the outer optimisation of a population likelihood ended.
+
+    ``phi [K]`` the unconstrained estimate, ``log_likelihood`` (a 0-dim tensor) and
+    ``grad [K]`` there, ``eta [S, P]`` the EBEs there, ``converged``, ``trace`` (the
+    objective ``-log L`` at every evaluation, ``1e30`` at rejected points), ``rounds``
+    (L-BFGS rounds)."""
+
+    phi: torch.Tensor
+    log_likelihood: torch.Tensor
+    grad: torch.Tensor
+    eta: torch.Tensor
+    converged: bool
+    trace: list
+    rounds: int
+
+    @property
+    def grad_norm(self) -> float:
+        return float(self.grad.abs().max()) if self.grad.numel() else 0.0
+
+
+class WarmStartedLikelihood:
+    """``obj.log_likelihood`` as a function of ``phi`` alone, for
+    :func:`genprog.optim.maximize`: each evaluation's inner problems start from the EBEs of
+    the last finite evaluation (from the best point's EBEs when evaluated there again) as
+    well as fresh from ``eta = 0``.
+
+    ``obj`` is a :class:`LaplaceObjective` or anything with its ``log_likelihood(phi,
+    eta0) -> (log L, EBEs)`` (the sharded objective of :mod:`genprog.pk.distributed`)."""
+
+    def __init__(self, obj, eta0: torch.Tensor):
+        self.obj = obj
+        self.eta = eta0
+        self.best = (-math.inf, None, eta0)
+        self.trace = []
+        self.last = None
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        phi = z[0]
+        best_ll, best_phi, best_eta = self.best
+        start = best_eta if best_phi is not None and torch.equal(phi.detach(), best_phi) else self.eta
+        ll, eta_hat = self.obj.log_likelihood(phi, start)
+        finite = bool(torch.isfinite(ll))
+        if finite:
+            self.eta = eta_hat
+            if float(ll.detach()) > best_ll:
+                self.best = (float(ll.detach()), phi.detach().clone(), eta_hat)
+        self.trace.append(-float(ll.detach()) if finite else 1e30)
+        self.last = (ll.detach(), eta_hat)
+        return ll.reshape(1)
+
+
+def maximize_likelihood(obj, phi0: torch.Tensor, eta0: torch.Tensor, *, max_iters: int,
+                        max_rounds: int) -> OuterResult:
+    """The outer loop of population maximum likelihood: :func:`genprog.optim.maximize` (L-BFGS
+    in up to ``max_rounds`` fresh rounds of ``max_iters`` iterations, each from the best point
+    seen; a line search that fails on a rejected trial point ends a round) on the
+    warm-started likelihood of ``obj`` from ``phi0 [K]`` and EBEs ``eta0 [S, P]``."""
+    likelihood = WarmStartedLikelihood(obj, eta0)
+    res = maximize(likelihood, phi0, max_iters=max_iters * max_rounds, grad_tol=STATIONARY_TOL,
+                   round_iters=max_iters, max_rounds=max_rounds, fresh_rounds=True,
+                   round_tolerances=(1e-6, 1e-10))
+    ll, eta = likelihood.last
+    return OuterResult(phi=res.z, log_likelihood=ll, grad=res.grad, eta=eta,
+                       converged=res.converged and bool(torch.isfinite(ll)), trace=likelihood.trace,
+                       rounds=res.num_rounds)
+
+
+def start_point(layout, pop, data, priors, fixed, init, dtype) -> torch.Tensor:
+    """The unconstrained start ``phi [K]``: the default start values overridden by ``init``,
+    without the fixed sites."""
+    start = {**_start_values(pop, data, priors), **(init or {})}
+    start = {k: v for k, v in start.items() if k not in fixed}
+    return layout.pack({k: torch.as_tensor(v, dtype=dtype) for k, v in start.items()}).detach()
+
+
+def outer_messages(outer: OuterResult) -> tuple:
+    """``(converged, messages)``: the note on an unconverged outer optimisation."""
+    if outer.converged:
+        return True, []
+    return False, [
+        (f"L-BFGS stopped unconverged after {len(outer.trace)} evaluations in {outer.rounds} round(s) "
+        f"(-2LL {-2 * float(outer.log_likelihood):.4f}, max |gradient| {outer.grad_norm:.3g}); raise "
+        "max_iters or try other starting values (init=...)")]
+
+
+def flip_flop_messages(flip_ids: list) -> list:
+    """The note on subjects whose EBE sits in the flip-flop mode (IDs ``flip_ids``)."""
+    if not flip_ids:
+        return []
+    return [(f"{len(flip_ids)} subject(s) have their EBE in the flip-flop mode (ka_i < k_i = CL_i/V_i "
+            f"while the typical ka > k), which their data favour over the mirror-image mode: "
+            f"IDs {flip_ids[:20]}{' ...' if len(flip_ids) > 20 else ''}; check their absorption "
+            "data, or use ka_above_k=True")]
 
 
 def _covariance(obj, phi, eta_hat, h=1e-4):

@@ -731,10 +731,7 @@ class PopulationModel:
         def population_pk(data, dv=None):
             return pk.program(data, dv, priors)
 
-        m = Model(population_pk, data).condition(dv=dv).with_coords(subject=list(data.ids))
-        m.population = self
-        m.dataset = data
-        return m
+        return Model(population_pk, data).condition(dv=dv).with_coords(subject=list(data.ids))
 
     def initial_values(self, fit, data: Dataset, max_abs_raw: float = 3.0) -> dict:
         """Starting values of the Bayesian program from a population ML fit
@@ -820,3 +817,63 @@ class PopulationBayesFit(Fit):
         ind = pop.individual_parameters(typical, betas, eta, data)
         return pd.DataFrame({k: v.mean(0).cpu().numpy() for k, v in ind.items()},
                             index=pd.Index(data.ids, name="ID"))
+
+    # the population-fit protocol (genprog.pk.population_fit.PopulationResult)
+    def fitted_data(self) -> Dataset:
+        """The data set of the fit."""
+        return self.dataset
+
+    def flat_draws(self) -> dict:
+        """Draws ``[chain, draw, ...] -> [n, ...]`` in float64, plus the sites the fit held
+        fixed (repeated ``n`` times)."""
+        draws = {k: v.detach().double().reshape(-1, *v.shape[2:]) for k, v in self.draws.items()}
+        n = next(iter(draws.values())).shape[0]
+        for k, v in (getattr(self.model, "fixed", None) or {}).items():
+            v = torch.as_tensor(v).double()
+            draws.setdefault(k, v.expand(n, *v.shape))
+        return draws
+
+    def population_point(self):
+        """``(population, data, values, eta)`` in float64: posterior medians of the
+        population parameters by site (the correlation factor from the posterior-mean
+        correlation matrix) and the posterior-mean etas ``[S, P]``."""
+        pop, data = self.population, self.dataset.to(dtype=torch.float64)
+        draws = self.flat_draws()
+        sites = list(pop.priors_for(data))
+        missing = [s for s in sites if s not in draws]
+        if missing:
+            raise ValueError(f"diagnostics: the fit has no draws of site(s) {missing}")
+        values = {}
+        for s in sites:
+            if s == "omega_corr":
+                corr = draws[s] @ draws[s].transpose(-1, -2)
+                values[s] = torch.linalg.cholesky(corr.mean(0))
+            else:
+                values[s] = draws[s].median(0).values
+        eta = posterior_etas(pop, draws)
+        eta = eta.mean(0) if eta is not None else torch.zeros(
+            data.n_subjects, 0, dtype=torch.float64, device=data.obs_dv.device)
+        return pop, data, values, eta
+
+    def replicate_parameters(self, n: int, gen: torch.Generator):
+        """``(population, data, values, eta, batched=True)``: ``n`` posterior draws picked at
+        random by ``gen`` (``values[site]`` with a leading dim ``n``) and the same draws'
+        etas ``[n, S, P]``."""
+        pop, data = self.population, self.dataset.to(dtype=torch.float64)
+        draws = self.flat_draws()
+        n_draws = next(iter(draws.values())).shape[0]
+        idx = torch.randint(n_draws, (n,), generator=gen, device=gen.device)
+        picked = {k: v[idx.to(v.device)] for k, v in draws.items()}
+        values = {s: picked[s] for s in pop.priors_for(data)}
+        eta = posterior_etas(pop, picked)
+        if eta is None:
+            eta = torch.zeros(n, data.n_subjects, 0, dtype=torch.float64, device=data.obs_dv.device)
+        return pop, data, values, eta, True
+
+    def eta_and_omega(self):
+        """``(population, eta [S, P] or None, omega [P] or None)``: posterior-mean etas and
+        posterior-mean omega."""
+        draws = self.flat_draws()
+        eta = posterior_etas(self.population, draws)
+        omega = draws["omega"].mean(0) if "omega" in draws else None
+        return self.population, None if eta is None else eta.mean(0), omega

@@ -38,6 +38,7 @@ import warnings
 import pyro
 import torch
 
+from ..dtypes import default_dtype
 from ..errors import ConvergenceWarning
 from ..infer.saem import MixedEffectsDensity, SaemHooks, saem
 from ..threads import threads_for, using_threads
@@ -190,13 +191,8 @@ class PopulationHooks(SaemHooks):
 
 @contextlib.contextmanager
 def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        with pyro.validation_enabled(False):
-            yield
-    finally:
-        torch.set_default_dtype(old)
+    with default_dtype(torch.float64), pyro.validation_enabled(False):
+        yield
 
 
 def fit_saem(pop, data, *, exploration: int = 300, averaging: int = 200, chains: int | None = None,

@@ -115,7 +115,7 @@ def bayesian_summary(fit, pop, prob: float = 0.95) -> pd.DataFrame:
     median and central ``prob`` interval per parameter; %CV of omegas (posterior mean of
     the %CV); shrinkage from the posterior-mean etas. ``attrs`` hold LOO (elpd, se)."""
     draws = {k: v.detach().double().reshape(-1, *v.shape[2:]) for k, v in fit.draws.items()}
-    sites = [n for n in pop.default_priors(fit.model.dataset)]
+    sites = [n for n in pop.default_priors(fit.dataset)]
     values = {k: draws[k] for k in sites if k in draws}
     if pop.ka_above_k and "ka" in draws:
         # the deterministic typical ka, next to ka_minus_k
