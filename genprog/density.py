@@ -44,7 +44,7 @@ def run_vectorized(program, args, kwargs, n: int, max_plate_nesting: int):
     return poutine.trace(program).get_trace(*args, **kwargs)
 
 
-def _site_log_prob(site) -> torch.Tensor:
+def site_log_prob(site) -> torch.Tensor:
     """``log p`` of one trace site with its mask and scale applied (what
     ``Trace.compute_log_prob`` stores, without its per-site bookkeeping)."""
     lp = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
@@ -193,7 +193,7 @@ class JointDensity:
             for name, site in tr.nodes.items():
                 if not is_model_site(site):
                     continue
-                lp = _site_log_prob(site)
+                lp = site_log_prob(site)
                 if name in self.missing:
                     # missing entries of an observed site are latent: their density
                     # p(y_missing | parents) belongs to the prior (which sample_prior draws)
@@ -501,3 +501,6 @@ def _rng_devices(generator) -> list:
     if generator is not None and generator.device.type == "cuda":
         return [generator.device.index or 0]
     return []
+
+
+_site_log_prob = site_log_prob  # the former private name (infer.saem moves to the public one)

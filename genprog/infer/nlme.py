@@ -34,7 +34,7 @@ import warnings
 
 import torch
 
-from ..density import _site_log_prob
+from ..density import site_log_prob
 from ..errors import ConvergenceWarning
 from ..optim import maximize
 from ..rng import make_generator
@@ -199,7 +199,7 @@ def focei_information(md: MixedEffectsDensity, theta: torch.Tensor, b: torch.Ten
             loc, scale = (t.expand(shape) for t in pair)
             keep = _keep_mask(fn, levels).to(loc.device)
             gaussian.append((node, loc, scale, keep))
-            term = _site_log_prob(node)
+            term = site_log_prob(node)
             while term.dim() < k + 1:
                 term = term.unsqueeze(0)
             L_gauss = L_gauss + md.per_group(term.expand(1, *term.shape[1:]), term.dim() + md.group_dim)[0]

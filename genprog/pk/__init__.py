@@ -26,7 +26,9 @@ from .distributed import fit_distributed, read_nonmem_shard
 from .estimation import PopulationFit, fit_mle
 from .ode import ODEModel, linear_compartments, michaelis_menten
 from .population import CovariateEffect, PopulationBayesFit, PopulationModel, initial_estimates
+from .population_fit import PopulationResult
 from .regimen import Regimen, simulate_data, simulate_regimen
+from .saem import fit_saem
 from .structural import (
     Compartments,
     OneCompartment,
@@ -50,6 +52,7 @@ __all__ = [
     "PopulationBayesFit",
     "PopulationFit",
     "PopulationModel",
+    "PopulationResult",
     "Regimen",
     "ThreeCompartment",
     "TwoCompartment",
@@ -58,6 +61,7 @@ __all__ = [
     "describe",
     "fit_distributed",
     "fit_mle",
+    "fit_saem",
     "individual_curves",
     "initial_estimates",
     "linear_compartments",

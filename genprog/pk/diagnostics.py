@@ -42,7 +42,7 @@ from ..validation import check_int
 from .estimation import LaplaceObjective
 from .population_fit import eta_and_omega, fit_data, fit_point, laplace_objective
 from .simulation import percentile_label, simulate
-from .summary import _shrinkage
+from .summary import eta_shrinkage
 
 _label = percentile_label  # the VPC table's column name of a percentile (tests read it)
 
@@ -190,7 +190,7 @@ def shrinkage(fit) -> pd.Series:
         model without random effects.
     """
     pop, eta, omega = eta_and_omega(fit)
-    values = _shrinkage(pop, eta, omega) if omega is not None and eta is not None else {}
+    values = eta_shrinkage(pop, eta, omega) if omega is not None and eta is not None else {}
     return pd.Series(values, dtype=float, name="shrinkage_pct").rename_axis("parameter")
 
 

@@ -81,7 +81,9 @@ class ParameterLayout:
                           for n in self.names])
 
 
-def _layout(pop, data, priors, fixed=None) -> ParameterLayout:
+def parameter_layout(pop, data, priors, fixed=None) -> ParameterLayout:
+    """The unconstrained layout of the population parameters: every prior site not in
+    ``fixed``, in prior order, mapped to the real line by ``biject_to(support)``."""
     names, shapes, transforms = [], {}, {}
     fixed = dict(fixed or {})
     for name, prior in priors.items():
@@ -93,7 +95,7 @@ def _layout(pop, data, priors, fixed=None) -> ParameterLayout:
     return ParameterLayout(names, shapes, transforms, fixed)
 
 
-def _start_values(pop, data, priors) -> dict:
+def start_values(pop, data, priors) -> dict:
     """Prior medians (typical values at the data-based guesses; omega 0.3, IOV omega 0.2;
     sigma at 0.3 x the prior scale; covariate coefficients at their prior centre, threshold
     effects at 0)."""
@@ -144,7 +146,7 @@ class LaplaceObjective:
         self.pop = pop
         self.data = data
         self.priors = priors
-        self.layout = _layout(pop, data, priors, fixed)
+        self.layout = parameter_layout(pop, data, priors, fixed)
         self.P_iiv = len(pop.random_effects)
         self.P = pop.n_random(data)  # IIV etas, then IOV kappas (occasion-major)
         self.mask = pop.observation_mask(data)
@@ -680,7 +682,9 @@ def fit_mle(pop, data, *, max_iters: int = 200, max_rounds: int = 5, seed: int =
     return fit
 
 
-def _check_fixed_and_init(priors, fixed, init, dtype):
+def check_fixed_and_init(priors, fixed, init, dtype):
+    """``fixed`` as tensors in ``dtype``, after checking that ``fixed`` and ``init`` name
+    prior sites and that the fixed values lie in their supports (ValueError naming the site)."""
     fixed = {k: torch.as_tensor(v, dtype=dtype) for k, v in (fixed or {}).items()}
     unknown = set(fixed) - set(priors)
     if unknown:
@@ -727,7 +731,7 @@ def _fit_mle(pop, data, *, max_iters, max_rounds, seed, init, standard_errors, d
     # out-of-range trial points give NaN densities (rejected), not validation errors
     with default_dtype(dtype), pyro.validation_enabled(False):
         priors = pop.priors_for(data)
-        fixed = _check_fixed_and_init(priors, fixed, init, dtype)
+        fixed = check_fixed_and_init(priors, fixed, init, dtype)
         obj = LaplaceObjective(pop, data, priors, fixed, approximation)
         phi0 = start_point(obj.layout, pop, data, priors, fixed, init, dtype)
         outer = maximize_likelihood(obj, phi0, torch.zeros(data.n_subjects, obj.P, dtype=dtype),
@@ -746,7 +750,7 @@ def _fit_mle(pop, data, *, max_iters, max_rounds, seed, init, standard_errors, d
         covariance, se_note = None, None
         se_start = time.perf_counter()
         if standard_errors:
-            covariance, se_note = _covariance(obj, phi, eta_hat)
+            covariance, se_note = covariance_of_estimates(obj, phi, eta_hat)
             if se_note:
                 warnings.warn(f"fit(method='mle'): {se_note}", ConvergenceWarning, stacklevel=4)
         se_s = time.perf_counter() - se_start
@@ -851,7 +855,7 @@ def maximize_likelihood(obj, phi0: torch.Tensor, eta0: torch.Tensor, *, max_iter
 def start_point(layout, pop, data, priors, fixed, init, dtype) -> torch.Tensor:
     """The unconstrained start ``phi [K]``: the default start values overridden by ``init``,
     without the fixed sites."""
-    start = {**_start_values(pop, data, priors), **(init or {})}
+    start = {**start_values(pop, data, priors), **(init or {})}
     start = {k: v for k, v in start.items() if k not in fixed}
     return layout.pack({k: torch.as_tensor(v, dtype=dtype) for k, v in start.items()}).detach()
 
@@ -876,7 +880,7 @@ def flip_flop_messages(flip_ids: list) -> list:
             "data, or use ka_above_k=True")]
 
 
-def _covariance(obj, phi, eta_hat, h=1e-4):
+def covariance_of_estimates(obj, phi, eta_hat, h=1e-4):
     """Inverse of the finite-difference Hessian of -log L at phi: forward differences of
     the exact gradient (``K + 1`` gradients, relative error ``~h``; the inner problems
     warm-started at the EBEs), symmetrised."""
@@ -902,3 +906,8 @@ def _covariance(obj, phi, eta_hat, h=1e-4):
         return None, ("the Hessian of -2LL is not positive definite at the estimate: standard "
                       "errors are unavailable (a parameter may be unidentifiable)")
     return torch.cholesky_inverse(chol), None
+
+
+# the former private names, while pk.saem and pk.distributed move to the public ones
+_layout, _start_values = parameter_layout, start_values
+_check_fixed_and_init, _covariance = check_fixed_and_init, covariance_of_estimates

@@ -448,12 +448,13 @@ def _oral_terms_ss(lam, ka, s, tau, single=None):
 
 def _as_tensors(values):
     tensors = [v for v in values if torch.is_tensor(v)]
-    dtype = _float_dtype(tensors)
+    dtype = float_dtype(tensors)
     device = tensors[0].device if tensors else None
     return [torch.as_tensor(v, dtype=dtype, device=device) for v in values]
 
 
-def _float_dtype(tensors):
+def float_dtype(tensors):
+    """The promoted floating dtype of ``tensors`` (torch's default when none is floating)."""
     dtype = None
     for x in tensors:
         if x.is_floating_point():
@@ -745,3 +746,6 @@ def concentration(structure, params, dose_time, dose_amt, dose_rate, dose_cmt, d
         return contrib.sum(-2)
     out = torch.zeros(contrib.shape[:-1] + (T,), dtype=contrib.dtype, device=device)
     return out.scatter_add(-1, t_idx.expand(contrib.shape), contrib)
+
+
+_float_dtype = float_dtype  # the former private name (pk.ode moves to the public one)

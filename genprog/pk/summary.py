@@ -58,7 +58,9 @@ def _scalars(pop, values: dict, batched: bool = False) -> dict:
     return rows
 
 
-def _shrinkage(pop, eta: torch.Tensor, omega: torch.Tensor) -> dict:
+def eta_shrinkage(pop, eta: torch.Tensor, omega: torch.Tensor) -> dict:
+    """Eta shrinkage per random effect, ``1 - SD(eta_i) / omega`` (NONMEM's SD form), from the
+    EBEs or posterior-mean etas ``eta [S, P]`` and ``omega [P]``; ``{"omega_<name>": percent}``."""
     if eta is None or eta.shape[-1] == 0:
         return {}
     sd = eta.double().std(0, unbiased=True)
@@ -86,7 +88,7 @@ def population_summary(fit) -> pd.DataFrame:
         se = torch.sqrt(torch.clamp(torch.einsum("ik,kl,il->i", J, fit.covariance, J), min=0))
     df = pd.DataFrame(index=pd.Index(names, name="parameter"), columns=COLUMNS, dtype=float)
     omega = fit.estimates.get("omega")
-    shrink = _shrinkage(pop, fit.eta, omega) if omega is not None else {}
+    shrink = eta_shrinkage(pop, fit.eta, omega) if omega is not None else {}
     for i, n in enumerate(names):
         e, s = float(est[i]), float(se[i])
         if n in fixed:
@@ -129,7 +131,7 @@ def bayesian_summary(fit, pop, prob: float = 0.95) -> pd.DataFrame:
     shrink = {}
     eta = posterior_etas(pop, draws)  # [n, S, P]
     if eta is not None and "omega" in values:
-        shrink = _shrinkage(pop, eta.mean(0), values["omega"].mean(0))
+        shrink = eta_shrinkage(pop, eta.mean(0), values["omega"].mean(0))
     for n, v in rows.items():
         v = v.reshape(-1)
         cv = cv_percent(v.numpy()).mean() if n.startswith("omega_") else float("nan")

@@ -176,6 +176,36 @@ def test_bayesian_fit_is_summarised_at_its_point(fit, data):
     assert len(dg.plot_gof(bayes).axes) == 4
 
 
+@pytest.mark.parametrize("kind", ["point", "bayes"])
+def test_both_fit_types_implement_the_population_fit_protocol(kind, fit, data):
+    """PopulationFit and PopulationBayesFit answer the same four questions; a Bayesian fit
+    whose draws all equal the ML point gives the ML point's answers (to 1e-9)."""
+    result = fit if kind == "point" else _constant_bayes_fit(fit, data)
+    assert isinstance(result, pk.PopulationResult)
+    assert result.fitted_data().ids == data.ids
+    torch.testing.assert_close(result.fitted_data().obs_dv.double(), data.obs_dv.double(), equal_nan=True)
+    pop, d, values, eta = result.population_point()
+    assert pop is fit.population and d.obs_dv.dtype == torch.float64 and eta.shape == (12, 3)
+    for k in ("ka", "cl", "v", "omega"):
+        torch.testing.assert_close(values[k], fit.estimates[k].double(), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(eta, fit.eta.double(), rtol=1e-9, atol=1e-9)
+    _, _, rep, rep_eta, batched = result.replicate_parameters(5, torch.Generator().manual_seed(0))
+    assert batched == (kind == "bayes")
+    assert rep_eta.shape == ((5, 12, 3) if batched else (12, 3))
+    torch.testing.assert_close(rep["cl"], fit.estimates["cl"].double().expand_as(rep["cl"]))
+    _, eta_s, omega = result.eta_and_omega()
+    torch.testing.assert_close(omega.double(), fit.estimates["omega"].double())
+    torch.testing.assert_close(eta_s.double(), fit.eta.double(), rtol=1e-9, atol=1e-9)
+
+
+def test_diagnostics_refuse_what_is_not_a_population_fit(fit):
+    plain = gp.Fit("nuts", fit.population(fit.data), {"cl": torch.ones(1, 4)})
+    for call in (lambda: dg.residuals(plain), lambda: dg.shrinkage(object()),
+                 lambda: dg.simulate(fit.estimates, 10)):
+        with pytest.raises(TypeError, match="expected a population fit"):
+            call()
+
+
 def test_bayesian_simulation_uses_the_draws(fit, data):
     """A Bayesian fit simulates at its posterior draws: with every draw at the ML point the
     replicates follow the point fit's distribution (percentiles within Monte Carlo error),
