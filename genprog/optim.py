@@ -289,3 +289,17 @@ def maximize(objective, z0: torch.Tensor, max_iters: int = 1000, grad_tol: float
 
 def _max_abs(g: torch.Tensor) -> float:
     return float(g.abs().max()) if g.numel() else 0.0
+
+
+def symmetric_hessian(loss, z: torch.Tensor, hessian: torch.Tensor | None = None):
+    """The Hessian of the scalar ``loss(z [D])`` at ``z`` (or the given ``hessian [D, D]``),
+    symmetrised, and its Cholesky factor: ``(H [D, D], L [D, D] or None)``; ``L`` is None
+    where ``H`` is not finite or not positive definite (the caller says what that means)."""
+    if hessian is None:
+        with torch.enable_grad():
+            hessian = torch.autograd.functional.hessian(loss, z.detach())
+    hessian = 0.5 * (hessian.detach() + hessian.detach().T)
+    if not bool(torch.isfinite(hessian).all()):
+        return hessian, None
+    chol, info = torch.linalg.cholesky_ex(hessian)
+    return hessian, (chol if int(info) == 0 else None)

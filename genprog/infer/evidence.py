@@ -55,7 +55,7 @@ from genprog.errors import EstimatorWarning
 from genprog.estimate import Estimate
 from genprog.infer.hmc import hmc_step
 from genprog.monte_carlo import log_mean_exp
-from genprog.optim import maximize
+from genprog.optim import maximize, symmetric_hessian
 from genprog.rng import make_generator
 from genprog.validation import check_int
 
@@ -655,22 +655,18 @@ def laplace_evidence(
         log_joint = -_neg_log_joint(target, mode)
     if not bool(torch.isfinite(log_joint)):
         raise ValueError(f"laplace_evidence: the log joint at mode is {float(log_joint)}")
-    if hessian is None:
-        hessian = torch.autograd.functional.hessian(lambda v: _neg_log_joint(target, v), mode)
-        num_evaluations = 1 + dim
-    else:
+    num_evaluations = 1 + dim if hessian is None else 1
+    if hessian is not None:
         hessian = torch.as_tensor(hessian, dtype=mode.dtype, device=mode.device)
-        num_evaluations = 1
         if tuple(hessian.shape) != (dim, dim):
             raise ValueError(
                 f"laplace_evidence: hessian must have shape [{dim}, {dim}], "
                 f"got {list(hessian.shape)}"
             )
-    hessian = 0.5 * (hessian.detach() + hessian.detach().T)
+    hessian, chol = symmetric_hessian(lambda v: _neg_log_joint(target, v), mode, hessian)
     if not bool(torch.isfinite(hessian).all()):
         raise ValueError("laplace_evidence: the Hessian at the mode has non-finite entries")
-    chol, info = torch.linalg.cholesky_ex(hessian)
-    if int(info) != 0:
+    if chol is None:
         min_eig = float(torch.linalg.eigvalsh(hessian).min())
         raise ValueError(
             "laplace_evidence: the Hessian of the negative log joint at the mode is not "

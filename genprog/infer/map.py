@@ -16,7 +16,7 @@ import warnings
 import torch
 
 from ..errors import ConvergenceWarning
-from ..optim import OptimizationResult, maximize
+from ..optim import OptimizationResult, maximize, symmetric_hessian
 from ..rng import make_generator
 from ..validation import check_int, check_seed
 from .init import initial_points, nonfinite_sites
@@ -128,11 +128,8 @@ def laplace_approximation(density, z0, max_iters=1000):
     check_finite_start("Laplace", density, z0[None])
     res = maximize(lambda z: density.log_joint(z, jacobian=True), z0, max_iters)
     _check_result("Laplace mode search", res)
-    with torch.enable_grad():
-        hess = torch.autograd.functional.hessian(lambda z: -density.log_joint(z[None])[0], res.z)
-    hess = 0.5 * (hess + hess.T)
-    chol, bad = torch.linalg.cholesky_ex(hess)
-    if bad or not torch.isfinite(hess).all():
+    hess, chol = symmetric_hessian(lambda z: -density.log_joint(z[None])[0], res.z)
+    if chol is None:
         raise ValueError(
             "Laplace: the Hessian of -log p at the mode is not positive definite; the posterior "
             "is not locally Gaussian there (try 'vi' or 'nuts')"
