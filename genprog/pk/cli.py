@@ -14,8 +14,9 @@ the data set's ``OCC`` column. ``--method`` is ``mle`` (FOCE-I), ``saem``, ``vi`
 bundled theophylline example (``pk.dataset_path("theo_sd")``) is fitted.
 
 It prints the data summary (:func:`genprog.pk.describe`), the parameter table and, for
-point fits, -2LL/OFV/AIC/BIC, and writes into ``--out`` (default ``genprog-fit``):
-``summary.csv``, ``individual.csv`` (individual parameters: at the EBEs, with the etas,
+point fits, -2LL/OFV/AIC/BIC and one ``warning:`` line for every subject whose EBE the
+fit flagged in the flip-flop mode (:func:`flip_flop_lines`), and writes into ``--out``
+(default ``genprog-fit``): ``summary.csv``, ``individual.csv`` (individual parameters: at the EBEs, with the etas,
 for ``mle``; posterior means for ``vi``/``nuts``), ``residuals.csv`` (with NPDE),
 ``gof.png``, ``vpc.png``, ``npde.png``, ``individual.png`` (the first ``--individual``
 subjects); for ``vi``/``nuts`` also ``posterior.nc`` (ArviZ InferenceData as netCDF,
@@ -509,6 +510,8 @@ def _write_results(args, model, data, fit, table, stage, out, err) -> list:
         print(f"\nelpd_loo {table.attrs['elpd_loo']:.3f} (se {table.attrs['elpd_loo_se']:.3f}, "
               f"p_loo {table.attrs['p_loo']:.2f})", file=out)
     individual = fit.individual_parameters()
+    for line in flip_flop_lines(fit, individual):
+        print(line, file=out)
     eta = getattr(fit, "eta", None)      # point fits: the EBEs [S, n_random]
     if torch.is_tensor(eta) and eta.dim() == 2 and eta.shape[0] == len(individual):
         for j, p in enumerate(model.random_effects):
@@ -525,6 +528,24 @@ def _write_results(args, model, data, fit, table, stage, out, err) -> list:
         fit.save(stage / "posterior.nc")
         written.append("posterior.nc")
     return written
+
+
+def flip_flop_lines(fit, individual=None) -> list:
+    """One ``warning:`` line per subject whose EBE the fit flagged in the flip-flop mode of
+    a one-compartment oral model (``fit.info["flip_flop_subjects"]``, their IDs: ``ka_i <
+    k_i = CL_i/V_i`` while the typical ka > k), with its ``ka_i`` and ``k_i`` when
+    ``individual`` (the fit's individual parameters, one row per ID) has them."""
+    info = getattr(fit, "info", None) or {}
+    lines = []
+    for subject in info.get("flip_flop_subjects") or ():
+        rates = ""
+        if individual is not None and {"ka", "cl", "v"} <= set(individual.columns) and subject in individual.index:
+            row = individual.loc[subject]
+            rates = f" (ka_i {float(row['ka']):.4g} < k_i = CL_i/V_i {float(row['cl']) / float(row['v']):.4g})"
+        lines.append(f"warning: subject {subject}: EBE in the flip-flop mode{rates}, the mirror "
+                     "image of the population's ka > k; its ka and V may be swapped: check its "
+                     "absorption data, or refit with ka_above_k=True")
+    return lines
 
 
 def _write_diagnostics(args, data, fit, stage, out) -> list:

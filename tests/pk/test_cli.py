@@ -87,3 +87,55 @@ def test_fit_nuts_writes_inference_data(tmp_path, capsys):
     loaded = gp.load(out / "posterior.nc")
     assert loaded.draws["cl"].shape == (1, 20)
     assert "mean" in pd.read_csv(out / "summary.csv", index_col="parameter").columns
+
+
+def test_flip_flop_subjects_get_one_warning_line_each(tmp_path, capsys, monkeypatch):
+    """A fit whose ``info["flip_flop_subjects"]`` names two subjects (the FOCE-I fit of
+    theo_sd, with two IDs put into its info): the printout has one warning line for each,
+    with its ka_i and k_i = CL_i/V_i from the written individual parameters, and none for
+    the other subjects."""
+    from genprog.pk import cli
+
+    fit_once = cli._fit
+    flagged = {}
+
+    def fit_with_flags(args, model, data, err):
+        fit = fit_once(args, model, data, err)
+        assert fit.info["flip_flop_subjects"] == []   # theo_sd's EBEs are all in the ka > k mode
+        flagged["ids"] = [data.ids[2], data.ids[7]]
+        fit.info["flip_flop_subjects"] = list(flagged["ids"])
+        return fit
+
+    monkeypatch.setattr(cli, "_fit", fit_with_flags)
+    out = tmp_path / "flagged"
+    rc = main(["fit", pk.dataset_path("theo_sd"), "--structure", "1cmt-oral", "--iiv", "ka,cl,v",
+               "--error", "additive", "--n-sim", "20", "--npde-sim", "50", "--individual", "2",
+               "--out", str(out)])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    lines = [line for line in captured.out.splitlines() if "flip-flop" in line]
+    assert len(lines) == 2, captured.out
+    individual = pd.read_csv(out / "individual.csv", index_col=0)
+    for subject, line in zip(flagged["ids"], lines):
+        assert line.startswith(f"warning: subject {subject}: ")
+        row = individual.loc[int(subject)]
+        assert f"ka_i {row['ka']:.4g}" in line and f"k_i = CL_i/V_i {row['cl'] / row['v']:.4g}" in line
+
+
+def test_flip_flop_lines_without_flags_or_rates():
+    class Stub:
+        info = {"flip_flop_subjects": ["A7"]}
+
+    assert cli_lines(Stub()) == ["warning: subject A7: EBE in the flip-flop mode, the mirror image of the "
+                                 "population's ka > k; its ka and V may be swapped: check its absorption "
+                                 "data, or refit with ka_above_k=True"]
+    Stub.info = {"flip_flop_subjects": []}
+    assert cli_lines(Stub()) == []
+    Stub.info = {}
+    assert cli_lines(Stub()) == []
+
+
+def cli_lines(fit):
+    from genprog.pk.cli import flip_flop_lines
+
+    return flip_flop_lines(fit)
