@@ -126,9 +126,9 @@ def test_flip_flop_lines_without_flags_or_rates():
     class Stub:
         info = {"flip_flop_subjects": ["A7"]}
 
-    assert cli_lines(Stub()) == ["warning: subject A7: EBE in the flip-flop mode, the mirror image of the "
-                                 "population's ka > k; its ka and V may be swapped: check its absorption "
-                                 "data, or refit with ka_above_k=True"]
+    assert cli_lines(Stub()) == [("warning: subject A7: EBE in the flip-flop mode, the mirror image of the "
+                                  "population's ka > k; its ka and V may be swapped: check its absorption "
+                                  "data, or refit with ka_above_k=True")]
     Stub.info = {"flip_flop_subjects": []}
     assert cli_lines(Stub()) == []
     Stub.info = {}
