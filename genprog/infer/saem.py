@@ -363,6 +363,58 @@ class SaemResult:
     information: object = None
 
 
+# =========================================================================== sharding
+
+
+@dataclass(frozen=True)
+class GroupShard:
+    """This process's block of the groups when the groups are split over processes
+    (subject-sharded SAEM, :mod:`genprog.pk.distributed`).
+
+    Every process draws the random numbers of *all* ``total`` groups from the same seeded
+    generator and keeps its rows ``start:stop``, so each group's draws do not depend on how
+    the groups are split; everything :func:`saem` sums over groups (the M-step's value,
+    gradient and Hessian, the sufficient statistics, Louis' information, the
+    importance-sampling log likelihood) is passed through ``reduce`` before it is used, so
+    every process takes the same steps.
+
+    Attributes
+    ----------
+    start, stop : int
+        This process's groups are rows ``start:stop`` of the whole ``[total, ...]``.
+    total : int
+        ``G``, the groups of all processes.
+    reduce : callable
+        ``reduce(x: Tensor) -> Tensor`` (any shape): the sum of ``x`` over the processes,
+        identical on every process (e.g. :func:`genprog.pk.distributed.reduce_sum`).
+    """
+
+    start: int
+    stop: int
+    total: int
+    reduce: object
+
+    def __post_init__(self):
+        if not (0 <= self.start <= self.stop <= self.total):
+            raise ValueError(f"GroupShard: need 0 <= start <= stop <= total, got "
+                             f"{self.start}, {self.stop}, {self.total}")
+
+
+def _identity(x):
+    return x
+
+
+def _draw(kind, shape, gen, dtype, device, shard, axis=1, **kw):
+    """``torch.randn`` / ``torch.rand`` of ``shape`` whose group ``axis`` holds this
+    process's groups: the rows ``shard.start:shard.stop`` of the draw for all groups."""
+    f = torch.randn if kind == "normal" else torch.rand
+    if shard is None:
+        return f(shape, generator=gen, dtype=dtype, device=device)
+    full = list(shape)
+    full[axis] = shard.total
+    return f(full, generator=gen, dtype=dtype, device=device).narrow(axis, shard.start, shard.stop - shard.start)
+
+
 # =========================================================================== pieces
 
 
@@ -377,22 +429,22 @@ def _safe_log_density(md: MixedEffectsDensity, theta, b):
     return torch.where(torch.isfinite(lp), lp, torch.full_like(lp, float("-inf")))
 
 
-def _rw_step(md, theta, b, lp, scale, chol, gen):
+def _rw_step(md, theta, b, lp, scale, chol, gen, shard=None):
     """One random-walk Metropolis step of every chain and group; ``scale [G]``,
     ``chol [G, D, D]``. Returns ``(b, lp, accepted [C, G])``."""
-    z = torch.randn(b.shape, generator=gen, dtype=b.dtype, device=b.device)
+    z = _draw("normal", b.shape, gen, b.dtype, b.device, shard)
     prop = b + scale[None, :, None] * (chol[None] @ z[..., None]).squeeze(-1)
     lp_prop = _safe_log_density(md, theta, prop)
-    u = torch.rand(lp.shape, generator=gen, dtype=b.dtype, device=b.device)
+    u = _draw("uniform", lp.shape, gen, b.dtype, b.device, shard)
     accept = torch.log(u) < lp_prop - lp
     return torch.where(accept[..., None], prop, b), torch.where(accept, lp_prop, lp), accept
 
 
-def _independence_step(md, theta, b, lp, mean, tril, gen):
+def _independence_step(md, theta, b, lp, mean, tril, gen, shard=None):
     """One independence Metropolis step from ``N(mean [G, D], tril tril^T)``, with
     ``tril`` ``[D, D]`` (shared) or ``[G, D, D]`` (per group)."""
     tril = tril.expand(mean.shape[0], *tril.shape[-2:])
-    z = torch.randn(b.shape, generator=gen, dtype=b.dtype, device=b.device)
+    z = _draw("normal", b.shape, gen, b.dtype, b.device, shard)
     prop = mean[None] + (tril[None] @ z[..., None]).squeeze(-1)
     lp_prop = _safe_log_density(md, theta, prop)
 
@@ -400,7 +452,7 @@ def _independence_step(md, theta, b, lp, mean, tril, gen):
         w = torch.linalg.solve_triangular(tril[None], (x - mean[None]).unsqueeze(-1), upper=False).squeeze(-1)
         return -0.5 * (w ** 2).sum(-1) - torch.log(tril.diagonal(dim1=-2, dim2=-1)).sum(-1)[None]
 
-    u = torch.rand(lp.shape, generator=gen, dtype=b.dtype, device=b.device)
+    u = _draw("uniform", lp.shape, gen, b.dtype, b.device, shard)
     accept = torch.log(u) < lp_prop - lp + log_q(b) - log_q(prop)
     return torch.where(accept[..., None], prop, b), torch.where(accept, lp_prop, lp)
 
@@ -425,9 +477,9 @@ def _derivatives(md, theta, b, idx):
     return scores.detach(), 0.5 * (hess + hess.T).detach(), lp.detach(), tr
 
 
-def _value_grad_hess(md, theta, b, idx):
+def _value_grad_hess(md, theta, b, idx, reduce=None):
     """``sum_cg L_cg / C``, its gradient ``[k]`` and Hessian ``[k, k]`` in the coordinates
-    ``idx`` of ``theta``."""
+    ``idx`` of ``theta`` (summed over processes by ``reduce``, one collective)."""
     C = b.shape[0]
     with torch.enable_grad():
         th = theta.detach().requires_grad_(True)
@@ -435,10 +487,15 @@ def _value_grad_hess(md, theta, b, idx):
         g, = torch.autograd.grad(q, th, create_graph=True)
         rows = [torch.autograd.grad(g[j], th, retain_graph=True, allow_unused=True)[0] for j in idx]
     H = torch.stack([torch.zeros_like(th) if r is None else r for r in rows])[:, idx]
-    return q.detach(), g.detach()[idx], 0.5 * (H + H.T).detach()
+    q, g = q.detach(), g.detach()[idx]
+    if reduce is not None:
+        k = len(idx)
+        total = reduce(torch.cat([q.reshape(1), g, H.detach().reshape(-1)])).to(q.dtype)
+        q, g, H = total[0], total[1:1 + k], total[1 + k:].reshape(k, k)
+    return q, g, 0.5 * (H + H.T).detach()
 
 
-def _newton_m_step(md, theta, b, free, max_step, iters):
+def _newton_m_step(md, theta, b, free, max_step, iters, reduce=None):
     """Maximise the complete-data log likelihood of the current draws ``b`` over the
     ``free`` coordinates (BoolTensor ``[K]``): up to ``iters`` Newton steps (Hessian made
     positive definite, steps clipped to ``max_step``, halved while the objective falls),
@@ -448,7 +505,7 @@ def _newton_m_step(md, theta, b, free, max_step, iters):
     idx = [i for i in range(theta.numel()) if bool(free[i])]
     start = theta
     for _ in range(iters):
-        q, g, H = _value_grad_hess(md, theta, b, idx)
+        q, g, H = _value_grad_hess(md, theta, b, idx, reduce)
         q = float(q)
         if not (bool(torch.isfinite(g).all()) and bool(torch.isfinite(H).all())):
             break
@@ -457,7 +514,8 @@ def _newton_m_step(md, theta, b, free, max_step, iters):
         for _ in range(4):
             cand = theta.clone()
             cand[free] = cand[free] + step
-            q_cand = float(_safe_log_density(md, cand, b).sum()) / b.shape[0]
+            q_cand = _safe_log_density(md, cand, b).sum()
+            q_cand = float(q_cand if reduce is None else reduce(q_cand.reshape(1))[0]) / b.shape[0]
             if math.isfinite(q_cand) and q_cand >= q - 1e-9 * abs(q):
                 break
             step = step / 2
@@ -498,7 +556,7 @@ def saem(md: MixedEffectsDensity, theta0: torch.Tensor, *, hooks: SaemHooks | No
          mh_steps: int = 3, max_step: float = 1.0, importance_draws: int = 2000,
          importance_df: float = 5.0, seed: int = 0, b0: torch.Tensor | None = None,
          standard_errors: bool = True, newton_iters: int = 5, burn_in: int = 5,
-         conditional_draws: int = 50) -> SaemResult:
+         conditional_draws: int = 50, shard: GroupShard | None = None) -> SaemResult:
     """Maximum likelihood by SAEM (see the module docstring).
 
     Parameters
@@ -536,21 +594,40 @@ def saem(md: MixedEffectsDensity, theta0: torch.Tensor, *, hooks: SaemHooks | No
     standard_errors : bool
         Approximate the observed information (Louis) during the averaging phase. When
         every site has a closed-form M-step and this is False, no derivatives are taken.
+    shard : GroupShard, optional
+        ``md`` holds groups ``shard.start:shard.stop`` of ``shard.total`` (its density is
+        the whole model's restricted to them; call :func:`saem` on every process with the
+        same arguments but ``md``, ``b0`` and ``shard``). Random numbers are drawn for all
+        groups and each process keeps its rows; sums over groups go through
+        ``shard.reduce``; ``hooks`` must reduce their own sums (their ``statistics`` are
+        summed here). With the same ``seed`` the estimates equal those of one process
+        holding every group up to the rounding of the partial sums (about ``1e-15``
+        relative per iteration). The default ``chains`` counts all groups.
 
     Returns
     -------
     SaemResult
+        With ``shard``: ``conditional_mean``, ``conditional_cov`` and ``acceptance_rate``
+        are this process's groups' (``[stop - start, ...]``); everything else is the
+        same on every process.
     """
     t_start = time.perf_counter()
     hooks = hooks or SaemHooks()
     dtype = theta0.dtype
     gen = torch.Generator(device=theta0.device).manual_seed(int(seed))
     G, D, K = md.n_groups, md.dim, md.size
-    C = int(chains) if chains is not None else max(1, math.ceil(50 / G))
+    if shard is not None and shard.stop - shard.start != G:
+        raise ValueError(f"saem: the shard holds groups {shard.start}:{shard.stop} but the density "
+                         f"has {G} groups")
+    reduce = shard.reduce if shard is not None else None
+    C = int(chains) if chains is not None else max(1, math.ceil(50 / (shard.total if shard else G)))
     theta = theta0.detach().clone()
     values = md.unpack(theta)
     if b0 is None:
         b0 = hooks.initial_b(values)
+    if b0 is None and shard is not None and md.reparam is None:
+        raise ValueError("saem: with shard=..., pass b0 or hooks with initial_b (the default start "
+                         "draws every group from one program run, which depends on the split)")
     b = md.initial_b(theta, C, gen) if b0 is None else b0.to(dtype)[None].expand(C, G, D).clone()
     b0 = b.mean(0)
     slices = md.slices()
@@ -588,14 +665,14 @@ def saem(md: MixedEffectsDensity, theta0: torch.Tensor, *, hooks: SaemHooks | No
             lp = _safe_log_density(md, theta, b)  # theta changed: refresh
             proposal = hooks.population_proposal(values)
             if proposal is not None:
-                b, lp = _independence_step(md, theta, b, lp, proposal[0], proposal[1], gen)
+                b, lp = _independence_step(md, theta, b, lp, proposal[0], proposal[1], gen, shard)
             if k >= fitted_after:
                 # independence step from a Gaussian fitted to each group's draws so far:
                 # nearly independent draws where the conditional law is close to Gaussian
-                b, lp = _independence_step(md, theta, b, lp, prop_m1, 1.2 * chol, gen)
+                b, lp = _independence_step(md, theta, b, lp, prop_m1, 1.2 * chol, gen, shard)
             acc = torch.zeros(G, dtype=dtype, device=dev)
             for _ in range(mh_steps):
-                b, lp, accepted = _rw_step(md, theta, b, lp, scale, chol, gen)
+                b, lp, accepted = _rw_step(md, theta, b, lp, scale, chol, gen, shard)
                 acc = acc + accepted.to(dtype).mean(0)
             acc = acc / mh_steps
             # adapt the per-group proposal: scale toward 30% acceptance, shape to the draws
@@ -628,7 +705,23 @@ def saem(md: MixedEffectsDensity, theta0: torch.Tensor, *, hooks: SaemHooks | No
                     lp, tr = md.log_density(theta, b, return_trace=True)
             else:
                 scores, hess, lp, tr = _derivatives(md, theta, b, idx)
-                if not (bool(torch.isfinite(scores).all()) and bool(torch.isfinite(hess).all())):
+                pos = [idx.index(i) for i in free_idx]
+                sf = scores[..., pos]
+                outer = torch.einsum("cgk,cgl->kl", scores, scores) / C
+                outer_f = torch.einsum("cgk,cgl->kl", sf, sf) / C
+                s_now = sf.sum((0, 1)) / C
+                bad = not (bool(torch.isfinite(scores).all()) and bool(torch.isfinite(hess).all()))
+                if reduce is not None:  # one collective: the sums over every process's groups
+                    k_, f_ = len(idx), len(pos)
+                    parts = [torch.tensor([float(bad)], dtype=dtype, device=dev), hess.reshape(-1),
+                             outer.reshape(-1), outer_f.reshape(-1), s_now]
+                    total = reduce(torch.cat(parts)).to(dtype)
+                    bad = float(total[0]) > 0
+                    hess, outer, outer_f, s_now = (p_.reshape(q_.shape) for p_, q_ in zip(
+                        torch.split(total[1:], [k_ * k_, k_ * k_, f_ * f_, f_]), parts[1:]))
+                    hess, outer = hess.reshape(k_, k_), outer.reshape(k_, k_)
+                    outer_f = outer_f.reshape(f_, f_)
+                if bad:
                     # a draw where the density is not differentiable: skip this update
                     for n in md.names:
                         trace[n].append(values[n].detach().clone())
@@ -638,28 +731,29 @@ def saem(md: MixedEffectsDensity, theta0: torch.Tensor, *, hooks: SaemHooks | No
                 n_info += 1
                 Dg = _sa(Dg, scores.mean(0), 1.0 / n_info)
                 A = _sa(A, hess / C, 1.0 / n_info)
-                B = _sa(B, torch.einsum("cgk,cgl->kl", scores, scores) / C, 1.0 / n_info)
+                B = _sa(B, outer, 1.0 / n_info)
             if idx is not None and len(free_idx):
                 # the Newton preconditioner: the information of the free coordinates
-                pos = [idx.index(i) for i in free_idx]
-                sf, hf = scores[..., pos], hess[pos][:, pos]
+                hf = hess[pos][:, pos]
                 n_pre += 1  # a plain average from the last INFO_WARMUP exploration iterations on
                 A_e = _sa(A_e, hf / C, 1.0 / n_pre)
-                B_e = _sa(B_e, torch.einsum("cgk,cgl->kl", sf, sf) / C, 1.0 / n_pre)
+                B_e = _sa(B_e, outer_f, 1.0 / n_pre)
                 D_e = _sa(D_e, sf.mean(0), 1.0 / n_pre)
+            # hooks' statistics are sums over groups: summed over the processes too
             new_stats = {key: v.detach().mean(0) for key, v in hooks.statistics(values, b, tr).items()}
+            if reduce is not None:
+                new_stats = {key: reduce(v).to(v.dtype) for key, v in new_stats.items()}
             stats = {key: _sa(stats.get(key), v, gamma) for key, v in new_stats.items()}
             # ---------------------------------------------------------- maximisation
             if len(free_idx) and not phase2:
                 # exploration (step 1): the M-step of the current draws, solved by Newton
-                theta = _newton_m_step(md, theta, b, free, max_step, newton_iters)
+                theta = _newton_m_step(md, theta, b, free, max_step, newton_iters, reduce)
                 values = md.unpack(theta)
             elif len(free_idx):
                 # averaging: one stochastic-approximation Newton step, preconditioned by
                 # Louis' observed information (the complete-data one where that is not
                 # positive definite)
-                s_now = sf.sum((0, 1)) / C
-                info = -(A_e + B_e - D_e.T @ D_e)
+                info = -(A_e + B_e - (reduce or _identity)(D_e.T @ D_e))
                 if int(torch.linalg.cholesky_ex(info)[1]) != 0:
                     info = -A_e
                 step = torch.linalg.solve(_positive_definite(info, 1e-3), s_now)
@@ -681,7 +775,7 @@ def saem(md: MixedEffectsDensity, theta0: torch.Tensor, *, hooks: SaemHooks | No
     # ---------------------------------------------------------- at the estimate
     covariance = information = None
     if A is not None:
-        information = -(A + B - Dg.T @ Dg)
+        information = -(A + B - (reduce or _identity)(Dg.T @ Dg))
         information = 0.5 * (information + information.T)
         chol_i, bad = torch.linalg.cholesky_ex(information)
         if int(bad) == 0 and bool(torch.isfinite(information).all()):
@@ -693,7 +787,8 @@ def saem(md: MixedEffectsDensity, theta0: torch.Tensor, *, hooks: SaemHooks | No
         # a moving theta): they centre the importance-sampling proposals
         with pyro.validation_enabled(False):
             m1, m2 = _conditional_moments(md, theta, b, hooks.population_proposal(values),
-                                          prop_m1, chol, scale, mh_steps, conditional_draws, gen)
+                                          prop_m1, chol, scale, mh_steps, conditional_draws, gen,
+                                          shard)
     cond_cov = m2 - m1[..., :, None] * m1[..., None, :]
     cond_cov = 0.5 * (cond_cov + cond_cov.transpose(-1, -2))
     t_sim += time.perf_counter() - t0
@@ -701,7 +796,7 @@ def saem(md: MixedEffectsDensity, theta0: torch.Tensor, *, hooks: SaemHooks | No
     if importance_draws:
         with pyro.validation_enabled(False):
             ll = importance_log_likelihood(md, theta, m1, cond_cov, draws=importance_draws,
-                                           df=importance_df, generator=gen)
+                                           df=importance_df, generator=gen, shard=shard)
     else:
         ll = Estimate(float("nan"), float("nan"), "is")
     t_is = time.perf_counter() - t0
@@ -718,7 +813,8 @@ def saem(md: MixedEffectsDensity, theta0: torch.Tensor, *, hooks: SaemHooks | No
         information=information)
 
 
-def _conditional_moments(md, theta, b, proposal, fitted_mean, chol, scale, mh_steps, iterations, gen):
+def _conditional_moments(md, theta, b, proposal, fitted_mean, chol, scale, mh_steps, iterations, gen,
+                         shard=None):
     """Mean ``[G, D]`` and second moment ``[G, D, D]`` of the random effects given the data
     at ``theta``, from ``iterations`` further sweeps of every chain (no adaptation)."""
     lp = _safe_log_density(md, theta, b)
@@ -726,10 +822,10 @@ def _conditional_moments(md, theta, b, proposal, fitted_mean, chol, scale, mh_st
     s2 = torch.zeros(*b.shape[1:], b.shape[-1], dtype=b.dtype, device=b.device)
     for _ in range(iterations):
         if proposal is not None:
-            b, lp = _independence_step(md, theta, b, lp, proposal[0], proposal[1], gen)
-        b, lp = _independence_step(md, theta, b, lp, fitted_mean, 1.2 * chol, gen)
+            b, lp = _independence_step(md, theta, b, lp, proposal[0], proposal[1], gen, shard)
+        b, lp = _independence_step(md, theta, b, lp, fitted_mean, 1.2 * chol, gen, shard)
         for _ in range(mh_steps):
-            b, lp, _ = _rw_step(md, theta, b, lp, scale, chol, gen)
+            b, lp, _ = _rw_step(md, theta, b, lp, scale, chol, gen, shard)
         s1 = s1 + b.mean(0)
         s2 = s2 + (b[..., :, None] * b[..., None, :]).mean(0)
     return s1 / iterations, s2 / iterations
@@ -757,7 +853,7 @@ def _natural_stderr(md, theta, covariance) -> dict:
 def importance_log_likelihood(md: MixedEffectsDensity, theta: torch.Tensor, mean: torch.Tensor,
                               cov: torch.Tensor, *, draws: int = 2000, df: float = 5.0,
                               generator: torch.Generator | None = None, batch: int = 250,
-                              inflate: float = 1.2) -> Estimate:
+                              inflate: float = 1.2, shard: GroupShard | None = None) -> Estimate:
     """``log p(y | theta)`` by importance sampling, one Student-t proposal per group.
 
     Parameters
@@ -776,13 +872,17 @@ def importance_log_likelihood(md: MixedEffectsDensity, theta: torch.Tensor, mean
         Draws evaluated per pass (memory).
     inflate : float
         Proposal scale relative to the conditional SD (> 1 keeps the tails covered).
+    shard : GroupShard, optional
+        ``md``, ``mean`` and ``cov`` hold groups ``start:stop`` of ``total``: the draws
+        of all groups are made and this process's rows kept; the value and variance are
+        summed over the processes (the same on every process).
 
     Returns
     -------
     Estimate
         ``value`` in nats; ``stderr`` from the per-group weight variances (delta method);
         ``details``: per-group estimates ``"per_group" [G]`` and effective sample sizes
-        ``"ess" [G]``.
+        ``"ess" [G]`` (this process's groups with ``shard``).
     """
     start = time.perf_counter()
     G, D = mean.shape
@@ -796,9 +896,12 @@ def importance_log_likelihood(md: MixedEffectsDensity, theta: torch.Tensor, mean
     with torch.no_grad():
         for lo in range(0, draws, batch):
             n = min(batch, draws - lo)
-            z = torch.randn(n, G, D, generator=gen, dtype=dtype, device=mean.device)
-            chi2 = torch._standard_gamma(torch.full((n, G), df / 2, dtype=dtype, device=mean.device),
+            z = _draw("normal", (n, G, D), gen, dtype, mean.device, shard)
+            Gg = G if shard is None else shard.total
+            chi2 = torch._standard_gamma(torch.full((n, Gg), df / 2, dtype=dtype, device=mean.device),
                                          generator=gen) * 2.0
+            if shard is not None:
+                chi2 = chi2[:, shard.start:shard.stop]
             u = torch.sqrt(df / chi2)[..., None]
             b = mean[None] + u * (L[None] @ z[..., None]).squeeze(-1)
             lp = _safe_log_density(md, theta, b)
@@ -811,7 +914,11 @@ def importance_log_likelihood(md: MixedEffectsDensity, theta: torch.Tensor, mean
     per_group = top + torch.log(mean_w)
     rel_var = w.var(0) / (M * mean_w ** 2)  # Var(log mean w) by the delta method
     ess = w.sum(0) ** 2 / (w ** 2).sum(0)
-    return Estimate(float(per_group.sum()), float(rel_var.sum().sqrt()), "is", num_samples=M * G,
+    value, var = per_group.sum(), rel_var.sum()
+    if shard is not None:
+        value, var = shard.reduce(torch.stack([value, var]))
+        G = shard.total
+    return Estimate(float(value), float(var.sqrt()), "is", num_samples=M * G,
                     num_evaluations=M, wall_time_s=time.perf_counter() - start,
                     details={"per_group": per_group, "ess": ess, "proposal": f"student-t(df={df})"})
 

@@ -59,28 +59,46 @@ class PopulationHooks(SaemHooks):
         The population sites being estimated (not fixed).
     anneal : int
         Iterations of simulated annealing of the omegas (0: none).
+    priors : dict, optional
+        The priors fixing the parameter layout (default ``pop.priors_for(data)``; a shard
+        takes the whole data set's).
+    shard : genprog.infer.saem.GroupShard, optional
+        ``data`` is this process's block of subjects: the closed-form M-steps' means over
+        subjects and the observation count are summed over the processes by
+        ``shard.reduce``.
     """
 
-    def __init__(self, pop, data, sites, anneal: int = 0):
+    def __init__(self, pop, data, sites, anneal: int = 0, priors: dict | None = None, shard=None):
         self.pop = pop
         self.data = data
-        self.objective = LaplaceObjective(pop, data, pop.priors_for(data))
+        self.shard = shard
+        self.objective = LaplaceObjective(pop, data, priors if priors is not None else pop.priors_for(data))
         self.P = len(pop.random_effects)
         self.K = pop.occasions(data)[1] if pop.iov else 0
         self.Q = len(pop.iov)
         self.dim = self.P + self.K * self.Q
         self.anneal = anneal
         self.observed = pop.observation_mask(data) & ~data.obs_blq
-        self.n_obs = int(self.observed.sum())
+        self.n_obs = int(self._sum(self.observed.sum().reshape(1).to(torch.float64))[0])
         estimated = {e.param for e in pop.covariate_effects if e.estimated}
         self.referenced = [p for p in pop.random_effects if p not in estimated]
-        self.one_sigma = (len(pop.sigma_sites()) == 1 and pop.error != "combined"
-                          and not bool((pop.observation_mask(data) & data.obs_blq).any()))
+        n_blq = self._sum((pop.observation_mask(data) & data.obs_blq).sum().reshape(1).to(torch.float64))
+        self.one_sigma = (len(pop.sigma_sites()) == 1 and pop.error != "combined" and float(n_blq[0]) == 0)
         closed = [self.typical_site(p) for p in self.referenced]
         closed += ["omega"] + (["omega_corr"] if "omega_corr" in sites else [])
         closed += ["omega_iov"] if self.Q else []
         closed += list(pop.sigma_sites()) if self.one_sigma else []
         self.closed_form_sites = tuple(s for s in closed if s in sites)
+
+    def _sum(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` summed over the processes (``x`` itself without a shard)."""
+        return x if self.shard is None else self.shard.reduce(x).to(x.dtype)
+
+    def _subject_mean(self, x: torch.Tensor) -> torch.Tensor:
+        """The mean over all subjects of ``x [S, ...]`` (this process's rows)."""
+        if self.shard is None:
+            return x.mean(0)
+        return self._sum(x.sum(0)) / self.shard.total
 
     def typical_site(self, p: str) -> str:
         return "ka_minus_k" if p == "ka" and self.pop.ka_above_k else p
@@ -156,13 +174,13 @@ class PopulationHooks(SaemHooks):
             j = self.pop.random_effects.index(p)
             site = self.typical_site(p)
             if site in self.closed_form_sites:
-                out[site] = torch.exp((m1[:, j] - self.log_factor(p, values)).mean())
+                out[site] = torch.exp(self._subject_mean(m1[:, j] - self.log_factor(p, values)))
         values = {**values, **out}
         if self.P and "omega" in self.closed_form_sites:
             mu = self.mean(values)
             e1, e2 = m1[:, :self.P], m2[:, :self.P, :self.P]
-            S2 = (e2 - e1[:, :, None] * mu[:, None, :] - mu[:, :, None] * e1[:, None, :]
-                  + mu[:, :, None] * mu[:, None, :]).mean(0)
+            S2 = self._subject_mean(e2 - e1[:, :, None] * mu[:, None, :] - mu[:, :, None] * e1[:, None, :]
+                  + mu[:, :, None] * mu[:, None, :])
             S2 = 0.5 * (S2 + S2.T)
             omega = S2.diagonal().clamp_min(1e-12).sqrt()
             if iteration < self.anneal:
@@ -175,7 +193,7 @@ class PopulationHooks(SaemHooks):
                 out["omega_corr"] = L / L.norm(dim=-1, keepdim=True)  # unit rows: a correlation
         if self.Q and "omega_iov" in self.closed_form_sites:
             second = m2[:, self.P:, self.P:].diagonal(dim1=-2, dim2=-1)  # [S, K Q]
-            sd = second.reshape(-1, self.K, self.Q).mean((0, 1)).clamp_min(1e-12).sqrt()
+            sd = second.reshape(-1, self.K, self.Q).mean((0, 1)).clamp_min(1e-12).sqrt()  # iov: not sharded
             if iteration < self.anneal:
                 sd = torch.maximum(sd, 0.95 * values["omega_iov"])
             out["omega_iov"] = sd
@@ -247,29 +265,61 @@ def fit_saem(pop, data, *, exploration: int = 300, averaging: int = 200, chains:
         if unknown:
             raise ValueError(f"fit(method='saem'): unknown site(s) {sorted(unknown)} in fixed/init; "
                              f"sites: {sorted(priors)}")
-        model = pop(data)
-        if fixed:
-            model = model._replace(fixed={**model.fixed, **fixed})
-        sites = [k for k in priors if k not in fixed]
-        hooks = PopulationHooks(pop, data, sites, anneal=exploration // 2)
-        random = (["eta_raw"] if hooks.P else []) + (["kappa_raw"] if hooks.Q else [])
-        if not random:
-            raise ValueError("fit(method='saem'): the model has no random effects; use method='mle'")
-        md = MixedEffectsDensity(model.density(), random, "subject", reparam=hooks.reparam, dim=hooks.dim)
-        start = _start_values(pop, data, priors)
-        start.update({"omega": torch.ones(hooks.P)} if hooks.P else {})
-        start.update({"omega_iov": torch.full((hooks.Q,), 0.5)} if hooks.Q else {})
-        start.update({k: torch.as_tensor(v, dtype=torch.float64) for k, v in (init or {}).items()})
-        theta0 = md.pack({k: start[k] for k in md.names}).to(data.obs_dv.device)
-        res = saem(md, theta0, hooks=hooks, exploration=exploration, averaging=averaging,
-                   chains=chains, mh_steps=mh_steps, importance_draws=importance_draws, seed=seed,
-                   standard_errors=standard_errors)
+        start = saem_start_values(pop, data, priors, init)
+        md, hooks, res = run_saem(pop, data, priors, fixed, start, exploration=exploration,
+                                  averaging=averaging, chains=chains, mh_steps=mh_steps,
+                                  importance_draws=importance_draws, seed=seed,
+                                  standard_errors=standard_errors)
         return _population_fit(pop, data, priors, fixed, md, hooks, res, standard_errors, start_time)
 
 
-def _population_fit(pop, data, priors, fixed, md, hooks, res, standard_errors, start_time) -> PopulationFit:
+def saem_start_values(pop, data, priors: dict, init: dict | None) -> dict:
+    """SAEM's starting values by site (natural scale): ``fit_mle``'s data-based guesses,
+    omegas 1 (annealed down), ``omega_iov`` 0.5, overridden by ``init``."""
+    P, Q = len(pop.random_effects), len(pop.iov)
+    start = _start_values(pop, data, priors)
+    start.update({"omega": torch.ones(P)} if P else {})
+    start.update({"omega_iov": torch.full((Q,), 0.5)} if Q else {})
+    start.update({k: torch.as_tensor(v, dtype=torch.float64) for k, v in (init or {}).items()})
+    return start
+
+
+def run_saem(pop, data, priors: dict, fixed: dict, start: dict, *, exploration: int, averaging: int,
+             chains, mh_steps: int, importance_draws: int, seed: int, standard_errors: bool,
+             shard=None):
+    """The SAEM run of :func:`fit_saem` (float64, validation off) on ``data`` with the
+    given ``priors`` (the parameter layout), ``fixed`` values and ``start`` values.
+
+    ``shard`` (:class:`genprog.infer.saem.GroupShard`): ``data`` is this process's block
+    of subjects of the whole data set whose ``priors`` and ``start`` are given
+    (:func:`genprog.pk.distributed.fit_saem_distributed`). Returns ``(density, hooks,
+    SaemResult)``."""
+    model = pop(data)
+    if fixed:
+        model = model._replace(fixed={**model.fixed, **fixed})
+    sites = [k for k in priors if k not in fixed]
+    hooks = PopulationHooks(pop, data, sites, anneal=exploration // 2, priors=priors, shard=shard)
+    random = (["eta_raw"] if hooks.P else []) + (["kappa_raw"] if hooks.Q else [])
+    if not random:
+        raise ValueError("fit(method='saem'): the model has no random effects; use method='mle'")
+    md = MixedEffectsDensity(model.density(), random, "subject", reparam=hooks.reparam, dim=hooks.dim)
+    theta0 = md.pack({k: start[k] for k in md.names}).to(data.obs_dv.device)
+    res = saem(md, theta0, hooks=hooks, exploration=exploration, averaging=averaging,
+               chains=chains, mh_steps=mh_steps, importance_draws=importance_draws, seed=seed,
+               standard_errors=standard_errors, shard=shard)
+    return md, hooks, res
+
+
+def _population_fit(pop, data, priors, fixed, md, hooks, res, standard_errors, start_time,
+                    summed=None, gather=None) -> PopulationFit:
     """A :class:`PopulationFit` from a SAEM result: EBEs and the FOCE-I OFV at the
-    estimates, the covariance in ``fit_mle``'s parameter layout."""
+    estimates, the covariance in ``fit_mle``'s parameter layout.
+
+    Subject-sharded (:func:`genprog.pk.distributed.fit_saem_distributed`): ``summed(obj)``
+    wraps this process's FOCE-I objective into the whole data set's (its
+    ``log_likelihood`` summed over the processes), and ``gather(pop, data, eta [S_r, P],
+    conditional mean [S_r, D], acceptance [S_r], n_obs)`` returns the same six for the
+    fit (the whole data set's on rank 0)."""
     layout = _layout(pop, data, priors, fixed)
     values = dict(res.estimates)
     phi = layout.pack(values).detach()
@@ -287,27 +337,31 @@ def _population_fit(pop, data, priors, fixed, md, hooks, res, standard_errors, s
     if hooks.P:
         cond_mean[:, :hooks.P] = cond_mean[:, :hooks.P] - hooks.mean({**values, **fixed})
     eta_hat = obj.ebe({**values, **fixed}, cond_mean)
-    ll_focei, eta_hat = obj.log_likelihood(phi, eta_hat)
+    ll_focei, eta_hat = (summed(obj) if summed else obj).log_likelihood(phi, eta_hat)
+    acceptance, n_obs = res.acceptance_rate, obj.n_obs
+    if gather:
+        pop, data, eta_hat, cond_mean, acceptance, n_obs = gather(pop, data, eta_hat.detach(), cond_mean,
+                                                                  acceptance, n_obs)
     typical, betas, _ = obj.split({**values, **fixed})
     individual = pop.individual_parameters(typical, betas, eta_hat[:, :obj.P_iiv] if obj.P_iiv else None, data)
     individual = {k: v.detach().expand(data.n_subjects) for k, v in individual.items()}
     if pop.ka_above_k:
         v = values["v"] if "v" in values else values["v1"]
         values["ka"] = (values["ka_minus_k"] + values["cl"] / v).detach()
-    log2pi = obj.n_obs * math.log(2 * math.pi)
+    log2pi = n_obs * math.log(2 * math.pi)
     minus2ll = res.minus2ll
     focei = -2 * float(ll_focei.detach())
     info = {"ofv_focei": focei - log2pi, "minus2ll_focei": focei,
             "minus2ll_stderr": res.minus2ll_stderr, "ofv_stderr": res.minus2ll_stderr,
             "ofv_method": "importance sampling (Student-t proposal per subject)",
             "eta_conditional_mean": cond_mean, "trace": res.trace, "timings": res.timings,
-            "iterations": res.iterations, "chains": res.chains, "acceptance_rate": res.acceptance_rate,
+            "iterations": res.iterations, "chains": res.chains, "acceptance_rate": acceptance,
             "closed_form_sites": hooks.closed_form_sites, "seed": res.seed, "saem": res,
             "standard_errors": "ok" if covariance is not None else "unavailable",
             "wall_time_s": time.perf_counter() - start_time, "layout": layout.names}
     return PopulationFit(
         population=pop, data=data, estimates=values, phi=phi, covariance=covariance,
         eta=eta_hat.detach(), individual=individual, minus2ll=minus2ll, ofv=minus2ll - log2pi,
-        n_obs=obj.n_obs, n_params=int(phi.numel()),
+        n_obs=n_obs, n_params=int(phi.numel()),
         converged=bool(math.isfinite(minus2ll)) and all(bool(torch.isfinite(v).all()) for v in values.values()),
         method="saem", info=info, fixed=fixed, approximation="focei")

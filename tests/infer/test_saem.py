@@ -32,7 +32,7 @@ from scipy import stats
 
 import genprog as gp
 from genprog import pk
-from genprog.infer.saem import MixedEffectsDensity, fit_saem
+from genprog.infer.saem import GroupShard, MixedEffectsDensity, fit_saem, saem
 
 F64 = torch.float64
 
@@ -160,6 +160,42 @@ def test_lmm_fit_is_a_point_fit_with_conditional_means(lmm_case):
     np.testing.assert_allclose(fit.draws["b"][0, 0, :, 0].numpy(), exact.numpy(), atol=0.4 * sd)
     assert set(res.timings) >= {"simulation", "m_step", "importance_sampling", "total"}
     assert res.trace["mu"].shape == (300,)
+
+
+def _lmm_density(G=12, n=4):
+    y = simulate_lmm(G, n, 1.0, 0.8, 0.5, 7)
+    return MixedEffectsDensity(gp.Model(lmm, G, n).condition(y=y).density(), ["b"])
+
+
+def test_a_shard_of_every_group_is_bitwise_the_unsharded_run():
+    """``shard=GroupShard(0, G, G, reduce=identity)`` takes every sharded code path (the
+    draws of all groups with the shard's rows kept, the sums through ``reduce``) and must
+    reproduce the plain run bitwise; the multi-process comparison against the plain run
+    (2 and 3 gloo ranks) is in ``tests/pk/test_distributed.py``."""
+    md = _lmm_density()
+    theta0 = md.pack({"mu": torch.tensor(0.0, dtype=F64), "tau": torch.tensor(1.0, dtype=F64),
+                      "sigma": torch.tensor(1.0, dtype=F64)}).to(F64)
+    b0 = torch.zeros(md.n_groups, md.dim, dtype=F64)
+    opts = {"exploration": 15, "averaging": 25, "importance_draws": 100, "seed": 4, "b0": b0,
+            "conditional_draws": 5}
+    plain = saem(md, theta0, **opts)
+    sharded = saem(md, theta0, shard=GroupShard(0, md.n_groups, md.n_groups, lambda x: x), **opts)
+    assert torch.equal(plain.theta, sharded.theta)
+    assert plain.minus2ll == sharded.minus2ll and plain.minus2ll_stderr == sharded.minus2ll_stderr
+    assert torch.equal(plain.conditional_mean, sharded.conditional_mean)
+    assert torch.equal(plain.covariance, sharded.covariance)
+
+
+def test_bad_shards_are_refused():
+    md = _lmm_density()
+    theta0 = md.pack({"mu": torch.tensor(0.0, dtype=F64), "tau": torch.tensor(1.0, dtype=F64),
+                      "sigma": torch.tensor(1.0, dtype=F64)}).to(F64)
+    with pytest.raises(ValueError, match="the density has 12 groups"):
+        saem(md, theta0, shard=GroupShard(0, 6, 12, lambda x: x), exploration=2, averaging=2)
+    with pytest.raises(ValueError, match="pass b0"):
+        saem(md, theta0, shard=GroupShard(0, 12, 24, lambda x: x), exploration=2, averaging=2)
+    with pytest.raises(ValueError, match="start <= stop"):
+        GroupShard(5, 3, 12, lambda x: x)
 
 
 def test_seeded_and_leaves_the_global_rng_alone():

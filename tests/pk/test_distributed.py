@@ -44,6 +44,8 @@ TRUTH = {"cl": 4.0, "v": 70.0, "ka": 1.0, "omega": [0.3, 0.3], "sigma_prop": 0.1
 NEWTON = 2
 INIT = {k: torch.tensor(v, dtype=torch.float64) for k, v in TRUTH.items()}  # the tight fits start here
 THEO_MODEL = pk.PopulationModel(pk.OneCompartment(), ["ka", "cl", "v"], "additive")
+SAEM = {"exploration": 60, "averaging": 40, "importance_draws": 200, "seed": 3}  # short: a comparison
+THEO_SAEM = {"exploration": 30, "averaging": 20, "importance_draws": 100, "seed": 5}
 
 
 def _design(n: int) -> pd.DataFrame:
@@ -59,6 +61,13 @@ def _design(n: int) -> pd.DataFrame:
 def _data() -> pk.Dataset:
     design = pk.read_nonmem(_design(N_SUBJECTS)).to(dtype=torch.float64)
     return pk.simulate_data(MODEL, design, TRUTH, seed=1)
+
+
+def _saem_record(fit) -> dict:
+    return {**_record(fit), "ofv_focei": fit.info["ofv_focei"],
+            "minus2ll_stderr": fit.info["minus2ll_stderr"],
+            "eta_conditional_mean": fit.info["eta_conditional_mean"].tolist(),
+            "trace": {k: v.tolist() for k, v in fit.info["trace"].items()}}
 
 
 def _record(fit) -> dict:
@@ -144,13 +153,21 @@ def _task_focei(rank: int, world: int) -> dict:
 
 
 def _task_theo(rank: int, world: int) -> dict:
-    """theo_sd (12 subjects), every rank reading its shard of the file: FOCE-I."""
+    """theo_sd (12 subjects), every rank reading its shard of the file: FOCE-I and a short
+    SAEM."""
     shard = read_nonmem_shard(pk.dataset_path("theo_sd"), rank, world)
     fit = THEO_MODEL.fit(shard, "mle", distributed=True, newton_steps=NEWTON)
-    return {"focei": _record(fit), "shard": fit.info["distributed"]["shard"]}
+    saem = THEO_MODEL.fit(shard, "saem", distributed=True, **THEO_SAEM)
+    return {"focei": _record(fit), "saem": _saem_record(saem), "shard": fit.info["distributed"]["shard"]}
 
 
-TASKS = {"focei": _task_focei, "theo": _task_theo}
+def _task_saem(rank: int, world: int) -> dict:
+    """The 18-subject set, the whole data set on every rank: SAEM."""
+    fit = MODEL.fit(_data(), "saem", distributed=True, **SAEM)
+    return {"saem": _saem_record(fit), "shard": fit.info["distributed"]["shard"]}
+
+
+TASKS = {"focei": _task_focei, "theo": _task_theo, "saem": _task_saem}
 
 
 @pytest.fixture(scope="module")
@@ -226,7 +243,26 @@ def test_fit_needs_a_process_group():
 
 def test_unsharded_methods_are_refused():
     with pytest.raises(ValueError, match="subject-sharded fits support"):
-        MODEL.fit(pk.read_nonmem(pk.dataset_path("theo_sd")), "saem", distributed=True)
+        MODEL.fit(pk.read_nonmem(pk.dataset_path("theo_sd")), "nuts", distributed=True)
+
+
+def test_one_rank_saem_is_bitwise_the_single_process_saem(tmp_path):
+    import torch.distributed as tdist
+
+    data = pk.read_nonmem(pk.dataset_path("theo_sd"))
+    single = pk.fit_saem(THEO_MODEL, data, **THEO_SAEM)
+    tdist.init_process_group("gloo", init_method=f"file://{tmp_path / 'one'}", rank=0, world_size=1)
+    try:
+        one = THEO_MODEL.fit(data, "saem", distributed=True, **THEO_SAEM)
+        iov = pk.PopulationModel(pk.OneCompartment(), ["cl"], iov=["cl"], occasion="OCC")
+        with pytest.raises(ValueError, match="inter-occasion variability"):
+            iov.fit(data, "saem", distributed=True)
+    finally:
+        tdist.destroy_process_group()
+    assert torch.equal(one.phi, single.phi) and one.ofv == single.ofv
+    assert torch.equal(one.eta, single.eta)
+    assert one.info["ofv_focei"] == single.info["ofv_focei"]
+    assert all(torch.equal(one.info["trace"][k], v) for k, v in single.info["trace"].items())
 
 
 # ---------------------------------------------------------------------- fits
@@ -254,15 +290,50 @@ def test_two_processes_on_theo_sd_equal_the_single_process_fit(tmp_path):
         single = fit_mle_distributed(THEO_MODEL, data, newton_steps=NEWTON)
     finally:
         tdist.destroy_process_group()
+    saem = pk.fit_saem(THEO_MODEL, data, **THEO_SAEM)
     results = _launch("theo", 2, tmp_path)
-    for key in ("phi", "ofv", "estimates", "covariance"):
-        assert results[1]["focei"][key] == results[0]["focei"][key], key
+    for kind in ("focei", "saem"):
+        for key in ("phi", "ofv", "estimates", "covariance"):
+            assert results[1][kind][key] == results[0][kind][key], (kind, key)
     assert [r["shard"] for r in results] == [[0, 6], [6, 12]]
     focei = results[0]["focei"]
     assert focei["ids"] == data.ids and focei["converged"]
     assert abs(focei["ofv"] - single.ofv) < 1e-8
     assert _max_diff(focei["phi"], single.phi) < 1e-8
     assert _max_diff(focei["eta"], single.eta) < 1e-8
+    _assert_saem_equal(results[0]["saem"], saem, data)
+
+
+def _assert_saem_equal(got: dict, single, data, tol: float = 1e-8) -> None:
+    """Rank 0's sharded SAEM against the single-process one with the same seed: the same
+    draws for every subject, so the same estimates up to the rounding of partial sums
+    (measured 1e-14 to 1e-11), asserted at ``tol``."""
+    assert got["ids"] == data.ids
+    for k, v in single.info["trace"].items():  # every iteration, not only the end
+        assert _max_diff(got["trace"][k], v) < tol * max(1.0, float(v.abs().max())), k
+    assert _max_diff(got["phi"], single.phi) < tol
+    assert abs(got["ofv"] - single.ofv) < tol * max(1.0, abs(single.ofv))  # importance sampling
+    assert abs(got["ofv_focei"] - single.info["ofv_focei"]) < tol * max(1.0, abs(single.ofv))
+    assert abs(got["minus2ll_stderr"] - single.info["minus2ll_stderr"]) < tol
+    assert _max_diff(got["eta"], single.eta) < tol
+    assert _max_diff(got["eta_conditional_mean"], single.info["eta_conditional_mean"]) < tol
+    if single.covariance is None:
+        assert got["covariance"] is None
+    else:
+        assert _max_diff(got["covariance"], single.covariance) < tol * float(single.covariance.abs().max())
+
+
+@pytest.mark.slow  # SAEM on 2 and 3 gloo processes (about 40 s each)
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_saem_equals_the_single_process_saem(world, tmp_path):
+    data = _data()
+    single = pk.fit_saem(MODEL, data, **SAEM)
+    results = _launch("saem", world, tmp_path)
+    for r in results[1:]:  # every rank took the same steps
+        for key in ("phi", "ofv", "ofv_focei", "covariance", "estimates", "trace"):
+            assert r["saem"][key] == results[0]["saem"][key], key
+    assert [r["shard"] for r in results] == [list(shard_bounds(N_SUBJECTS, k, world)) for k in range(world)]
+    _assert_saem_equal(results[0]["saem"], single, data)
 
 
 @pytest.mark.slow  # two fits each on 2 and 3 gloo processes (about a minute each)
