@@ -35,6 +35,7 @@ __all__ = [
     "dual_averaging_update",
     "mass_matrix_windows",
     "regularized_inverse_mass",
+    "shrunk_covariance",
     "step_size_search",
     "welford_init",
     "welford_update",
@@ -268,10 +269,15 @@ def regularized_inverse_mass(state: Welford) -> Tensor:
     Tensor
         ``[B, D]`` / ``[D]`` (diagonal) or ``[B, D, D]`` / ``[D, D]`` (dense).
     """
-    n = float(state.n)
-    cov = state.m2 / max(state.n - 1, 1)
+    return shrunk_covariance(state.m2 / max(state.n - 1, 1), float(state.n), state.dense)
+
+
+def shrunk_covariance(cov: Tensor, n: float, dense: bool = False) -> Tensor:
+    """``(n / (n + 5)) * cov + 1e-3 * (5 / (n + 5)) * I``: Stan's regularisation of a
+    (co)variance ``cov`` (``[..., D]`` diagonal, or ``[..., D, D]`` when ``dense``)
+    estimated from ``n`` samples."""
     shrink = _SHRINK_TARGET * (_SHRINK_N / (n + _SHRINK_N))
-    if state.dense:
+    if dense:
         eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
         return (n / (n + _SHRINK_N)) * cov + shrink * eye
     return (n / (n + _SHRINK_N)) * cov + shrink

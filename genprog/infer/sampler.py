@@ -34,6 +34,7 @@ from .adaptation import (
 from .hamiltonian import BatchedPotential, whiten
 
 __all__ = [
+    "DrawBuffer",
     "SamplerResult",
     "Transition",
     "TransitionFn",
@@ -192,6 +193,38 @@ def initial_state(potential_and_grad: BatchedPotential, init: Tensor,
     return z, U, grad, generator
 
 
+class DrawBuffer:
+    """The post-warmup outputs of a run, preallocated: positions ``[B, draws, D]`` and the
+    per-draw statistics ``[B, draws]`` of :class:`SamplerResult`, filled by :meth:`put`."""
+
+    def __init__(self, like: Tensor, draws: int):
+        B, D = like.shape
+        dt, dev = like.dtype, like.device
+        self.fields = {
+            "samples": torch.empty(B, draws, D, dtype=dt, device=dev),
+            "potential_energy": torch.empty(B, draws, dtype=dt, device=dev),
+            "diverging": torch.empty(B, draws, dtype=torch.bool, device=dev),
+            "acceptance_rate": torch.empty(B, draws, dtype=dt, device=dev),
+            "energy": torch.empty(B, draws, dtype=dt, device=dev),
+            "tree_depth": torch.zeros(B, draws, dtype=torch.long, device=dev),
+            "n_steps": torch.empty(B, draws, dtype=torch.long, device=dev),
+        }
+
+    def put(self, j: int, z: Tensor, U: Tensor, accept_prob: Tensor, diverging: Tensor,
+            energy: Tensor, n_steps: Tensor, tree_depth: Tensor | None = None) -> None:
+        """Store draw ``j``: position ``z [B, D]``, potential ``U [B]`` and the transition's
+        statistics, each ``[B]`` (``tree_depth`` stays 0 when not given)."""
+        f = self.fields
+        f["samples"][:, j] = z
+        f["potential_energy"][:, j] = U
+        f["acceptance_rate"][:, j] = accept_prob
+        f["diverging"][:, j] = diverging
+        f["energy"][:, j] = energy
+        f["n_steps"][:, j] = n_steps
+        if tree_depth is not None:
+            f["tree_depth"][:, j] = tree_depth
+
+
 # ------------------------------------------------------------------------- driver
 
 
@@ -262,13 +295,7 @@ def run_chains(
 
     schedule = WarmupSchedule.create(warmup, adapt_mass)
     welford = welford_init(z, dense=dense_mass)
-    samples = torch.empty(B, draws, D, dtype=dt, device=dev)
-    potential = torch.empty(B, draws, dtype=dt, device=dev)
-    diverging = torch.empty(B, draws, dtype=torch.bool, device=dev)
-    acceptance = torch.empty(B, draws, dtype=dt, device=dev)
-    energy = torch.empty(B, draws, dtype=dt, device=dev)
-    tree_depth = torch.empty(B, draws, dtype=torch.long, device=dev)
-    n_steps = torch.empty(B, draws, dtype=torch.long, device=dev)
+    out = DrawBuffer(z, draws)
     warmup_div = torch.zeros(B, dtype=torch.long, device=dev)
     total_div = torch.zeros(B, dtype=torch.long, device=dev)
 
@@ -320,14 +347,8 @@ def run_chains(
                         if bar is not None:
                             bar.set_description(name)
                 else:
-                    j = i - warmup
-                    samples[:, j] = z
-                    potential[:, j] = U
-                    diverging[:, j] = tr.diverging
-                    acceptance[:, j] = tr.accept_prob
-                    energy[:, j] = tr.energy
-                    tree_depth[:, j] = tr.tree_depth
-                    n_steps[:, j] = tr.n_steps
+                    out.put(i - warmup, z, U, tr.accept_prob, tr.diverging, tr.energy,
+                            tr.n_steps, tr.tree_depth)
                 if bar is not None:
                     bar.set_postfix(divergences=int(total_div.sum()),
                                     step_size=f"{float(eps.mean()):.3g}", refresh=False)
@@ -336,13 +357,7 @@ def run_chains(
             if bar is not None:
                 bar.close()
     return SamplerResult(
-        samples=samples,
-        potential_energy=potential,
-        diverging=diverging,
-        acceptance_rate=acceptance,
-        energy=energy,
-        tree_depth=tree_depth,
-        n_steps=n_steps,
+        **out.fields,
         step_size=eps,
         inverse_mass_matrix=(dense_inv_mass if dense_mass else inv_mass).clone(),
         warmup_divergences=warmup_div,
