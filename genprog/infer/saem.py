@@ -15,8 +15,13 @@ nlmixr2:
 
 1. **Simulation.** Every group's random effects, in ``chains`` copies, advance by a few
    random-walk Metropolis steps whose per-group proposal (scale and covariance) adapts to
-   the group's conditional distribution; optionally one independence step from a
-   population proposal. All groups and chains move in one tensor program (the Pyro program
+   the group's conditional distribution, then by one random-walk step per coordinate with
+   its own adapted scale (Monolix's third kernel); optionally one independence step from a
+   population proposal. The coordinate steps keep a weakly identified random effect
+   mixing (one whose conditional law is close to its population law, e.g. Q in a
+   two-compartment model): the joint proposal's scale is set by the well-determined
+   coordinates, and without them that effect's draws stick, their spread falls short of
+   the conditional law's and its omega drifts towards zero. All groups and chains move in one tensor program (the Pyro program
    is traced once per step inside a particle plate of chains).
 2. **Stochastic approximation.** Per-group score ``d L_g / d theta``, the complete-data
    Hessian and the conditional moments of ``b_g`` are averaged with step ``gamma_k``: 1
@@ -440,6 +445,23 @@ def _rw_step(md, theta, b, lp, scale, chol, gen, shard=None):
     return torch.where(accept[..., None], prop, b), torch.where(accept, lp_prop, lp), accept
 
 
+def _coordinate_steps(md, theta, b, lp, scale, gen, shard=None):
+    """One random-walk Metropolis step per coordinate ``d`` of ``b [C, G, D]``, in turn, with
+    per-group, per-coordinate scales ``scale [G, D]``. Returns ``(b, lp, acceptance [G,
+    D])`` (acceptance averaged over the chains)."""
+    acceptance = torch.zeros_like(scale)
+    for d in range(b.shape[-1]):
+        z = _draw("normal", b.shape[:-1], gen, b.dtype, b.device, shard)
+        prop = b.clone()
+        prop[..., d] = prop[..., d] + scale[None, :, d] * z
+        lp_prop = _safe_log_density(md, theta, prop)
+        u = _draw("uniform", lp.shape, gen, b.dtype, b.device, shard)
+        accept = torch.log(u) < lp_prop - lp
+        b, lp = torch.where(accept[..., None], prop, b), torch.where(accept, lp_prop, lp)
+        acceptance[:, d] = accept.to(b.dtype).mean(0)
+    return b, lp, acceptance
+
+
 def _independence_step(md, theta, b, lp, mean, tril, gen, shard=None):
     """One independence Metropolis step from ``N(mean [G, D], tril tril^T)``, with
     ``tril`` ``[D, D]`` (shared) or ``[G, D, D]`` (per group)."""
@@ -639,6 +661,7 @@ def saem(md: MixedEffectsDensity, theta0: torch.Tensor, *, hooks: SaemHooks | No
     scale = torch.full((G,), 2.38 / math.sqrt(max(D, 1)) * 0.5, dtype=dtype, device=dev)
     eye = torch.eye(D, dtype=dtype, device=dev)
     chol = eye.expand(G, D, D).clone()
+    coordinate_scale = torch.full((G, D), 0.3, dtype=dtype, device=dev)
     prop_m1 = b0.clone()
     prop_m2 = (b[..., :, None] * b[..., None, :]).mean(0) + 0.1 * eye
     stats = {}
@@ -675,9 +698,12 @@ def saem(md: MixedEffectsDensity, theta0: torch.Tensor, *, hooks: SaemHooks | No
                 b, lp, accepted = _rw_step(md, theta, b, lp, scale, chol, gen, shard)
                 acc = acc + accepted.to(dtype).mean(0)
             acc = acc / mh_steps
-            # adapt the per-group proposal: scale toward 30% acceptance, shape to the draws
+            b, lp, coordinate_acc = _coordinate_steps(md, theta, b, lp, coordinate_scale, gen, shard)
+            # adapt the per-group proposal: scale toward 30% acceptance, shape to the draws;
+            # each coordinate's scale toward 40% (the optimum for one dimension)
             rate = 0.5 if not phase2 else 0.5 / math.sqrt(k - exploration + 1)
             scale = scale * torch.exp(rate * (acc - 0.3))
+            coordinate_scale = coordinate_scale * torch.exp(rate * (coordinate_acc - 0.4))
             w = 0.1 if not phase2 else 1.0 / (k - exploration + 10)
             prop_m1 = prop_m1 + w * (b.mean(0) - prop_m1)
             prop_m2 = prop_m2 + w * ((b[..., :, None] * b[..., None, :]).mean(0) - prop_m2)
@@ -788,7 +814,7 @@ def saem(md: MixedEffectsDensity, theta0: torch.Tensor, *, hooks: SaemHooks | No
         with pyro.validation_enabled(False):
             m1, m2 = _conditional_moments(md, theta, b, hooks.population_proposal(values),
                                           prop_m1, chol, scale, mh_steps, conditional_draws, gen,
-                                          shard)
+                                          shard, coordinate_scale)
     cond_cov = m2 - m1[..., :, None] * m1[..., None, :]
     cond_cov = 0.5 * (cond_cov + cond_cov.transpose(-1, -2))
     t_sim += time.perf_counter() - t0
@@ -814,7 +840,7 @@ def saem(md: MixedEffectsDensity, theta0: torch.Tensor, *, hooks: SaemHooks | No
 
 
 def _conditional_moments(md, theta, b, proposal, fitted_mean, chol, scale, mh_steps, iterations, gen,
-                         shard=None):
+                         shard=None, coordinate_scale=None):
     """Mean ``[G, D]`` and second moment ``[G, D, D]`` of the random effects given the data
     at ``theta``, from ``iterations`` further sweeps of every chain (no adaptation)."""
     lp = _safe_log_density(md, theta, b)
@@ -826,6 +852,8 @@ def _conditional_moments(md, theta, b, proposal, fitted_mean, chol, scale, mh_st
         b, lp = _independence_step(md, theta, b, lp, fitted_mean, 1.2 * chol, gen, shard)
         for _ in range(mh_steps):
             b, lp, _ = _rw_step(md, theta, b, lp, scale, chol, gen, shard)
+        if coordinate_scale is not None:
+            b, lp, _ = _coordinate_steps(md, theta, b, lp, coordinate_scale, gen, shard)
         s1 = s1 + b.mean(0)
         s2 = s2 + (b[..., :, None] * b[..., None, :]).mean(0)
     return s1 / iterations, s2 / iterations
