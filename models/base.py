@@ -102,12 +102,16 @@ def training_record(result, **extra) -> dict:
             "converged": result.converged, **extra}
 
 
+def data_plate(n: int | None):
+    """The zoo's plate of i.i.d. rows: ``pyro.plate("data", n)``, or no plate for ``n=None``
+    (one draw)."""
+    return pyro.plate("data", n) if n is not None else contextlib.nullcontext()
+
+
 def sample_rows(n: int | None, d, name: str = "y"):
     """The zoo's observation convention: one draw of ``d`` at site ``name`` (``n=None``), or
     ``n`` i.i.d. rows inside ``pyro.plate("data", n)``."""
-    if n is None:
-        return pyro.sample(name, d)
-    with pyro.plate("data", n):
+    with data_plate(n):
         return pyro.sample(name, d)
 
 

@@ -66,8 +66,8 @@ class GaussianDiscriminant(GenerativeClassifier):
                  n_classes: int | None = None, dim: int | None = None):
         if not isinstance(shared, bool):
             raise TypeError(f"GaussianDiscriminant: shared must be a bool, got {shared!r}")
-        super().__init__(class_prior=_numeric(class_prior), means=_numeric(means),
-                         covariances=_numeric(covariances), shared=shared, n_classes=n_classes,
+        super().__init__(class_prior=numeric_or_none(class_prior), means=numeric_or_none(means),
+                         covariances=numeric_or_none(covariances), shared=shared, n_classes=n_classes,
                          dim=dim)
         self._validate()
 
@@ -252,7 +252,7 @@ class GaussianDiscriminant(GenerativeClassifier):
             (``1 / n_k``) class covariances or, with ``shared``, ``sum_k n_k S_k / N`` (the
             pooled ``1 / N`` within-class scatter). Same device and dtype as ``data``.
         """
-        x, y, k = _labelled(data, labels, n_classes, "GaussianDiscriminant.mle")
+        x, y, k = labelled_rows(data, labels, n_classes, "GaussianDiscriminant.mle")
         if torch.isnan(x).any():
             raise ValueError("GaussianDiscriminant.mle: data has NaN entries (not supported)")
         onehot = torch.nn.functional.one_hot(y, k).to(x.dtype)              # [N, K]
@@ -271,7 +271,7 @@ class GaussianDiscriminant(GenerativeClassifier):
         return m.to(x.device, x.dtype)
 
 
-def _numeric(value):
+def numeric_or_none(value):
     """Nested lists of numbers as a float64 NumPy array (converted to the model's dtype by the
     base class); anything else unchanged."""
     if isinstance(value, (list, tuple)):
@@ -295,7 +295,7 @@ def _sizes(class_prior, means, covariances, shared, n_classes, dim) -> tuple[int
     return int(k), int(d)
 
 
-def _labelled(data, labels, n_classes, what):
+def labelled_rows(data, labels, n_classes, what):
     """Data ``[N, d]`` (floating), labels ``[N]`` (int64) and ``K``, validated."""
     keep = data.dtype if torch.is_tensor(data) and data.is_floating_point() else None
     x = as_tensor(data, dtype=keep, name=f"{what}: data")

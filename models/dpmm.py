@@ -33,14 +33,14 @@ from genprog.validation import check_int
 
 from .base import ZooModel, deprecated_record, renamed_keywords, sample_rows
 from .gaussian import (
-    _split_obs,
     check_positive_definite,
     data_matrix,
     gaussian_log_prob,
     keep_float64,
     set_param,
+    split_observed,
 )
-from .mixture import _kmeans_pp
+from .mixture import kmeans_plus_plus
 
 
 def stick_breaking(v: torch.Tensor) -> torch.Tensor:
@@ -223,7 +223,7 @@ class DirichletProcessMixture(ZooModel):
 
     def _conditional(self, obs):
         w, m, c = self._wmc()
-        a, b, xb = _split_obs(obs, int(self.kwargs["dim"]), m.device, m.dtype)
+        a, b, xb = split_observed(obs, int(self.kwargs["dim"]), m.device, m.dtype)
         c_bb = c[:, b][:, :, b]
         c_ab = c[:, a][:, :, b]
         logw = torch.log(w) + gaussian_log_prob(xb.unsqueeze(0), m[:, b], c_bb)
@@ -290,7 +290,7 @@ class DirichletProcessMixture(ZooModel):
         g = torch.Generator(device=y.device).manual_seed(seed)
         best = None
         for _ in range(n_init):
-            q, info = _cavi(y, _kmeans_pp(y, T, g), float(alpha), prior, max_iters, tol)
+            q, info = _cavi(y, kmeans_plus_plus(y, T, g), float(alpha), prior, max_iters, tol)
             if best is None or info.elbo > best[1].elbo:
                 best = (q, info)
         q, info = best

@@ -18,7 +18,6 @@ Shapes: ``d`` (``dim``) coordinates of ``y``, ``k`` (``latent_dim``); data ``[N,
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import pyro
@@ -28,12 +27,8 @@ from torch import nn
 
 from genprog.validation import check_int
 
-from .base import ZooModel
+from .base import ZooModel, data_plate
 from .two_sample import MMDTest, mmd_test
-
-
-def _plate(n):
-    return pyro.plate("data", n) if n is not None else contextlib.nullcontext()
 
 
 def mlp(n_in: int, hidden, n_out: int, activation=nn.LeakyReLU) -> nn.Sequential:
@@ -100,7 +95,7 @@ class GAN(ZooModel):
         p = next(generator.parameters(), None)
         ref = {"device": p.device, "dtype": p.dtype} if p is not None else {}
         prior = dist.Normal(torch.zeros(latent_dim, **ref), torch.ones(latent_dim, **ref)).to_event(1)
-        with _plate(n):
+        with data_plate(n):
             z = pyro.sample("z", prior)
             return pyro.sample("y", dist.Delta(generator(z), event_dim=1))
 

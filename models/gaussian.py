@@ -12,7 +12,6 @@ Shapes: ``d`` is the dimension of ``y`` (``dim``), ``k`` the number of latent fa
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from genprog.errors import ConvergenceWarning
 from genprog.inputs import as_tensor
 from genprog.validation import check_int
 
-from .base import ZooModel, deprecated_record, renamed_keywords, sample_rows
+from .base import ZooModel, data_plate, deprecated_record, renamed_keywords, sample_rows
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
@@ -122,7 +121,7 @@ def conditional_mean(y: torch.Tensor, loc: torch.Tensor, cov: torch.Tensor) -> t
     return torch.where(obs, y, pred)
 
 
-def _split_obs(obs: dict, d: int, device, dtype):
+def split_observed(obs: dict, d: int, device, dtype):
     """Sorted observed indices, the other indices and the observed values ``[len(b)]``."""
     b = sorted(obs)
     a = [i for i in range(d) if i not in obs]
@@ -136,10 +135,6 @@ def _split_obs(obs: dict, d: int, device, dtype):
             raise ValueError(f"condition(dims=...): the value for dim {i} is not finite")
         vals.append(v.reshape(()))
     return a, b, torch.stack(vals)
-
-
-def _plate(n):
-    return pyro.plate("data", n) if n is not None else contextlib.nullcontext()
 
 
 @dataclass(frozen=True)
@@ -257,10 +252,10 @@ class Gaussian(_GaussianFamily):
         keep_float64(self)
         mean, cov = self.kwargs["mean"], self.kwargs["cov"]
         if mean is not None and (not torch.is_tensor(mean) or mean.dim() != 1):
-            raise ValueError(f"Gaussian: mean must be a vector [d], got {_shape(mean)}")
+            raise ValueError(f"Gaussian: mean must be a vector [d], got {shape_of(mean)}")
         if cov is not None:
             if not torch.is_tensor(cov) or cov.dim() != 2:
-                raise ValueError(f"Gaussian: cov must be a matrix [d, d], got {_shape(cov)}")
+                raise ValueError(f"Gaussian: cov must be a matrix [d, d], got {shape_of(cov)}")
             check_positive_definite("Gaussian: cov", cov)
         dims = {int(x.shape[0]) for x in (mean, cov) if x is not None} | ({dim} if dim else set())
         if len(dims) > 1:
@@ -302,7 +297,7 @@ class Gaussian(_GaussianFamily):
 
     def _conditional(self, obs):
         mean, cov = self.kwargs["mean"], self.kwargs["cov"]
-        a, b, yb = _split_obs(obs, self.event_shape[0], mean.device, mean.dtype)
+        a, b, yb = split_observed(obs, self.event_shape[0], mean.device, mean.dtype)
         chol = torch.linalg.cholesky(cov[b][:, b])
         s_ab = cov[a][:, b]
         gain = torch.cholesky_solve(s_ab.T, chol).T  # S_ab S_bb^-1, [|a|, |b|]
@@ -387,7 +382,7 @@ class _FactorModel(_GaussianFamily):
     def _conditional_parts(self, obs):
         """``W_a L``, ``mu_a + W_a m`` and the index lists, where ``z | y_b ~ N(m, L L^T)``."""
         W, mu = self.kwargs["W"], self.kwargs["mu"]
-        a, b, yb = _split_obs(obs, self.event_shape[0], W.device, W.dtype)
+        a, b, yb = split_observed(obs, self.event_shape[0], W.device, W.dtype)
         y = torch.full((1, W.shape[0]), float("nan"), dtype=W.dtype, device=W.device)
         y[0, b] = yb
         weights = torch.zeros_like(y)
@@ -447,7 +442,7 @@ class PPCA(_FactorModel):
             mu = pyro.sample("mu", dist.Normal(0.0, 10.0).expand([d]).to_event(1))
         if sigma is None:
             sigma = pyro.sample("sigma", dist.HalfCauchy(1.0))
-        with _plate(n):
+        with data_plate(n):
             z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([k]).to_event(1))
             loc = (W @ z.unsqueeze(-1)).squeeze(-1) + mu
             pyro.sample("y", dist.Normal(loc, sigma.unsqueeze(-1)).to_event(1))
@@ -543,7 +538,7 @@ class FactorAnalysis(_FactorModel):
         if psi is not None:
             if not torch.is_tensor(psi) or psi.shape != (self.kwargs["dim"],):
                 raise ValueError(f"FactorAnalysis: psi must be a vector [{self.kwargs['dim']}], "
-                                 f"got {_shape(psi)}")
+                                 f"got {shape_of(psi)}")
             if not bool(torch.isfinite(psi).all()) or not bool((psi > 0).all()):
                 raise ValueError("FactorAnalysis: psi (noise variances) must be positive and finite")
 
@@ -557,7 +552,7 @@ class FactorAnalysis(_FactorModel):
             mu = pyro.sample("mu", dist.Normal(0.0, 10.0).expand([d]).to_event(1))
         if psi is None:
             psi = pyro.sample("psi", dist.HalfCauchy(1.0).expand([d]).to_event(1))
-        with _plate(n):
+        with data_plate(n):
             z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([k]).to_event(1))
             loc = (W @ z.unsqueeze(-1)).squeeze(-1) + mu
             pyro.sample("y", dist.Normal(loc, psi.sqrt()).to_event(1))
@@ -649,7 +644,7 @@ def _check_factor_params(model, name):
     dim, k = model.kwargs["dim"], model.kwargs["k"]
     if W is not None:
         if not torch.is_tensor(W) or W.dim() != 2:
-            raise ValueError(f"{name}: W must be a matrix [d, k], got {_shape(W)}")
+            raise ValueError(f"{name}: W must be a matrix [d, k], got {shape_of(W)}")
         if not bool(torch.isfinite(W).all()):
             raise ValueError(f"{name}: W has non-finite entries")
         if dim not in (None, W.shape[0]) or k not in (None, W.shape[1]):
@@ -657,7 +652,7 @@ def _check_factor_params(model, name):
         dim, k = int(W.shape[0]), int(W.shape[1])
     if mu is not None:
         if not torch.is_tensor(mu) or mu.dim() != 1 or (dim is not None and mu.shape[0] != dim):
-            raise ValueError(f"{name}: mu must be a vector [{dim if dim else 'd'}], got {_shape(mu)}")
+            raise ValueError(f"{name}: mu must be a vector [{dim if dim else 'd'}], got {shape_of(mu)}")
         dim = int(mu.shape[0])
     if dim is None or k is None:
         raise ValueError(f"{name}: give W, or dim and k (the prior over W needs its shape)")
@@ -665,5 +660,6 @@ def _check_factor_params(model, name):
     set_param(model, "k", k)
 
 
-def _shape(x):
+def shape_of(x):
+    """How a bad argument looks in an error message: its shape, or its repr."""
     return f"shape {list(x.shape)}" if torch.is_tensor(x) else repr(x)

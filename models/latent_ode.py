@@ -54,7 +54,6 @@ Shapes: ``k`` (``latent_dim``) latent coordinates; ``N`` subjects, ``T`` observa
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 import uuid
@@ -73,7 +72,7 @@ from genprog.monte_carlo import log_mean_exp
 from genprog.optim import minimize
 from genprog.validation import check_float, check_int
 
-from .base import ZooModel, renamed_keywords, training_record
+from .base import ZooModel, data_plate, renamed_keywords, training_record
 
 LIKELIHOODS = ("normal", "lognormal")
 SOLVERS = ("rk4", "dopri5")
@@ -243,10 +242,6 @@ def _rk4_grid(dynamics, z0, h: float, G: int):
         states.append(z)
     slopes.append(dynamics(torch.as_tensor(G * h, dtype=z0.dtype, device=z0.device), z))
     return torch.stack(states, -2), torch.stack(slopes, -2)
-
-
-def _plate(n):
-    return pyro.plate("data", n) if n is not None else contextlib.nullcontext()
 
 
 def _dose_factor(dose, dose_ref, like):
@@ -456,7 +451,7 @@ class LatentODE(ZooModel):
         ref = _ref_of(decoder)
         prior = dist.Normal(torch.zeros(latent_dim, **ref), torch.ones(latent_dim, **ref)).to_event(1)
         s = times.to(**ref) / time_scale
-        with _plate(n):
+        with data_plate(n):
             z0 = pyro.sample("z0", prior)
             loc = _location(decoder, dynamics, z0, s, _dose_factor(dose, dose_ref, s),
                             likelihood, solver, step_size, rtol, atol)

@@ -21,7 +21,6 @@ variational EM.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 import warnings
@@ -37,14 +36,10 @@ from genprog.inputs import as_tensor
 from genprog.rng import seeded
 from genprog.validation import check_int
 
-from .base import ZooModel, deprecated_record, renamed_keywords
+from .base import ZooModel, data_plate, deprecated_record, renamed_keywords
 from .gaussian import keep_float64, set_param
 
 _TINY = 1e-100
-
-
-def _plate(n):
-    return pyro.plate("data", n) if n is not None else contextlib.nullcontext()
 
 
 def multinomial_log_coefficient(y: torch.Tensor) -> torch.Tensor:
@@ -142,7 +137,7 @@ class LDA(ZooModel):
         alpha = torch.as_tensor(alpha)
         if alpha.dim() == 0:
             alpha = alpha.expand(K)
-        with _plate(n):
+        with data_plate(n):
             theta = pyro.sample("theta", dist.Dirichlet(alpha))
             probs = (theta.unsqueeze(-1) * topics).sum(-2)
             pyro.sample("y", dist.Multinomial(int(doc_length), probs=probs))

@@ -16,18 +16,17 @@ from pyro.ops.indexing import Vindex
 
 from genprog.validation import check_int
 
-from .base import ZooModel, deprecated_record, renamed_keywords
+from .base import ZooModel, data_plate, deprecated_record, renamed_keywords
 from .gaussian import (
     EMInfo,
-    _plate,
-    _shape,
-    _split_obs,
     check_positive_definite,
     conditional_mean,
     data_matrix,
     gaussian_log_prob,
     keep_float64,
     set_param,
+    shape_of,
+    split_observed,
     warn_unconverged,
 )
 
@@ -81,7 +80,7 @@ class GaussianMixture(ZooModel):
         ks, ds = ({k} if k else set()), ({dim} if dim else set())
         if w is not None:
             if not torch.is_tensor(w) or w.dim() != 1:
-                raise ValueError(f"GaussianMixture: weights must be a vector [K], got {_shape(w)}")
+                raise ValueError(f"GaussianMixture: weights must be a vector [K], got {shape_of(w)}")
             if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
                 raise ValueError("GaussianMixture: weights must be finite and non-negative")
             if abs(float(w.sum()) - 1.0) > 1e-5:
@@ -89,14 +88,14 @@ class GaussianMixture(ZooModel):
             ks.add(int(w.shape[0]))
         if m is not None:
             if not torch.is_tensor(m) or m.dim() != 2:
-                raise ValueError(f"GaussianMixture: means must be [K, d], got {_shape(m)}")
+                raise ValueError(f"GaussianMixture: means must be [K, d], got {shape_of(m)}")
             if not bool(torch.isfinite(m).all()):
                 raise ValueError("GaussianMixture: means have non-finite entries")
             ks.add(int(m.shape[0]))
             ds.add(int(m.shape[1]))
         if c is not None:
             if not torch.is_tensor(c) or c.dim() != 3:
-                raise ValueError(f"GaussianMixture: covariances must be [K, d, d], got {_shape(c)}")
+                raise ValueError(f"GaussianMixture: covariances must be [K, d, d], got {shape_of(c)}")
             check_positive_definite("GaussianMixture: covariances", c)
             ks.add(int(c.shape[0]))
             ds.add(int(c.shape[1]))
@@ -126,7 +125,7 @@ class GaussianMixture(ZooModel):
             pyro.deterministic("covariances", tril @ tril.transpose(-1, -2))
         else:
             tril = torch.linalg.cholesky(covariances)
-        with _plate(n):
+        with data_plate(n):
             z = pyro.sample("z", dist.Categorical(weights), infer={"enumerate": "parallel"})
             pyro.sample("y", dist.MultivariateNormal(Vindex(means)[..., z, :],
                                                      scale_tril=Vindex(tril)[..., z, :, :]))
@@ -186,7 +185,7 @@ class GaussianMixture(ZooModel):
 
     def _conditional(self, obs):
         w, m, c = (self.kwargs[n] for n in ("weights", "means", "covariances"))
-        a, b, yb = _split_obs(obs, self.event_shape[0], m.device, m.dtype)
+        a, b, yb = split_observed(obs, self.event_shape[0], m.device, m.dtype)
         c_bb = c[:, b][:, :, b]
         c_ab = c[:, a][:, :, b]
         chol = torch.linalg.cholesky(c_bb)
@@ -235,7 +234,7 @@ class GaussianMixture(ZooModel):
         g = torch.Generator(device=y.device).manual_seed(seed)
         best = None
         for _ in range(n_init):
-            params, info = _em(y, _kmeans_pp(y, k, g), max_iters, tol, reg_covar)
+            params, info = _em(y, kmeans_plus_plus(y, k, g), max_iters, tol, reg_covar)
             if best is None or info.log_likelihood > best[1].log_likelihood:
                 best = (params, info)
         (w, m, c), info = best
@@ -245,7 +244,7 @@ class GaussianMixture(ZooModel):
         return model
 
 
-def _kmeans_pp(y, k, g):
+def kmeans_plus_plus(y, k, g):
     """Initial responsibilities ``[N, K]``: k-means++ seeding then 10 Lloyd steps."""
     N = y.shape[0]
     centers = y[torch.randint(N, (1,), generator=g, device=y.device)]

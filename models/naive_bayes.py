@@ -30,7 +30,7 @@ from pyro.distributions import constraints
 from pyro.ops.indexing import Vindex
 
 from .base import GenerativeClassifier
-from .discriminant import _labelled, _numeric
+from .discriminant import labelled_rows, numeric_or_none
 
 __all__ = ["NaiveBayes"]
 
@@ -103,9 +103,9 @@ class NaiveBayes(GenerativeClassifier):
                 if extra:
                     raise ValueError(f"NaiveBayes: {extra} given but no feature is {fam!r}")
         # categories travel as a string so they stay structural (no tensor) through to()
-        super().__init__(class_prior=_numeric(class_prior), features=features,
-                         mean=_numeric(mean), var=_numeric(var), p=_numeric(p),
-                         probs=_numeric(probs), rate=_numeric(rate),
+        super().__init__(class_prior=numeric_or_none(class_prior), features=features,
+                         mean=numeric_or_none(mean), var=numeric_or_none(var), p=numeric_or_none(p),
+                         probs=numeric_or_none(probs), rate=numeric_or_none(rate),
                          categories=None if categories is None else ",".join(map(str, categories)),
                          n_classes=n_classes)
         self._validate()
@@ -348,7 +348,7 @@ class NaiveBayes(GenerativeClassifier):
             On the device and dtype of ``data``; ``class_prior`` the class frequencies.
         """
         what = "NaiveBayes.mle"
-        x, y, k = _labelled(data, labels, n_classes, what)
+        x, y, k = labelled_rows(data, labels, n_classes, what)
         kinds = tuple(kinds)
         if len(kinds) != x.shape[1]:
             raise ValueError(f"{what}: kinds names {len(kinds)} features but data has {x.shape[1]}")

@@ -33,7 +33,6 @@ data ``[N, d]``.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 import uuid
@@ -51,7 +50,7 @@ from genprog.monte_carlo import log_mean_exp
 from genprog.optim import minimize
 from genprog.validation import check_int
 
-from .base import ZooModel, renamed_keywords, training_record
+from .base import ZooModel, data_plate, renamed_keywords, training_record
 from .gaussian import set_param
 
 LIKELIHOODS = ("gaussian", "bernoulli")
@@ -147,10 +146,6 @@ class LinearEncoder(nn.Module):
 
 
 # ---------------------------------------------------------------------- helpers
-def _plate(n):
-    return pyro.plate("data", n) if n is not None else contextlib.nullcontext()
-
-
 def _observation(out, likelihood: str, scale):
     """The distribution of ``y`` given a decoder output (event dim 1)."""
     if likelihood == "bernoulli":
@@ -285,7 +280,7 @@ class VAE(ZooModel):
         p = next(decoder.parameters(), None)
         ref = {"device": p.device, "dtype": p.dtype} if p is not None else {}
         prior = dist.Normal(torch.zeros(latent_dim, **ref), torch.ones(latent_dim, **ref)).to_event(1)
-        with _plate(n):
+        with data_plate(n):
             z = pyro.sample("z", prior)
             return pyro.sample("y", _observation(decoder(z), likelihood, scale))
 

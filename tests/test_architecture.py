@@ -136,6 +136,24 @@ def test_layers_import_only_downwards():
     assert not upward, "imports of a higher layer: " + str(upward)
 
 
+def _private_imports(module: str):
+    """``(target, name)`` for every ``from <genprog module> import _name`` in ``module``."""
+    for node in ast.walk(ast.parse(MODULES[module].read_text())):
+        if isinstance(node, ast.ImportFrom):
+            target = _resolve(module, node)
+            if target.startswith("genprog"):
+                for a in node.names:
+                    if a.name.startswith("_") and not a.name.startswith("__"):
+                        yield target, a.name
+
+
+def test_no_module_imports_another_modules_private_names():
+    """What one module shares with another is public (and documented); a ``_name`` is the
+    module's own business."""
+    private = sorted((m, t, n) for m in MODULES for t, n in _private_imports(m))
+    assert not private, "imports of private names (make them public): " + str(private)
+
+
 def test_checker_sees_a_cycle():
     """The cycle finder itself: a two-module cycle is reported."""
     saved = dict(GRAPH)
