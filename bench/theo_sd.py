@@ -91,8 +91,9 @@ def _diagnose(draws: dict):
 
 
 def run_genprog(method, chains, warmup, draws, seed, device="cpu", **options) -> RunResult:
+    compile_opt = options.get("compile", True)
     name = f"genprog {method.upper() if method != 'chees' else 'ChEES'}" + (
-        ", compile=False" if options.get("compile") is False else "")
+        "" if compile_opt is True else f", compile={compile_opt}")
     try:
         pop, data = population()
         with warnings.catch_warnings():
@@ -217,7 +218,8 @@ def per_eval(chain_counts=(4, 256), repeats=50, device="cpu"):
     return rows
 
 
-def per_step(chains=4, warmup=150, draws=150, repeats=3, seed=0, dense_mass=False):
+def per_step(chains=4, warmup=150, draws=150, repeats=3, seed=0, dense_mass=False,
+             compile=True):
     """NUTS cost per leapfrog step on theo_sd (compiled potential, float32): wall and CPU
     (``time.process_time``) milliseconds per batched potential call of a whole
     ``sample_nuts`` run, and the potential+gradient call alone, each the median of
@@ -232,7 +234,7 @@ def per_step(chains=4, warmup=150, draws=150, repeats=3, seed=0, dense_mass=Fals
     density = pop(data).density()
     g = torch.Generator().manual_seed(seed)
     z0 = initial_points(density, chains, "median", g)
-    pg = compile_potential(density, True)
+    pg = compile_potential(density, compile)
     pg(z0)  # record once, outside the timings
     opts = {"dense_mass": True} if dense_mass else {}
     walls, cpus, evals = [], [], 0
@@ -252,7 +254,7 @@ def per_step(chains=4, warmup=150, draws=150, repeats=3, seed=0, dense_mass=Fals
         calls.append((time.perf_counter() - t) / 200)
         ccalls.append((time.process_time() - c) / 200)
     ms = 1e3
-    return {"chains": chains, "grad_evals": evals,
+    return {"chains": chains, "compile": compile, "grad_evals": evals,
             "wall ms/step": ms * statistics.median(walls),
             "cpu ms/step": ms * statistics.median(cpus),
             "wall ms/potential": ms * statistics.median(calls),
@@ -324,8 +326,10 @@ def main(argv=None):
                    help="only time a short 64-chain ChEES run at the process's thread count")
     p.add_argument("--per-step", action="store_true",
                    help="only time NUTS per leapfrog step (4 chains x (150 + 150), 3 repeats)")
+    p.add_argument("--compile", default="True",
+                   help="--per-step: the potential's compile mode (True, inductor, fx, jit)")
     p.add_argument("--skip", default="", help="comma-separated runs to skip: "
-                   "nuts,chees,eager,numpyro,pyro")
+                   "nuts,chees,nuts-inductor,chees-inductor,eager,numpyro,pyro")
     a = p.parse_args(argv)
     if "OMP_NUM_THREADS" in os.environ:
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
@@ -336,7 +340,8 @@ def main(argv=None):
         print(chees_threads(chains=a.chees_chains, seed=a.seed))
         return None
     if a.per_step:
-        print(per_step(chains=int(a.chains.split(",")[0]), seed=a.seed))
+        print(per_step(chains=int(a.chains.split(",")[0]), seed=a.seed,
+                       compile=True if a.compile == "True" else a.compile))
         return None
     if a.per_eval:
         for row in per_eval(device=a.device):
@@ -360,6 +365,11 @@ def main(argv=None):
         ("nuts", lambda: run_genprog("nuts", chains, a.warmup, a.draws, a.seed, device=a.device)),
         ("chees", lambda: run_genprog("chees", a.chees_chains, a.chees_warmup, a.chees_draws,
                                       a.seed, device=a.device)),
+        ("nuts-inductor", lambda: run_genprog("nuts", chains, a.warmup, a.draws, a.seed,
+                                              device=a.device, compile="inductor")),
+        ("chees-inductor", lambda: run_genprog("chees", a.chees_chains, a.chees_warmup,
+                                               a.chees_draws, a.seed, device=a.device,
+                                               compile="inductor")),
         ("eager", lambda: run_genprog("nuts", chains, a.warmup, a.draws, a.seed,
                                       device=a.device, compile=False)),
         ("numpyro", lambda: run_numpyro(chains, a.warmup, a.draws, a.seed)),

@@ -173,7 +173,7 @@ def fit_nuts(model, *, chains: int = 4, warmup: int = 1000, draws: int = 1000, s
         Batched lockstep sampler, or Pyro's kernels chain by chain (reference).
     progress : bool, optional
         Progress bar (default: when attached to a terminal).
-    compile : bool or {"fx", "jit", "eager"}
+    compile : bool or {"inductor", "fx", "jit", "eager"}
         Record the model's potential once into a flat tensor program and replay it at
         every leapfrog step (:mod:`genprog.infer.compiled`; falls back, with a
         :class:`~genprog.infer.compiled.CompileWarning`, when recording fails). ``False``

@@ -118,6 +118,23 @@ def test_compiled_equals_eager_population_pk():
     torch.testing.assert_close(g, g0, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.slow
+def test_inductor_mode_equals_eager_population_pk():
+    """Inductor's fused code for theo_sd's recorded graph (30-95 s to compile on 2 CPU
+    cores, hence slow) against the eager potential, at float32 rounding level; and at a
+    perturbed point not seen while compiling."""
+    density = _theo_sd().density()
+    pg = CompiledPotential(density, mode="inductor")
+    z = density.sample_prior(4, torch.Generator().manual_seed(0))
+    z = 0.3 * z + 0.7 * z.median(0).values  # stay in the bulk of the prior
+    for point in (z, z + 0.05 * torch.randn(z.shape, generator=torch.Generator().manual_seed(1))):
+        U, g = pg(point)
+        U0, g0 = density.potential_and_grad(point)
+        torch.testing.assert_close(U, U0, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(g, g0, rtol=1e-5, atol=1e-4)
+    assert pg.records[4].mode == "inductor" and pg.records[4].fallback_reason is None
+
+
 def test_jit_mode_equals_eager():
     density = MODELS["eight_schools"]().density()
     pg = CompiledPotential(density, mode="jit")
@@ -197,7 +214,7 @@ def test_compile_potential_options():
     assert isinstance(compile_potential(density, True), CompiledPotential)
     assert compile_potential(density, "jit").mode == "jit"
     with pytest.raises(ValueError, match="compile mode"):
-        compile_potential(density, "inductor")
+        compile_potential(density, "turbo")  # ("inductor" is a mode since issue 14)
     with pytest.raises(TypeError, match="compile must be"):
         compile_potential(density, 1.5)
 
