@@ -26,6 +26,8 @@ from pyro.infer.autoguide import (
     AutoNormal,
 )
 from pyro.infer.autoguide.initialization import init_to_value
+from pyro.poutine.messenger import Messenger
+from torch.distributions.utils import _standard_normal
 
 from ..optim import minimize
 from ..rng import make_generator, seeded, seeded_from
@@ -33,6 +35,7 @@ from ..validation import check_choice, check_float, check_int, check_seed
 from . import data_parallel
 from .init import initial_points
 from .record import InferenceRecord
+from .saem import GroupShard
 
 #: guide name -> autoguide class
 GUIDES = {
@@ -86,12 +89,53 @@ def _proposal_from_guide(guide, density) -> GuideProposal:
     return GuideProposal(posterior, order)
 
 
+class ShardedGroups(Messenger):
+    """Group-sharded VI (see :func:`fit_vi`'s ``group_shard``): this process holds groups
+    ``shard.start:shard.stop`` of the plate ``plate``.
+
+    * Sites outside the plate (the global latents, in the model and in the guide) are
+      counted by the process holding the first group only (masked elsewhere), so the
+      processes' losses add up to the whole data set's negative ELBO.
+    * With ``noise=True`` (on the guide; mean-field ``AutoNormal``, whose other sites are
+      deterministic Deltas), a reparameterised Normal draw of a site inside
+      the plate is this process's rows of one draw for all ``shard.total`` groups from
+      torch's RNG (as ``Normal.rsample`` draws it), so every group's noise, and the RNG
+      state after it, do not depend on the split.
+    """
+
+    def __init__(self, plate: str, shard: GroupShard, noise: bool):
+        super().__init__()
+        self.plate, self.shard, self.noise = plate, shard, noise
+
+    def _pyro_sample(self, msg):
+        frames = [f for f in msg["cond_indep_stack"] if f.name == self.plate]
+        if not frames:
+            if self.shard.start != 0:
+                msg["mask"] = False
+            return
+        if not self.noise or msg["is_observed"] or msg["value"] is not None:
+            return
+        fn = msg["fn"]
+        base = fn.base_dist if isinstance(fn, torch.distributions.Independent) else fn
+        if not isinstance(base, torch.distributions.Normal):
+            return  # AutoNormal's Delta sites: deterministic functions of the Normal draws
+        shape = fn.shape()
+        axis = len(fn.batch_shape) + frames[0].dim
+        full = list(shape)
+        full[axis] = self.shard.total
+        eps = _standard_normal(torch.Size(full), dtype=base.loc.dtype, device=base.loc.device)
+        eps = eps.narrow(axis, self.shard.start, self.shard.stop - self.shard.start)
+        msg["value"] = base.loc + eps * base.scale  # as Normal.rsample
+
+
 def fit_vi(model, *, guide: str = "normal", draws: int = 1000, seed: int = 0,
            max_iters: int = 20000, learning_rate: float = 0.02, num_particles: int = 1,
            window: int = 200, tol: float = 1e-4, rank: int | None = None,
            point: list | None = None, progress: bool | None = None,
            distributed: bool = False, total_size: int | None = None,
-           data_plate: str | None = None, max_steps: int | None = None) -> InferenceRecord:
+           data_plate: str | None = None, max_steps: int | None = None,
+           group_plate: str | None = None, group_shard: GroupShard | None = None,
+           init_values: dict | None = None) -> InferenceRecord:
     """Variational inference with an autoguide.
 
     Parameters
@@ -123,6 +167,26 @@ def fit_vi(model, *, guide: str = "normal", draws: int = 1000, seed: int = 0,
     data_plate : str, optional
         The plate holding the data rows (default: the one plate shared by all observed
         sites).
+    group_plate : str, optional
+        With ``group_shard``: the plate of independent groups (subjects) whose local
+        latent sites (random effects) this process holds.
+    group_shard : GroupShard, optional
+        Group-sharded VI over processes (:func:`genprog.pk.distributed.fit_vi_distributed`):
+        this process's model holds groups ``start:stop`` of ``total`` of ``group_plate``
+        (the whole model restricted to them) and every process calls :func:`fit_vi` with
+        the same arguments but the model, ``group_shard`` and ``init_values``. Each
+        group's guide parameters (mean-field ``guide="normal"`` only) live on its
+        process; the global guide parameters' gradients and the loss are summed over the
+        processes with ``group_shard.reduce`` every step (:class:`ShardedGroups` counts
+        the global terms once and draws every group's noise as one process would), so
+        every process takes the same steps and, with the same ``seed``, the fit equals the
+        one-process fit up to the rounding of the partial sums. The draws of the record
+        are those of this process's model.
+    init_values : dict, optional
+        Starting values (constrained, by site, as the model's sites' shapes) of every
+        latent site, instead of the prior median (with ``group_shard``: this process's
+        rows of the whole model's starting values, which differ from the shard's own
+        prior median).
 
     Returns
     -------
@@ -149,9 +213,15 @@ def fit_vi(model, *, guide: str = "normal", draws: int = 1000, seed: int = 0,
     density = model.density()
     if density.dim == 0:
         raise ValueError("fit('vi'): the model has no continuous latent sites")
+    local = _check_group_shard(model, density, guide, point, distributed, group_plate, group_shard)
     g = make_generator(seed, model.device)
-    z0 = initial_points(density, 1, "median", g, jitter=0.0)
-    init_values = {k: v[0] for k, v in density.constrain(z0)[0].items()}
+    if init_values is None:
+        z0 = initial_points(density, 1, "median", g, jitter=0.0)
+        init_values = {k: v[0] for k, v in density.constrain(z0)[0].items()}
+    else:
+        missing = {s.name for s in density.sites} - set(init_values)
+        if missing:
+            raise ValueError(f"fit('vi'): init_values lacks site(s) {sorted(missing)}")
     k = density.max_plate_nesting
     program = model.program
     if density.has_enumeration:
@@ -183,14 +253,27 @@ def fit_vi(model, *, guide: str = "normal", draws: int = 1000, seed: int = 0,
         full_guide.append(main)
     else:
         full_guide = main
+    model_fn, guide_fn = program, full_guide
+    if group_shard is not None:
+        model_fn = ShardedGroups(group_plate, group_shard, noise=False)(program)
+        guide_fn = ShardedGroups(group_plate, group_shard, noise=True)(full_guide)
     with seeded(seed), pyro.get_param_store().scope():
-        full_guide(*model.args, **model.kwargs)  # create parameters
+        guide_fn(*model.args, **model.kwargs)  # create parameters
         params = list(full_guide.parameters())
         if distributed:
             data_parallel.broadcast_parameters(params)
+        if group_shard is not None:
+            # AutoNormal's parameters are "locs.<site>_unconstrained", "scales.<site>_unconstrained"
+            by_site = [(n.split(".", 1)[-1].removesuffix("_unconstrained"), p)
+                       for n, p in full_guide.named_parameters()]
+            shared = [p for site, p in by_site if site not in local]
+            if len(by_site) - len(shared) != 2 * len(local):
+                raise ValueError(f"fit('vi', group_shard=...): cannot tell the guide parameters of the "
+                                 f"local sites {sorted(local)} from {[n for n, _ in by_site]}")
+            reduce = _sum_shared_gradients_and_loss(shared, group_shard.reduce)
 
         def loss_fn(step):
-            return elbo.differentiable_loss(program, full_guide, *model.args, **model.kwargs)
+            return elbo.differentiable_loss(model_fn, guide_fn, *model.args, **model.kwargs)
 
         res = minimize(loss_fn, torch.optim.Adam(params, lr=learning_rate), max_iters=max_iters,
                        window=window, tol=tol, what=f"VI[{guide}]", progress=progress,
@@ -209,3 +292,49 @@ def fit_vi(model, *, guide: str = "normal", draws: int = 1000, seed: int = 0,
             "num_iters": res.num_iters, "guide": guide, "proposal": proposal,
             "final_elbo": -res.value, "wall_time_s": time.perf_counter() - start}
     return InferenceRecord("vi", z[None], held=point_values, info=info, seed=seed)
+
+
+def _check_group_shard(model, density, guide, point, distributed, group_plate, group_shard) -> set:
+    """The local (in-plate) latent sites of a group-sharded fit (empty without one)."""
+    if group_shard is None:
+        if group_plate is not None:
+            raise ValueError("fit('vi'): group_plate applies only with group_shard")
+        return set()
+    if distributed:
+        raise ValueError("fit('vi'): distributed=True (data-parallel rows) and group_shard "
+                         "(sharded groups) exclude each other")
+    if guide != "normal":
+        raise ValueError(f"fit('vi', group_shard=...): only guide='normal' (mean field) keeps each "
+                         f"group's guide parameters separable; got guide={guide!r}")
+    if point:
+        raise ValueError("fit('vi', group_shard=...): point=[...] is not supported")
+    if density.has_enumeration:
+        raise ValueError("fit('vi', group_shard=...): enumerated discrete sites are not supported")
+    plates = model.structure.plates
+    if group_plate not in plates:
+        raise ValueError(f"fit('vi', group_shard=...): group_plate must name a plate of the model "
+                         f"({sorted(plates)}), got {group_plate!r}")
+    if plates[group_plate][1] != group_shard.stop - group_shard.start:
+        raise ValueError(f"fit('vi', group_shard=...): plate {group_plate!r} has "
+                         f"{plates[group_plate][1]} groups but the shard holds "
+                         f"{group_shard.stop - group_shard.start}")
+    return {s.name for s in density.sites if any(p[0] == group_plate for p in s.plates)}
+
+
+def _sum_shared_gradients_and_loss(shared, reduce_sum):
+    """``minimize``'s ``reduce``: the shared (global) parameters' gradients and the loss
+    summed over the processes (one collective); local parameters keep their own."""
+    def reduce(params, loss):
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in shared]
+        flat = torch.cat([loss.detach().reshape(1).to(grads[0].dtype if grads else loss.dtype)]
+                         + [g.reshape(-1) for g in grads])
+        total = reduce_sum(flat).to(flat.dtype)
+        offset = 1
+        for p, g in zip(shared, grads):
+            n = g.numel()
+            if p.grad is None:
+                p.grad = g
+            p.grad.copy_(total[offset:offset + n].view_as(g))
+            offset += n
+        return total[0].to(loss.dtype)
+    return reduce

@@ -35,11 +35,17 @@ import time
 import warnings
 
 import pyro
+import pyro.distributions as pdist
 import torch
+from pyro.distributions.transforms import biject_to
 
 from ..dtypes import default_dtype
 from ..errors import ConvergenceWarning
+from ..infer.init import initial_points
+from ..infer.record import InferenceRecord
 from ..infer.saem import GroupShard
+from ..infer.vi import GuideProposal, fit_vi
+from ..rng import make_generator
 from ..threads import threads_for, using_threads
 from ..validation import check_int
 from .data import read_nonmem
@@ -62,9 +68,9 @@ from .saem import run_saem, saem_start_values
 from .sharding import concat_shards, shard_bounds, shard_dataset
 
 __all__ = ["ShardedObjective", "fit_distributed", "fit_mle_distributed", "fit_saem_distributed",
-           "read_nonmem_shard", "reduce_sum"]
+           "fit_vi_distributed", "read_nonmem_shard", "reduce_sum"]
 
-METHODS = ("mle", "saem")
+METHODS = ("mle", "saem", "vi")
 
 
 # ---------------------------------------------------------------------- collectives
@@ -466,9 +472,10 @@ def fit_distributed(model, data: Dataset, method: str = "mle", **options):
     model : PopulationModel
     data : Dataset
         This rank's shard or the whole data set (see :func:`fit_mle_distributed`).
-    method : {"mle", "saem"}
-        Population maximum likelihood by FOCE-I / Laplace (:func:`fit_mle_distributed`)
-        or by SAEM (:func:`fit_saem_distributed`).
+    method : {"mle", "saem", "vi"}
+        Population maximum likelihood by FOCE-I / Laplace (:func:`fit_mle_distributed`),
+        by SAEM (:func:`fit_saem_distributed`), or variational inference
+        (:func:`fit_vi_distributed`).
     **options
         As the method's function.
     """
@@ -578,5 +585,166 @@ def fit_saem_distributed(pop, data: Dataset, *, exploration: int = 300, averagin
     return fit
 
 
+# ---------------------------------------------------------------------- VI
+def _plate_axis(site, plate: str) -> int | None:
+    """The axis of ``site``'s value ``[*batch, *event]`` that ``plate`` indexes (None: not in it)."""
+    for name, dim, _ in site.plates:
+        if name == plate:
+            return len(site.batch_shape) + dim
+    return None
+
+
+def fit_vi_distributed(pop, data: Dataset, *, guide: str = "normal", draws: int = 1000, seed: int = 0,
+                       max_iters: int = 20000, learning_rate: float = 0.02, num_particles: int = 1,
+                       window: int = 200, tol: float = 1e-4, progress: bool | None = None,
+                       threads: int | None = None, dtype=torch.float64):
+    """Variational inference (``PopulationModel.fit(data, "vi")``, :func:`genprog.infer.vi.fit_vi`)
+    with the subjects sharded over the ranks of a ``torch.distributed`` process group.
+    Call it on every rank with the same arguments except ``data``.
+
+    The guide is mean-field normal (``guide="normal"``): each subject's ``eta_raw`` guide
+    parameters (loc and scale, ``[S_r, 1, P]`` each) live only on the rank that holds the
+    subject and never move during the fit; the global guide parameters (typical values,
+    omegas, residual SDs, covariate effects) are identical on every rank and their
+    gradients, and the loss, are summed over the ranks in rank order (:func:`reduce_sum`)
+    after every backward pass, so every rank takes the same Adam steps and stops at the
+    same step. The global terms of the ELBO (their priors and guide entropies) are counted
+    by rank 0 only; every rank draws the guide noise of all ``S`` subjects and keeps its
+    rows (:class:`genprog.infer.vi.ShardedGroups`), so with the same ``seed`` the fit
+    equals the one-process fit up to the rounding of the partial sums (measured ``1e-13``
+    on the guide parameters in float64, see ``tests/pk/test_distributed.py``). Rank 0
+    computes the starting point from the whole data set (the prior median, as one process
+    would) and broadcasts it with the priors.
+
+    Parameters
+    ----------
+    pop : PopulationModel
+        Without inter-occasion variability.
+    data : Dataset
+        This rank's shard or the whole data set on every rank.
+    guide, draws, seed, max_iters, learning_rate, num_particles, window, tol, progress
+        As :func:`genprog.infer.vi.fit_vi` (only ``guide="normal"``).
+    threads : int, optional
+        torch intra-op threads per rank.
+    dtype : torch.dtype
+        Floating dtype of the data and of the fit (torch's default during it).
+
+    Returns
+    -------
+    genprog.Fit
+        ``method="vi"``. On rank 0 the fit of the whole data set: ``draws`` (one chain) from
+        the whole guide (the gathered subjects' parameters and the global ones), drawn as
+        one process would draw them. On other ranks the fit of the rank's shard (its
+        subjects' etas and the global sites). ``info`` as ``fit_vi``'s (``elbo_trace``,
+        ``converged``, ... the same on every rank) plus ``distributed`` (``world``,
+        ``rank``, ``shard``, ``guide_loc`` and ``guide_scale`` by site: the guide's
+        unconstrained loc and scale, the subjects' gathered from every rank, e.g.
+        ``eta_raw`` ``[S, 1, P]``).
+
+    Raises
+    ------
+    ValueError
+        No process group, shards that do not match the ranks, a guide other than
+        ``"normal"``, or a model with ``iov`` (on every rank at once).
+    """
+    start_time = time.perf_counter()
+    tdist = _dist()
+    rank, world = tdist.get_rank(), tdist.get_world_size()
+    error = None
+    try:
+        if guide != "normal":
+            raise ValueError(f"fit(method='vi', distributed=True): only guide='normal' (mean field) keeps "
+                             f"each subject's guide parameters on its rank; got guide={guide!r}")
+        if pop.iov:
+            raise ValueError("fit(method='vi', distributed=True): models with inter-occasion "
+                             "variability (iov=...) are not sharded yet (occasion codes are per data set)")
+    except ValueError as e:
+        error = e
+    _agree(error)
+    shard, whole = _whole_data(data, rank, world)
+    shard = shard.to(dtype=dtype)
+    whole = whole.to(dtype=dtype) if whole is not None else None
+    sizes = [None] * world
+    tdist.all_gather_object(sizes, shard.n_subjects)
+    S = sum(sizes)
+    start, stop = shard_bounds(S, rank, world)
+    T = shard.obs_dv.shape[-1]
+    n_threads = threads_for(shard.n_subjects * T * max(int(shard.dose_time.shape[-1]), 1), threads)
+    kept = {}
+
+    def whole_start(w, priors, fixed):  # rank 0: one process's starting point, and its generator
+        model = pop(w)
+        with model.context():
+            density = model.density()
+            g = make_generator(seed, model.device)
+            z0 = initial_points(density, 1, "median", g, jitter=0.0)
+            values = {k: v[0] for k, v in density.constrain(z0)[0].items()}
+        kept.update(model=model, density=density, generator=g)
+        return values
+
+    with default_dtype(dtype), using_threads(n_threads):
+        local_pop, priors, _, init = _setup(pop, shard, whole, rank, dtype, None, None, extra=whole_start)
+        local_pop = dataclasses.replace(local_pop, priors=priors)
+        model = local_pop(shard)
+        density = model.density()
+        local_init = {}
+        for site in density.sites:
+            axis = _plate_axis(site, "subject")
+            v = init[site.name]
+            local_init[site.name] = v if axis is None else v.narrow(axis, start, stop - start)
+        with model.context():
+            record = fit_vi(model, guide=guide, draws=draws, seed=seed, max_iters=max_iters,
+                            learning_rate=learning_rate, num_particles=num_particles, window=window,
+                            tol=tol, progress=progress, group_plate="subject",
+                            group_shard=GroupShard(start, stop, S, reduce_sum), init_values=local_init)
+        base = record.info["proposal"].base.base_dist  # Normal over this rank's [D_r]
+        loc, scale = _split_by_site(density, base.loc), _split_by_site(density, base.scale)
+        for site in density.sites:  # the subjects' parameters, gathered in subject order
+            axis = _plate_axis(site, "subject")
+            if axis is not None:
+                loc[site.name] = _gather_site(loc[site.name], site, axis, sizes)
+                scale[site.name] = _gather_site(scale[site.name], site, axis, sizes)
+        if rank == 0:
+            whole_model, whole_density, g = kept["model"], kept["density"], kept["generator"]
+            with whole_model.context():
+                cat = [(loc[s.name].reshape(-1), scale[s.name].reshape(-1)) for s in whole_density.sites]
+                proposal = GuideProposal(pdist.Normal(torch.cat([c[0] for c in cat]),
+                                                      torch.cat([c[1] for c in cat])).to_event(1),
+                                         torch.arange(whole_density.dim))
+                z, _ = proposal.sample_and_log_prob(draws, g)
+                record = InferenceRecord("vi", z[None], info={**record.info, "proposal": proposal},
+                                         seed=seed)
+                fit = whole_model.fit_from_record(record)
+        else:
+            with model.context():
+                fit = model.fit_from_record(record)
+    fit.info["distributed"] = {"world": world, "rank": rank, "shard": (start, stop),
+                               "guide_loc": {k: v.detach() for k, v in loc.items()},
+                               "guide_scale": {k: v.detach() for k, v in scale.items()}}
+    fit.info["threads"] = n_threads
+    fit.info["wall_time_s"] = time.perf_counter() - start_time
+    return fit
+
+
+def _split_by_site(density, flat: torch.Tensor) -> dict:
+    """A guide's flat unconstrained vector ``[D]`` (the density's packing order) by site,
+    each in its unconstrained shape."""
+    out, offset = {}, 0
+    for site in density.sites:
+        shape = biject_to(site.support).inverse_shape(torch.Size(site.shape))
+        n = int(torch.Size(shape).numel())
+        out[site.name] = flat[offset:offset + n].reshape(shape)
+        offset += n
+    return out
+
+
+def _gather_site(x: torch.Tensor, site, axis: int, sizes: list) -> torch.Tensor:
+    """A subject site's ``x`` (this rank's rows on ``axis``) -> all ranks' rows, in rank order
+    (on every rank)."""
+    moved = x.movedim(axis, 0)
+    rows = _all_gather_rows(moved.reshape(moved.shape[0], -1), sizes)
+    return rows.reshape(rows.shape[0], *moved.shape[1:]).movedim(0, axis)
+
+
 #: method -> the subject-sharded fit
-FITS = {"mle": fit_mle_distributed, "saem": fit_saem_distributed}
+FITS = {"mle": fit_mle_distributed, "saem": fit_saem_distributed, "vi": fit_vi_distributed}

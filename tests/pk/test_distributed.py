@@ -23,6 +23,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from genprog import pk
-from genprog.pk.distributed import fit_mle_distributed, read_nonmem_shard
+from genprog.dtypes import default_dtype
+from genprog.errors import ConvergenceWarning
+from genprog.pk.distributed import _split_by_site, fit_mle_distributed, read_nonmem_shard
 from genprog.pk.estimation import LaplaceObjective
 from genprog.pk.sharding import concat_shards, shard_bounds, shard_dataset
 
@@ -45,7 +48,9 @@ NEWTON = 2
 INIT = {k: torch.tensor(v, dtype=torch.float64) for k, v in TRUTH.items()}  # the tight fits start here
 THEO_MODEL = pk.PopulationModel(pk.OneCompartment(), ["ka", "cl", "v"], "additive")
 SAEM = {"exploration": 60, "averaging": 40, "importance_draws": 200, "seed": 3}  # short: a comparison
-THEO_SAEM = {"exploration": 30, "averaging": 20, "importance_draws": 100, "seed": 5}
+THEO_SAEM = {"exploration": 20, "averaging": 15, "importance_draws": 100, "seed": 5}
+VI = {"max_iters": 400, "window": 50, "draws": 100, "seed": 2}
+THEO_VI = {"max_iters": 100, "window": 50, "draws": 50, "seed": 2}
 
 
 def _design(n: int) -> pd.DataFrame:
@@ -61,6 +66,42 @@ def _design(n: int) -> pd.DataFrame:
 def _data() -> pk.Dataset:
     design = pk.read_nonmem(_design(N_SUBJECTS)).to(dtype=torch.float64)
     return pk.simulate_data(MODEL, design, TRUTH, seed=1)
+
+
+def _vi_record(fit) -> dict:
+    d = fit.info["distributed"]
+    return {"loc": {k: v.tolist() for k, v in d["guide_loc"].items()},
+            "scale": {k: v.tolist() for k, v in d["guide_scale"].items()},
+            "elbo_trace": fit.info["elbo_trace"], "num_iters": fit.info["num_iters"],
+            "draws": {k: v.tolist() for k, v in fit.draws.items()}}
+
+
+def _single_vi(model, data, options) -> tuple:
+    """The one-process VI fit (float64), and its guide's loc and scale by site."""
+    with default_dtype(torch.float64), warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        fit = model.fit(data.to(dtype=torch.float64), "vi", **options)
+    base = fit.info["proposal"].base.base_dist
+    with default_dtype(torch.float64):
+        density = model(data.to(dtype=torch.float64)).density()
+    return fit, _split_by_site(density, base.loc), _split_by_site(density, base.scale)
+
+
+def _assert_vi_equal(got: dict, single, loc, scale, tol: float = 1e-8) -> None:
+    """Rank 0's sharded VI against the one-process fit with the same seed: the same noise
+    for every subject, the same Adam steps, so the guide parameters (global and every
+    subject's), the ELBO trace and the draws agree up to the rounding of partial sums
+    (measured 1e-13), asserted at ``tol``."""
+    print("vi: elbo", _max_diff(got["elbo_trace"], single.info["elbo_trace"]),
+          "loc", max(_max_diff(got["loc"][k], loc[k]) for k in loc),
+          "scale", max(_max_diff(got["scale"][k], scale[k]) for k in loc))
+    assert got["num_iters"] == single.info["num_iters"]
+    assert _max_diff(got["elbo_trace"], single.info["elbo_trace"]) < tol * max(1.0, abs(single.info["elbo_trace"][-1]))
+    for k in loc:
+        assert _max_diff(got["loc"][k], loc[k]) < tol, k
+        assert _max_diff(got["scale"][k], scale[k]) < tol, k
+    for k, v in single.draws.items():
+        assert _max_diff(got["draws"][k], v) < tol * max(1.0, float(v.abs().max())), k
 
 
 def _saem_record(fit) -> dict:
@@ -158,7 +199,11 @@ def _task_theo(rank: int, world: int) -> dict:
     shard = read_nonmem_shard(pk.dataset_path("theo_sd"), rank, world)
     fit = THEO_MODEL.fit(shard, "mle", distributed=True, newton_steps=NEWTON)
     saem = THEO_MODEL.fit(shard, "saem", distributed=True, **THEO_SAEM)
-    return {"focei": _record(fit), "saem": _saem_record(saem), "shard": fit.info["distributed"]["shard"]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # a short run, compared as it is
+        vi = THEO_MODEL.fit(shard, "vi", distributed=True, **THEO_VI)
+    return {"focei": _record(fit), "saem": _saem_record(saem), "vi": _vi_record(vi),
+            "shard": fit.info["distributed"]["shard"]}
 
 
 def _task_saem(rank: int, world: int) -> dict:
@@ -167,7 +212,15 @@ def _task_saem(rank: int, world: int) -> dict:
     return {"saem": _saem_record(fit), "shard": fit.info["distributed"]["shard"]}
 
 
-TASKS = {"focei": _task_focei, "theo": _task_theo, "saem": _task_saem}
+def _task_vi(rank: int, world: int) -> dict:
+    """The 18-subject set, each rank passing its shard: VI."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        fit = MODEL.fit(shard_dataset(_data(), rank, world), "vi", distributed=True, **VI)
+    return {"vi": _vi_record(fit), "shard": fit.info["distributed"]["shard"]}
+
+
+TASKS = {"focei": _task_focei, "theo": _task_theo, "saem": _task_saem, "vi": _task_vi}
 
 
 @pytest.fixture(scope="module")
@@ -257,6 +310,8 @@ def test_one_rank_saem_is_bitwise_the_single_process_saem(tmp_path):
         iov = pk.PopulationModel(pk.OneCompartment(), ["cl"], iov=["cl"], occasion="OCC")
         with pytest.raises(ValueError, match="inter-occasion variability"):
             iov.fit(data, "saem", distributed=True)
+        with pytest.raises(ValueError, match="only guide='normal'"):
+            THEO_MODEL.fit(data, "vi", distributed=True, guide="full_rank")
     finally:
         tdist.destroy_process_group()
     assert torch.equal(one.phi, single.phi) and one.ofv == single.ofv
@@ -291,6 +346,7 @@ def test_two_processes_on_theo_sd_equal_the_single_process_fit(tmp_path):
     finally:
         tdist.destroy_process_group()
     saem = pk.fit_saem(THEO_MODEL, data, **THEO_SAEM)
+    vi = _single_vi(THEO_MODEL, data, THEO_VI)
     results = _launch("theo", 2, tmp_path)
     for kind in ("focei", "saem"):
         for key in ("phi", "ofv", "estimates", "covariance"):
@@ -302,6 +358,20 @@ def test_two_processes_on_theo_sd_equal_the_single_process_fit(tmp_path):
     assert _max_diff(focei["phi"], single.phi) < 1e-8
     assert _max_diff(focei["eta"], single.eta) < 1e-8
     _assert_saem_equal(results[0]["saem"], saem, data)
+    for key in ("loc", "scale", "elbo_trace"):
+        assert results[1]["vi"][key] == results[0]["vi"][key], key
+    _assert_vi_equal(results[0]["vi"], *vi)
+
+
+@pytest.mark.slow  # VI on 2 and 3 gloo processes
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_vi_equals_the_single_process_vi(world, tmp_path):
+    single = _single_vi(MODEL, _data(), VI)
+    results = _launch("vi", world, tmp_path)
+    for r in results[1:]:  # every rank took the same steps and gathered the same guide
+        for key in ("loc", "scale", "elbo_trace", "num_iters"):
+            assert r["vi"][key] == results[0]["vi"][key], key
+    _assert_vi_equal(results[0]["vi"], *single)
 
 
 def _assert_saem_equal(got: dict, single, data, tol: float = 1e-8) -> None:
@@ -309,6 +379,8 @@ def _assert_saem_equal(got: dict, single, data, tol: float = 1e-8) -> None:
     draws for every subject, so the same estimates up to the rounding of partial sums
     (measured 1e-14 to 1e-11), asserted at ``tol``."""
     assert got["ids"] == data.ids
+    print("saem: phi", _max_diff(got["phi"], single.phi), "ofv", got["ofv"] - single.ofv,
+          "eta", _max_diff(got["eta"], single.eta))
     for k, v in single.info["trace"].items():  # every iteration, not only the end
         assert _max_diff(got["trace"][k], v) < tol * max(1.0, float(v.abs().max())), k
     assert _max_diff(got["phi"], single.phi) < tol
