@@ -158,9 +158,7 @@ class CompiledPotential:
                 z = z.detach().requires_grad_(True)
                 U = self._forward(z)
                 grad, = torch.autograd.grad(U.sum(), z, allow_unused=True)
-            if grad is None:
-                grad = torch.zeros_like(z)
-            return U.detach(), grad
+            return _finish(U, grad, z)  # recorded too: no eager ops around the replay
 
         # Branches on data are evaluated on the real tensors while recording (as
         # torch.jit.trace does); the validation below guards against latent-dependent ones.
@@ -170,13 +168,7 @@ class CompiledPotential:
         return graph
 
     def _record_fx(self, z: torch.Tensor):
-        traced = torch.jit.trace(self._graph(z), (z,), check_trace=False)
-
-        def call(z):
-            U, grad = traced(z)
-            return _finish(U, grad, z)
-
-        return call
+        return torch.jit.trace(self._graph(z), (z,), check_trace=False)
 
     def _record_inductor(self, z: torch.Tensor):
         from torch._inductor.compile_fx import compile_fx
@@ -184,8 +176,7 @@ class CompiledPotential:
         compiled = compile_fx(self._graph(z), [z])
 
         def call(z):
-            U, grad = compiled(z)
-            return _finish(U, grad, z)
+            return tuple(compiled(z))
 
         return call
 
