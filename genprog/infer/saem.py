@@ -572,6 +572,10 @@ def _sa(old, new, gamma):
 #: estimate ``Var[d L_g]`` poorly
 INFO_WARMUP = 20
 
+#: importance sampling at the estimate evaluates at most this many (draw, group) pairs per
+#: pass: 250 draws per pass up to 4,000 groups, fewer above (10 at 10^5 groups)
+IS_GROUP_DRAWS_PER_PASS = 1_000_000
+
 
 def saem(md: MixedEffectsDensity, theta0: torch.Tensor, *, hooks: SaemHooks | None = None,
          exploration: int = 300, averaging: int = 200, chains: int | None = None,
@@ -821,8 +825,11 @@ def saem(md: MixedEffectsDensity, theta0: torch.Tensor, *, hooks: SaemHooks | No
     t0 = time.perf_counter()
     if importance_draws:
         with pyro.validation_enabled(False):
+            # draws per pass bounded so that a pass holds at most 10^6 group-draws (memory
+            # [pass, G, T, ...] on large populations; by all groups, so shards agree)
+            batch = max(1, min(250, IS_GROUP_DRAWS_PER_PASS // (shard.total if shard is not None else G)))
             ll = importance_log_likelihood(md, theta, m1, cond_cov, draws=importance_draws,
-                                           df=importance_df, generator=gen, shard=shard)
+                                           df=importance_df, generator=gen, batch=batch, shard=shard)
     else:
         ll = Estimate(float("nan"), float("nan"), "is")
     t_is = time.perf_counter() - t0
