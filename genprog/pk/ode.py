@@ -427,7 +427,7 @@ class ODEModel:
         failed = torch.zeros(G, S, dtype=torch.bool, device=device)
         done = torch.full((S,), E == 1, dtype=torch.bool, device=device)
         shape = (G, S, self.n_states)
-        K = torch.empty((stages, G * S * self.n_states), dtype=dtype, device=device)  # stage slopes
+        K = torch.empty((stages, G * S * self.n_states), dtype=dtype, device=device)  # step x slopes
         A = [torch.tensor(row, dtype=dtype, device=device) for row in A]
         weights = torch.tensor([b, e], dtype=dtype, device=device)                    # [2, stages]
         c = torch.tensor(c, dtype=dtype, device=device)[:, None, None]
@@ -440,13 +440,15 @@ class ODEModel:
             last = hu >= room
             hu = torch.where(last, room, hu)
             H = (hu * L)[..., None]                                                  # [G, S, 1]
+            Hr = H * r
             t_stage = t0 + (u + c * hu) * L                                            # [stages, G, S]
-            for i in range(stages):
-                xi = x if i == 0 else x + H * (A[i - 1] @ K[:i]).view(shape)
-                K[i] = (self.rhs(t_stage[i], xi, p) + r).reshape(-1)
+            x_flat = x.reshape(-1)
+            for i in range(stages):   # K[i] = H (rhs + r) at stage i
+                xi = x if i == 0 else torch.addmv(x_flat, K[:i].T, A[i - 1]).view(shape)
+                torch.addcmul(Hr, H, self.rhs(t_stage[i], xi, p), out=K[i].view(shape))
             combined = (weights @ K).view((2,) + shape)
-            x_new = x + H * combined[0]
-            err = H * combined[1]
+            x_new = x + combined[0]
+            err = combined[1]
             scale = self.atol + self.rtol * torch.maximum(x.abs(), x_new.abs()).amax(-1, keepdim=True)
             ratio = (err / scale).pow(2).mean(-1).sqrt()                             # [G, S]
             finite = torch.isfinite(ratio) & torch.isfinite(x_new).all(-1)
