@@ -16,6 +16,14 @@ Designs (closed form): ``oral1`` (1-cmt oral), ``bolus1``, ``infusion1`` (1-h in
 ``oral2``, ``bolus2``, ``infusion2``. The ``subset="sd"`` data keep the single-dose part
 (t <= 72 h, the first dose) only.
 
+Design ``mm_oral`` (ODE, :func:`genprog.pk.michaelis_menten`): 1-cmt oral with
+Michaelis-Menten elimination, truth V 70 L, ka 1 /h, Vmax 1000 µg/h, Km 250 µg/L, dose
+groups 10, 20, 40, 80 mg, the same sampling. Its 216 h dose is an ordinary dose (SS=0, the
+eighth): a steady state at 24-h dosing exists only while the dosing rate is below Vmax
+(``AMT / 24 < Vmax_i``), i.e. not for the typical subject at 40 and 80 mg (1,667 and 3,333
+µg/h) nor for about a quarter of the 20 mg group, so an SS=1 dose (NONMEM's iteration to
+steady state) is undefined there; ODE models do not take SS doses either.
+
 Usage (from the repository root)::
 
     python bench/pk_validation.py                   # every design, seeds 0, one process
@@ -51,7 +59,9 @@ TROUGH_OFFSET = 0.01  # h before the dose: the trough does not see the dose it p
 DOSE_GROUPS_MG = (10.0, 30.0, 60.0, 120.0)
 SUBJECTS_PER_GROUP = 30
 
-TRUTH = {"cl": 4.0, "v": 70.0, "v1": 70.0, "ka": 1.0, "q": 4.0, "v2": 50.0}
+MM_DOSE_GROUPS_MG = (10.0, 20.0, 40.0, 80.0)
+
+TRUTH = {"cl": 4.0, "v": 70.0, "v1": 70.0, "ka": 1.0, "q": 4.0, "v2": 50.0, "vmax": 1000.0, "km": 250.0}
 OMEGA = 0.3
 SIGMA_EXP = 0.2
 
@@ -63,12 +73,15 @@ DESIGNS = {
     "oral2": (2, "first_order", 0.0),
     "bolus2": (2, "iv", 0.0),
     "infusion2": (2, "iv", 1.0),
+    "mm_oral": ("mm", "first_order", 0.0),   # ODE, Michaelis-Menten elimination
 }
 
 TOLERANCE = {"typical": 0.05, "omega": 0.20, "sigma": 0.10}
+MM_TYPICAL_TOLERANCE = 0.08  # the issue's band for the Michaelis-Menten design
 
 
-def design_rows(duration: float = 0.0, subset: str = "full") -> pd.DataFrame:
+def design_rows(duration: float = 0.0, subset: str = "full", dose_groups_mg=DOSE_GROUPS_MG,
+                steady_state: bool = True) -> pd.DataFrame:
     """The NONMEM data set of the design (DV zero): 120 subjects, four dose groups.
 
     Parameters
@@ -77,11 +90,17 @@ def design_rows(duration: float = 0.0, subset: str = "full") -> pd.DataFrame:
         Infusion duration in h (0: bolus or oral dose into compartment 1).
     subset : {"full", "sd"}
         ``"sd"``: the single-dose part only (first dose, samples to 72 h).
+    dose_groups_mg : tuple of 4 floats
+        Dose of each group in mg (amounts are written in µg).
+    steady_state : bool
+        Whether the 216 h dose is a steady-state dose (SS=1, II=24); else an ordinary one.
     """
     if subset not in ("full", "sd"):
         raise ValueError(f"subset must be 'full' or 'sd', got {subset!r}")
+    if len(dose_groups_mg) != 4:
+        raise ValueError(f"dose_groups_mg: four dose groups, got {dose_groups_mg!r}")
     rows = []
-    for g, mg in enumerate(DOSE_GROUPS_MG):
+    for g, mg in enumerate(dose_groups_mg):
         amt = 1000.0 * mg
         rate = amt / duration if duration > 0 else 0.0
         for j in range(SUBJECTS_PER_GROUP):
@@ -96,7 +115,7 @@ def design_rows(duration: float = 0.0, subset: str = "full") -> pd.DataFrame:
                     if t > SINGLE_DOSE_TIMES[-1]:
                         rows.append({**obs, "TIME": t - TROUGH_OFFSET})
                     rows.append({**dose, "TIME": t})
-                rows.append({**dose, "TIME": SS_DOSE, "SS": 1, "II": 24.0})
+                rows.append({**dose, "TIME": SS_DOSE, **({"SS": 1, "II": 24.0} if steady_state else {})})
                 rows += [{**obs, "TIME": SS_DOSE + float(t)} for t in SINGLE_DOSE_TIMES]
     return pd.DataFrame(rows)
 
@@ -104,8 +123,11 @@ def design_rows(duration: float = 0.0, subset: str = "full") -> pd.DataFrame:
 def model_for(name: str) -> pk.PopulationModel:
     """The population model of a design: IIV on every parameter, exponential error."""
     n, absorption, _ = DESIGNS[name]
-    structure = (pk.OneCompartment(absorption=absorption) if n == 1
-                 else pk.TwoCompartment(absorption=absorption))
+    if n == "mm":
+        structure = pk.michaelis_menten(absorption)
+    else:
+        structure = (pk.OneCompartment(absorption=absorption) if n == 1
+                     else pk.TwoCompartment(absorption=absorption))
     return pk.PopulationModel(structure, list(structure.parameters), "exponential")
 
 
@@ -118,7 +140,9 @@ def truth_for(model: pk.PopulationModel) -> dict:
 def simulated(name: str, seed: int = 0, subset: str = "full"):
     """``(model, data, truth)`` of a design simulated with ``pk.simulate_data``."""
     model = model_for(name)
-    design = pk.read_nonmem(design_rows(DESIGNS[name][2], subset))
+    mm = DESIGNS[name][0] == "mm"
+    design = pk.read_nonmem(design_rows(DESIGNS[name][2], subset,
+                                        MM_DOSE_GROUPS_MG if mm else DOSE_GROUPS_MG, steady_state=not mm))
     truth = truth_for(model)
     return model, pk.simulate_data(model, design, truth, seed=seed), truth
 
@@ -158,11 +182,13 @@ def relative_errors(fit, model, truth) -> dict:
 
 
 def failures(errors: dict, model) -> list:
-    """Rows outside the issue's tolerances (typical 5%, omega 20%, residual SD 10%)."""
+    """Rows outside the issue's tolerances (typical 5%, 8% for the Michaelis-Menten
+    design; omega 20%, residual SD 10%)."""
+    typical = MM_TYPICAL_TOLERANCE if "vmax" in model.parameters else TOLERANCE["typical"]
     bad = []
     for key, err in errors.items():
         tol = (TOLERANCE["omega"] if key.startswith("omega_") else
-               TOLERANCE["sigma"] if key == "sigma_exp" else TOLERANCE["typical"])
+               TOLERANCE["sigma"] if key == "sigma_exp" else typical)
         if not abs(err) <= tol:
             bad.append(f"{key} {100 * err:+.1f}% (tolerance {100 * tol:.0f}%)")
     return bad

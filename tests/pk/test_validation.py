@@ -14,6 +14,11 @@ realized sample, the fast case against both. Pass: every typical value within 5%
 every omega within 20%, the residual SD within 10%. The one-compartment oral design runs
 in the default suite (it is where EBEs in the flip-flop mode inflated omega_ka and omega_V
 to 0.6); the full table, three seeds and the single-dose subsets, is ``slow``.
+
+The Michaelis-Menten design (ODE, ``mm_oral``: Vmax 1000 µg/h, Km 250 µg/L, V 70 L, ka 1 /h;
+doses 10-80 mg; the 216 h dose an ordinary one, since no steady state exists where the
+dosing rate exceeds Vmax) is checked the same way with the issue's 8% band on the typical
+values (``slow``: one FOCE-I fit with SEs takes minutes).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from pathlib import Path
 
 import pytest
 
+from genprog import pk
 from genprog.errors import ConvergenceWarning
 
 _BENCH = Path(__file__).resolve().parents[2] / "bench" / "pk_validation.py"
@@ -88,7 +94,8 @@ def test_oral_one_compartment_design_recovers_the_truth():
 #: (1.3 SE here); expected to fail on some seeds, not an estimator defect shown so far
 _Q_IV = pytest.mark.xfail(reason="2-cmt iv: Q's SE (4%) and omega_Q's (20%) are the tolerances' size",
                           strict=False)
-_NAMES = [pytest.param(n, marks=_Q_IV) if n in ("bolus2", "infusion2") else n for n in validation.DESIGNS]
+_CLOSED_FORM = [n for n in validation.DESIGNS if validation.DESIGNS[n][0] != "mm"]
+_NAMES = [pytest.param(n, marks=_Q_IV) if n in ("bolus2", "infusion2") else n for n in _CLOSED_FORM]
 
 
 @pytest.mark.slow
@@ -98,4 +105,29 @@ _NAMES = [pytest.param(n, marks=_Q_IV) if n in ("bolus2", "infusion2") else n fo
 def test_validation_table(name, seed, subset):
     model, data, fit, truth = _fit(name, seed, subset, standard_errors=True)
     _check_vs_sample(model, data, fit, truth, seed)
+    assert fit.covariance is not None
+
+
+def test_michaelis_menten_design_matches_the_issue():
+    """Doses 10, 20, 40, 80 mg (µg amounts), eight ordinary doses (no SS: the dosing rate
+    AMT/24 h exceeds Vmax = 1000 µg/h from 40 mg on, where no steady state exists), the
+    same 43 samples; the model is the ODE with IIV on all four parameters."""
+    model, data, truth = validation.simulated("mm_oral", seed=0)
+    assert isinstance(model.structure, pk.ODEModel)
+    assert list(model.random_effects) == ["vmax", "km", "v", "ka"] and model.error == "exponential"
+    assert truth["vmax"] == 1000.0 and truth["km"] == 250.0 and truth["v"] == 70.0 and truth["ka"] == 1.0
+    amounts = sorted({float(a) for a in data.dose_amt[data.dose_mask].tolist()})
+    assert amounts == [10000.0, 20000.0, 40000.0, 80000.0]
+    assert (data.dose_mask.sum(-1) == 8).all() and not bool((data.dose_ss[data.dose_mask] != 0).any())
+    assert (data.obs_mask.sum(-1) == 43).all() and bool((data.obs_dv[data.obs_mask] > 0).all())
+    assert float(data.obs_time[data.obs_mask].max()) == 288.0
+
+
+@pytest.mark.slow
+def test_michaelis_menten_design_recovers_the_truth():
+    """FOCE-I with SEs on the ODE design: typical values within 8%, omegas within 20%, the
+    residual SD within 10% of the realized sample (the same rule as the closed-form
+    table)."""
+    model, data, fit, truth = _fit("mm_oral", 0, standard_errors=True)
+    _check_vs_sample(model, data, fit, truth, 0)
     assert fit.covariance is not None
