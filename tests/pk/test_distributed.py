@@ -446,12 +446,12 @@ def test_sharded_fit_equals_the_single_process_fit(world, reference, tmp_path):
 
 
 # ---------------------------------------------------------------------- memory
-def test_no_subjects_by_records_by_records_tensor_on_the_fit_path():
-    """Every tensor one objective evaluation (EBEs from two starts, value and gradient)
-    creates is recorded: none has two dims of the observation count T, and the largest
-    is the inner iterations' ``[2 starts x (2P + 1) points x S x D x T]`` (D doses), so
-    the memory per subject does not grow with T^2."""
-    S, T, D, P = 5, 11, 3, 3
+MEMORY_DIMS = (5, 11, 3, 3)  # subjects, observations, doses, random effects
+
+
+def _records_data():
+    """5 subjects with 11 observations and 3 doses each (so T, D and S differ)."""
+    S, T, D, _ = MEMORY_DIMS
     rows = []
     for i in range(1, S + 1):
         rows += [{"ID": i, "TIME": t, "AMT": 100.0, "DV": 0.0, "EVID": 1, "MDV": 1, "WT": 60.0 + 5 * i} for t in (0.0, 12.0, 24.0)]
@@ -460,16 +460,46 @@ def test_no_subjects_by_records_by_records_tensor_on_the_fit_path():
     truth = {**TRUTH, "omega": [0.3, 0.3, 0.3]}
     data = pk.simulate_data(model, pk.read_nonmem(pd.DataFrame(rows)).to(dtype=torch.float64), truth, seed=2)
     assert tuple(data.obs_dv.shape) == (S, T) and tuple(data.dose_time.shape) == (S, D)
+    return model, truth, data
 
-    class Shapes(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.seen = set()
 
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            self.seen.update(tuple(t.shape) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
-            return out
+class Shapes(TorchDispatchMode):
+    """Records the shape of every tensor an operation returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.seen.update(tuple(t.shape) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
+        return out
+
+
+@pytest.mark.slow  # every op of a whole (short) SAEM fit is recorded: ~15-35 s
+def test_no_subjects_by_records_by_records_tensor_in_saem():
+    """Every tensor a short SAEM run creates (kernels, Newton M-step of the covariate
+    effect, Louis' information, conditional moments, importance sampling, the EBEs and
+    FOCE-I objective at the estimate): none has two dims of the observation count T."""
+    S, T, _, _ = MEMORY_DIMS
+    model, _, data = _records_data()
+    shapes = Shapes()
+    with shapes, warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # a 6-iteration run: no SEs
+        fit = pk.fit_saem(model, data, exploration=3, averaging=3, importance_draws=20, seed=0)
+    assert math.isfinite(fit.ofv)
+    twice_t = [s for s in shapes.seen if list(s).count(T) >= 2]
+    assert not twice_t, twice_t
+    assert any(S in s and T in s for s in shapes.seen)  # the recorder saw the per-observation work
+
+
+def test_no_subjects_by_records_by_records_tensor_on_the_fit_path():
+    """Every tensor one objective evaluation (EBEs from two starts, value and gradient)
+    creates is recorded: none has two dims of the observation count T, and the largest
+    is the inner iterations' ``[2 starts x (2P + 1) points x S x D x T]`` (D doses), so
+    the memory per subject does not grow with T^2."""
+    S, T, D, P = MEMORY_DIMS
+    model, truth, data = _records_data()
 
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
