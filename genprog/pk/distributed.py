@@ -1,27 +1,40 @@
-"""Subject-sharded population maximum likelihood (FOCE-I / Laplace) on ``torch.distributed``.
+"""Subject-sharded population fits (FOCE-I / Laplace, SAEM, VI) on ``torch.distributed``.
 
 Subjects are independent given the population parameters ``phi``, so the population log
-likelihood is a sum over subjects and so is its gradient. Each process (rank) holds one
-block of subjects (:func:`genprog.pk.sharding.shard_dataset`), solves its subjects' inner
-problems (the EBEs) and evaluates its part of the Laplace objective and of its gradient in
-``phi``; one collective per evaluation sums the ``1 + K`` numbers (value and gradient, in
-float64) over the ranks. The sum is an all-gather of the ranks' vectors added in rank
-order on every rank, so every rank holds bitwise the same total whatever the backend's
-reduction order. Every rank then runs the same deterministic outer optimiser (the L-BFGS
-rounds of :func:`genprog.pk.estimation.fit_mle`) on the same numbers and takes the same
-steps, stops at the same point, and computes the same standard errors (the finite-difference
-Hessian of the summed gradient). EBEs never leave the rank that owns the subject until the
-end, when they are gathered to rank 0 for the result.
+likelihood is a sum over subjects and so are its gradient, SAEM's sufficient statistics
+and the ELBO. Each process (rank) holds one block of subjects
+(:func:`genprog.pk.sharding.shard_dataset`) and computes its subjects' part; the ranks add
+a few dozen numbers per step with :func:`reduce_sum` (an all-gather of the ranks' float64
+vectors added in rank order on every rank, so every rank holds bitwise the same total
+whatever the backend's reduction order), so every rank takes the same steps and returns
+the same estimates.
+
+* **FOCE-I** (:func:`fit_mle_distributed`): each rank solves its subjects' inner problems
+  (the EBEs) and evaluates its part of the Laplace objective and of its gradient in
+  ``phi``; one collective per evaluation sums the ``1 + K`` numbers. Every rank runs the
+  same deterministic outer optimiser (:func:`genprog.pk.estimation.maximize_likelihood`)
+  on the same numbers, stops at the same point, and computes the same standard errors
+  (the finite-difference Hessian of the summed gradient).
+* **SAEM** (:func:`fit_saem_distributed`): each rank advances its subjects' Markov
+  chains; the M-step's sums over subjects are reduced
+  (:class:`genprog.infer.saem.GroupShard`), and every subject's random numbers are those
+  one process would draw.
+* **VI** (:func:`fit_vi_distributed`): each subject's guide parameters live on its rank;
+  the global ones' gradients and the loss are summed every step.
+
+Per-subject results (EBEs, conditional means, guide parameters) stay on their rank until
+the end, when they are gathered to rank 0 for the result.
 
 Everything that depends on the whole data set is computed once, on rank 0, from the whole
-data set, and broadcast: the default priors (which fix the parameter layout and the start)
-and the reference (median) of every covariate effect without a fixed reference, so each
-shard's model is exactly the whole data set's model restricted to its subjects.
+data set, and broadcast: the default priors (which fix the parameter layout and the start),
+the reference (median) of every covariate effect without a fixed reference, and SAEM's and
+VI's starting values, so each shard's model is exactly the whole data set's model
+restricted to its subjects.
 
 Memory: per rank, the data of its subjects and ``[S_r, T, P]`` Jacobians and ``[S_r, P,
 P]`` curvatures (plus the ``2P + 1`` central-difference points of the inner iterations,
 ``[2P + 1, S_r, T]``); nothing of size ``[S, T, T]``. Rank 0 also holds the whole data set
-(for the priors and the result).
+(for the priors and the result). See ``docs/scaling.md`` for SAEM's and VI's.
 
 Start one process per core (CPU, ``gloo``) or per GPU (``nccl``) with ``torchrun``; see
 ``docs/scaling.md``.
