@@ -42,7 +42,7 @@ def _fit(name, seed, subset="full", standard_errors=False):
     model, data, truth = validation.simulated(name, seed, subset)
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConvergenceWarning)
-        fit = model.fit(data, "mle", standard_errors=standard_errors)
+        fit = model.fit(data, "mle", standard_errors=standard_errors, **validation.FIT_OPTIONS.get(name, {}))
     return model, data, fit, truth
 
 
