@@ -112,14 +112,14 @@ def minimize(loss_fn, optimizer: torch.optim.Optimizer, *, max_iters: int, windo
         for step in range(1, max_iters + 1):
             optimizer.zero_grad()
             loss = loss_fn(step)
-            if not torch.isfinite(loss):
-                raise RuntimeError(
-                    f"{what}: the loss became non-finite at step {step}; check the model's "
-                    "support/priors or lower the learning rate"
-                )
+            if reduce is None:
+                _check_finite_loss(loss, what, step)
             loss.backward()
             if reduce is not None:
+                # every rank checks the reduced loss: a rank-local NaN stops all ranks
+                # together instead of leaving the others waiting in the next collective
                 loss = reduce(params, loss)
+                _check_finite_loss(loss, what, step)
             if clip_grad is not None:
                 torch.nn.utils.clip_grad_norm_(*clip_grad)
             optimizer.step()
@@ -148,6 +148,14 @@ def minimize(loss_fn, optimizer: torch.optim.Optimizer, *, max_iters: int, windo
                       f"last {last:.6g}, was still falling); {hint}", ConvergenceWarning,
                       stacklevel=3)
     return OptimizationResult(None, last, float("nan"), step, converged, tuple(losses))
+
+
+def _check_finite_loss(loss: torch.Tensor, what: str, step: int) -> None:
+    if not torch.isfinite(loss):
+        raise RuntimeError(
+            f"{what}: the loss became non-finite at step {step}; check the model's "
+            "support/priors or lower the learning rate"
+        )
 
 
 def _rejected_parameter(e: ValueError) -> bool:

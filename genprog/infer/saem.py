@@ -54,7 +54,7 @@ import pyro
 import torch
 from pyro.distributions.transforms import biject_to
 
-from ..density import _site_log_prob
+from ..density import site_log_prob
 from ..estimate import Estimate
 from ..rng import seeded
 from ..sites import is_model_site
@@ -261,7 +261,7 @@ class MixedEffectsDensity:
             if not is_model_site(node) or not any(
                     f.vectorized and f.name == self.group for f in node["cond_indep_stack"]):
                 continue
-            term = _site_log_prob(node)
+            term = site_log_prob(node)
             while term.dim() < k + 1:
                 term = term.unsqueeze(0)
             term = term.expand(C, *term.shape[1:])

@@ -68,16 +68,15 @@ from .estimation import (
     STATIONARY_TOL,
     LaplaceObjective,
     PopulationFit,
-    _check_fixed_and_init,
-    _covariance,
     boundary_messages,
+    check_fixed_and_init,
+    covariance_of_estimates,
     flip_flop_messages,
     maximize_likelihood,
     outer_messages,
     start_point,
 )
-from .saem import _population_fit as _saem_population_fit
-from .saem import run_saem, saem_start_values
+from .saem import run_saem, saem_population_fit, saem_start_values
 from .sharding import concat_shards, shard_bounds, shard_dataset
 
 __all__ = ["ShardedObjective", "fit_distributed", "fit_mle_distributed", "fit_saem_distributed",
@@ -344,7 +343,7 @@ def _setup(pop, shard, whole, rank, dtype, fixed, init, extra=None):
         try:
             pop.check_data(whole)
             priors = pop.priors_for(whole)
-            fixed = _check_fixed_and_init(priors, fixed, init, dtype)
+            fixed = check_fixed_and_init(priors, fixed, init, dtype)
             more = extra(whole, priors, fixed) if extra else None
             payload = [(priors, fixed, covariate_references(pop, whole), more)]
         except (TypeError, ValueError) as e:
@@ -402,7 +401,7 @@ def _fit(pop, shard, whole, rank, world, *, max_iters, max_rounds, seed, init, s
         if standard_errors and newton_cov is not None:
             covariance = newton_cov  # the Hessian at the L-BFGS optimum, ~1e-7 away in phi
         elif standard_errors:
-            covariance, se_note = _covariance(obj, phi, eta_hat)
+            covariance, se_note = covariance_of_estimates(obj, phi, eta_hat)
             if se_note:
                 warnings.warn(f"fit(method='mle', distributed=True): {se_note}", ConvergenceWarning,
                               stacklevel=4)
@@ -456,7 +455,7 @@ def _newton_steps(obj, phi, ll, grad, eta, steps):
     ``phi`` is updated in place; returns ``[(step size, log L, gradient, EBEs)]`` per kept
     step, and the covariance (inverse Hessian; None where it is not positive definite, and
     then no step is taken)."""
-    covariance, _ = _covariance(obj, phi.detach(), eta)
+    covariance, _ = covariance_of_estimates(obj, phi.detach(), eta)
     out = []
     if covariance is None:
         return out, None
@@ -590,7 +589,7 @@ def fit_saem_distributed(pop, data: Dataset, *, exploration: int = 300, averagin
                 return pop, whole, eta_all, cond_all, acc_all, n_obs
             return local_pop, shard, eta, cond_mean, acceptance, n_obs
 
-        fit = _saem_population_fit(local_pop, shard, priors, fixed, md, hooks, res, standard_errors,
+        fit = saem_population_fit(local_pop, shard, priors, fixed, md, hooks, res, standard_errors,
                                    start_time, summed=ShardedObjective, gather=gather)
     fit.info["distributed"] = {"world": world, "rank": rank, "shard": (start, stop)}
     fit.info["threads"] = n_threads

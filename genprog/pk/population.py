@@ -764,7 +764,10 @@ class PopulationModel:
         ``distributed=True``: subjects sharded over torch.distributed ranks
         (:func:`genprog.pk.distributed.fit_distributed`)."""
         if options.pop("distributed", False):
-            return fit_distributed(self, data, method, **options)
+            fit = fit_distributed(self, data, method, **options)
+            if method == "vi":  # the posterior of this rank's data set, as a population fit
+                return PopulationBayesFit.wrap(fit, self, fit.model.args[0])
+            return fit
         if method == "mle":
             return fit_mle(self, data, **options)
         if method == "saem":  # SAEM (Monolix / nlmixr2): see genprog.pk.saem.fit_saem

@@ -42,7 +42,7 @@ from ..dtypes import default_dtype
 from ..errors import ConvergenceWarning
 from ..infer.saem import MixedEffectsDensity, SaemHooks, saem
 from ..threads import threads_for, using_threads
-from .estimation import LaplaceObjective, PopulationFit, _layout, _start_values
+from .estimation import LaplaceObjective, PopulationFit, parameter_layout, start_values
 
 
 class PopulationHooks(SaemHooks):
@@ -66,10 +66,15 @@ class PopulationHooks(SaemHooks):
         ``data`` is this process's block of subjects: the closed-form M-steps' means over
         subjects and the observation count are summed over the processes by
         ``shard.reduce``.
+    fixed : dict, optional
+        Sites held at given values (float64 tensors): the hooks read them beside the
+        estimated ones.
     """
 
-    def __init__(self, pop, data, sites, anneal: int = 0, priors: dict | None = None, shard=None):
+    def __init__(self, pop, data, sites, anneal: int = 0, priors: dict | None = None, shard=None,
+                 fixed: dict | None = None):
         self.pop = pop
+        self.fixed = dict(fixed or {})
         self.data = data
         self.shard = shard
         self.objective = LaplaceObjective(pop, data, priors if priors is not None else pop.priors_for(data))
@@ -104,8 +109,13 @@ class PopulationHooks(SaemHooks):
         return "ka_minus_k" if p == "ka" and self.pop.ka_above_k else p
 
     # ------------------------------------------------------------------ coordinates
+    def with_fixed(self, values: dict) -> dict:
+        """``values`` (the estimated sites) with the fixed sites beside them."""
+        return {**self.fixed, **values} if self.fixed else values
+
     def log_factor(self, p: str, values: dict) -> torch.Tensor:
         """``log`` covariate factor of ``p`` per subject ``[S]`` (0 with ka_above_k's ka)."""
+        values = self.with_fixed(values)
         S = self.data.n_subjects
         if p == "ka" and self.pop.ka_above_k:
             return self.data.obs_dv.new_zeros(S)
@@ -115,6 +125,7 @@ class PopulationHooks(SaemHooks):
 
     def mean(self, values: dict) -> torch.Tensor:
         """``mu_i(theta)`` ``[S, P]``: the subjects' typical log parameters."""
+        values = self.with_fixed(values)
         cols = [torch.log(values[self.typical_site(p)]) + self.log_factor(p, values)
                 for p in self.pop.random_effects]
         return torch.stack(cols, -1)
@@ -122,11 +133,12 @@ class PopulationHooks(SaemHooks):
     def scale_tril(self, values: dict) -> torch.Tensor:
         """Cholesky factor ``[P + K Q, P + K Q]`` of a subject's random effects: the IIV
         block, then ``omega_iov`` per occasion (as FOCE-I's objective builds it)."""
-        return self.objective.scale_tril(values)
+        return self.objective.scale_tril(self.with_fixed(values))
 
     def reparam(self, values: dict, b: torch.Tensor):
         """``b [C, S, P + K Q]`` -> ``eta_raw [C, S, 1, P]`` (and ``kappa_raw``) and the log
         Jacobian ``[C, S]``."""
+        values = self.with_fixed(values)
         C, S, _ = b.shape
         out, logdet = {}, b.new_zeros(C, S)
         if self.P:
@@ -169,6 +181,7 @@ class PopulationHooks(SaemHooks):
 
     def closed_form(self, stats: dict, moments: tuple, values: dict, iteration: int) -> dict:
         m1, m2 = moments
+        values = self.with_fixed(values)
         out = {}
         for p in self.referenced:
             j = self.pop.random_effects.index(p)
@@ -270,14 +283,14 @@ def fit_saem(pop, data, *, exploration: int = 300, averaging: int = 200, chains:
                                   averaging=averaging, chains=chains, mh_steps=mh_steps,
                                   importance_draws=importance_draws, seed=seed,
                                   standard_errors=standard_errors)
-        return _population_fit(pop, data, priors, fixed, md, hooks, res, standard_errors, start_time)
+        return saem_population_fit(pop, data, priors, fixed, md, hooks, res, standard_errors, start_time)
 
 
 def saem_start_values(pop, data, priors: dict, init: dict | None) -> dict:
     """SAEM's starting values by site (natural scale): ``fit_mle``'s data-based guesses,
     omegas 1 (annealed down), ``omega_iov`` 0.5, overridden by ``init``."""
     P, Q = len(pop.random_effects), len(pop.iov)
-    start = _start_values(pop, data, priors)
+    start = start_values(pop, data, priors)
     start.update({"omega": torch.ones(P)} if P else {})
     start.update({"omega_iov": torch.full((Q,), 0.5)} if Q else {})
     start.update({k: torch.as_tensor(v, dtype=torch.float64) for k, v in (init or {}).items()})
@@ -296,9 +309,10 @@ def run_saem(pop, data, priors: dict, fixed: dict, start: dict, *, exploration: 
     SaemResult)``."""
     model = pop(data)
     if fixed:
-        model = model._replace(fixed={**model.fixed, **fixed})
+        model = model.with_fixed(fixed)
     sites = [k for k in priors if k not in fixed]
-    hooks = PopulationHooks(pop, data, sites, anneal=exploration // 2, priors=priors, shard=shard)
+    hooks = PopulationHooks(pop, data, sites, anneal=exploration // 2, priors=priors, shard=shard,
+                            fixed=fixed)
     random = (["eta_raw"] if hooks.P else []) + (["kappa_raw"] if hooks.Q else [])
     if not random:
         raise ValueError("fit(method='saem'): the model has no random effects; use method='mle'")
@@ -310,8 +324,8 @@ def run_saem(pop, data, priors: dict, fixed: dict, start: dict, *, exploration: 
     return md, hooks, res
 
 
-def _population_fit(pop, data, priors, fixed, md, hooks, res, standard_errors, start_time,
-                    summed=None, gather=None) -> PopulationFit:
+def saem_population_fit(pop, data, priors, fixed, md, hooks, res, standard_errors, start_time,
+                        summed=None, gather=None) -> PopulationFit:
     """A :class:`PopulationFit` from a SAEM result: EBEs and the FOCE-I OFV at the
     estimates, the covariance in ``fit_mle``'s parameter layout.
 
@@ -320,8 +334,8 @@ def _population_fit(pop, data, priors, fixed, md, hooks, res, standard_errors, s
     ``log_likelihood`` summed over the processes), and ``gather(pop, data, eta [S_r, P],
     conditional mean [S_r, D], acceptance [S_r], n_obs)`` returns the same six for the
     fit (the whole data set's on rank 0)."""
-    layout = _layout(pop, data, priors, fixed)
-    values = dict(res.estimates)
+    layout = parameter_layout(pop, data, priors, fixed)
+    values = {**fixed, **res.estimates}  # as fit_mle's: the fixed sites among the estimates
     phi = layout.pack(values).detach()
     covariance = None
     if standard_errors and res.covariance is not None:

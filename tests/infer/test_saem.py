@@ -258,6 +258,24 @@ def test_theo_matches_nlmixr2_saem(theo_fit):
     np.testing.assert_allclose(cv, NLMIXR2_SAEM_THEO_CV, rtol=0.20)
 
 
+@pytest.mark.parametrize("fixed", [{"ka": 1.5}, {"omega": [0.6, 0.25, 0.12]},
+                                   {"cl": 2.7, "v": 31.0, "ka": 1.5}])
+def test_theo_fixed_sites_are_held_and_the_rest_match_focei(fixed):
+    """Sites held fixed (a typical value, the omegas, all typical values) keep their values
+    among the estimates, and the free ones land near FOCE-I's with the same sites fixed."""
+    data = pk.read_nonmem(pk.dataset_path("theo_sd"))
+    pop = pk.PopulationModel(pk.OneCompartment(absorption="first_order"), ["ka", "cl", "v"], "additive")
+    saem_fit = pop.fit(data, method="saem", exploration=150, averaging=100, seed=0, fixed=fixed,
+                       standard_errors=False)
+    focei = pop.fit(data, method="mle", fixed=fixed, standard_errors=False)
+    for k, v in fixed.items():
+        np.testing.assert_allclose(saem_fit.estimates[k].numpy(), v, rtol=1e-12)
+    for k in ("ka", "cl", "v", "sigma_add"):
+        if k not in fixed:
+            assert float(saem_fit.estimates[k]) == pytest.approx(float(focei.estimates[k]), rel=0.10), k
+    assert math.isfinite(saem_fit.minus2ll)
+
+
 def test_theo_ofv_by_importance_sampling_and_focei(theo_fit):
     info = theo_fit.info
     assert theo_fit.method == "saem"
