@@ -219,6 +219,19 @@ class ShardedObjective:
 
 
 # ---------------------------------------------------------------------- the fit
+def _checked_shards(pop, data, method: str, problems: list, rank: int, world: int, dtype):
+    """Refuse on every rank at once the first of ``problems`` (messages, None where fine) or a
+    model with inter-occasion variability; then ``(this rank's shard, the whole data set on
+    rank 0 else None)`` in ``dtype`` (:func:`_whole_data`)."""
+    iov = (f"fit(method={method!r}, distributed=True): models with inter-occasion variability "
+           "(iov=...) are not sharded yet (occasion codes are per data set)")
+    problems = [*problems, iov if pop.iov else None]
+    first = next((p for p in problems if p), None)
+    _agree(ValueError(first) if first else None)
+    shard, whole = _whole_data(data, rank, world)
+    return shard.to(dtype=dtype), (whole.to(dtype=dtype) if whole is not None else None)
+
+
 def _whole_data(data: Dataset, rank: int, world: int):
     """(this rank's shard, the whole data set on rank 0 else None), from either a shard
     (:func:`shard_dataset` / :func:`read_nonmem_shard`; rank 0 gathers the others) or the
@@ -307,19 +320,9 @@ def fit_mle_distributed(pop, data: Dataset, *, max_iters: int = 200, max_rounds:
     start_time, start_cpu = time.perf_counter(), time.process_time()
     tdist = _dist()
     rank, world = tdist.get_rank(), tdist.get_world_size()
-    error = None
-    try:
-        if approximation not in APPROXIMATIONS:
-            raise ValueError(f"fit_mle: approximation must be one of {APPROXIMATIONS}, got {approximation!r}")
-        if pop.iov:
-            raise ValueError("fit(method='mle', distributed=True): models with inter-occasion "
-                             "variability (iov=...) are not sharded yet (occasion codes are per data set)")
-    except ValueError as e:
-        error = e
-    _agree(error)
-    shard, whole = _whole_data(data, rank, world)
-    shard = shard.to(dtype=dtype)
-    whole = whole.to(dtype=dtype) if whole is not None else None
+    problems = [f"fit_mle: approximation must be one of {APPROXIMATIONS}, got {approximation!r}"
+                if approximation not in APPROXIMATIONS else None]
+    shard, whole = _checked_shards(pop, data, "mle", problems, rank, world, dtype)
     S, T = shard.obs_dv.shape
     n_threads = threads_for(S * T * max(int(shard.dose_time.shape[-1]), 1) * max(pop.n_random(shard), 1),
                             threads)
@@ -547,19 +550,9 @@ def fit_saem_distributed(pop, data: Dataset, *, exploration: int = 300, averagin
     start_time = time.perf_counter()
     tdist = _dist()
     rank, world = tdist.get_rank(), tdist.get_world_size()
-    error = None
-    try:
-        if pop.iov:
-            raise ValueError("fit(method='saem', distributed=True): models with inter-occasion "
-                             "variability (iov=...) are not sharded yet (occasion codes are per data set)")
-        if not pop.random_effects:
-            raise ValueError("fit(method='saem'): the model has no random effects; use method='mle'")
-    except ValueError as e:
-        error = e
-    _agree(error)
-    shard, whole = _whole_data(data, rank, world)
-    shard = shard.to(dtype=torch.float64)
-    whole = whole.to(dtype=torch.float64) if whole is not None else None
+    problems = [None if pop.random_effects else
+                "fit(method='saem'): the model has no random effects; use method='mle'"]
+    shard, whole = _checked_shards(pop, data, "saem", problems, rank, world, torch.float64)
     S_r, T = shard.obs_dv.shape
     sizes = [None] * world
     tdist.all_gather_object(sizes, S_r)
@@ -662,20 +655,10 @@ def fit_vi_distributed(pop, data: Dataset, *, guide: str = "normal", draws: int 
     start_time = time.perf_counter()
     tdist = _dist()
     rank, world = tdist.get_rank(), tdist.get_world_size()
-    error = None
-    try:
-        if guide != "normal":
-            raise ValueError(f"fit(method='vi', distributed=True): only guide='normal' (mean field) keeps "
-                             f"each subject's guide parameters on its rank; got guide={guide!r}")
-        if pop.iov:
-            raise ValueError("fit(method='vi', distributed=True): models with inter-occasion "
-                             "variability (iov=...) are not sharded yet (occasion codes are per data set)")
-    except ValueError as e:
-        error = e
-    _agree(error)
-    shard, whole = _whole_data(data, rank, world)
-    shard = shard.to(dtype=dtype)
-    whole = whole.to(dtype=dtype) if whole is not None else None
+    problems = [None if guide == "normal" else
+                f"fit(method='vi', distributed=True): only guide='normal' (mean field) keeps each "
+                f"subject's guide parameters on its rank; got guide={guide!r}"]
+    shard, whole = _checked_shards(pop, data, "vi", problems, rank, world, dtype)
     sizes = [None] * world
     tdist.all_gather_object(sizes, shard.n_subjects)
     S = sum(sizes)
