@@ -76,7 +76,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .structural import _float_dtype
+from .structural import float_dtype
 
 __all__ = ["ODEModel", "linear_compartments", "michaelis_menten"]
 
@@ -283,7 +283,7 @@ class ODEModel:
         values = [params[k] for k in names]
         floats = [dose_time, dose_amt, dose_rate, obs_time]
         tensors = [x for x in values + floats if torch.is_tensor(x)]
-        dtype = _float_dtype(tensors)
+        dtype = float_dtype(tensors)
         device = obs_time.device
         p = {k: torch.as_tensor(v, dtype=dtype, device=device) for k, v in zip(names, values)}
         if dose_time.dim() != 2 or obs_time.dim() != 2:
