@@ -501,6 +501,3 @@ def _rng_devices(generator) -> list:
     if generator is not None and generator.device.type == "cuda":
         return [generator.device.index or 0]
     return []
-
-
-_site_log_prob = site_log_prob  # the former private name (infer.saem moves to the public one)

@@ -906,8 +906,3 @@ def covariance_of_estimates(obj, phi, eta_hat, h=1e-4):
         return None, ("the Hessian of -2LL is not positive definite at the estimate: standard "
                       "errors are unavailable (a parameter may be unidentifiable)")
     return torch.cholesky_inverse(chol), None
-
-
-# the former private names, while pk.saem and pk.distributed move to the public ones
-_layout, _start_values = parameter_layout, start_values
-_check_fixed_and_init, _covariance = check_fixed_and_init, covariance_of_estimates

@@ -746,6 +746,3 @@ def concentration(structure, params, dose_time, dose_amt, dose_rate, dose_cmt, d
         return contrib.sum(-2)
     out = torch.zeros(contrib.shape[:-1] + (T,), dtype=contrib.dtype, device=device)
     return out.scatter_add(-1, t_idx.expand(contrib.shape), contrib)
-
-
-_float_dtype = float_dtype  # the former private name (pk.ode moves to the public one)

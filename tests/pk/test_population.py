@@ -37,7 +37,7 @@ from scipy import integrate, optimize, stats
 
 from genprog import pk
 from genprog.errors import ConvergenceWarning
-from genprog.pk.estimation import LaplaceObjective, PopulationFit, _start_values
+from genprog.pk.estimation import LaplaceObjective, PopulationFit, start_values
 from genprog.pk.population import PopulationBayesFit
 
 F64 = torch.float64
@@ -472,7 +472,7 @@ def test_ebe_survives_an_indefinite_start():
         pop = pk.PopulationModel(structure=ORAL, random_effects=["ka", "cl", "v"], error="additive")
         priors = pop.priors_for(data)
         obj = LaplaceObjective(pop, data, priors)
-        values = _start_values(pop, data, priors)
+        values = start_values(pop, data, priors)
         eta0 = torch.zeros(12, 3)
         h0, _, H0 = grad_hess(obj, values, eta0)
         assert bool((torch.linalg.eigvalsh(-H0)[:, 0] <= 0).any())  # the hard case is present
