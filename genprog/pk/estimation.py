@@ -402,6 +402,13 @@ class LaplaceObjective:
             lam = put(lam, lam_a, -1)
             tiny = (alpha[..., None] * step).abs().amax(-1) < 1e-10
             done_a = done_a | (part(g, -2).abs().amax(-1) < tol) | (accepted & tiny) | (lam_a >= 1e8)
+            if h_a.dim() == 2 and h_a.shape[0] > 1:
+                # several starts per subject: a start whose h, plus ten times the gain its
+                # last Newton step predicted, is still below another start's h cannot become
+                # the subject's best mode (ebe keeps the best): stop it
+                h_now = part(h, -1)
+                reach = h_now + 10 * slope.clamp_min(0) + 1e-9 * h_now.abs().clamp_min(1.0)
+                done_a = done_a | (reach < h_now.max(0, keepdim=True).values)
             done = put(done, done_a, -1)
         return eta.detach(), h.detach(), it
 
