@@ -238,21 +238,31 @@ def parallel_run(name: str, n: int = 2, seed: int = 0) -> list:
         return pool.map(_child, [(name, seed + k, None) for k in range(n)])
 
 
+def verdict(fail: str) -> str:
+    """``PASS``, or ``FAIL:`` and the rows outside the tolerances."""
+    return "PASS" if not fail else "FAIL: " + fail
+
+
+def add_design_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--designs``, ``--seeds`` and ``--subsets`` (shared with ``pk_validation_saem.py``)."""
+    parser.add_argument("--designs", nargs="+", default=list(DESIGNS), choices=list(DESIGNS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--subsets", nargs="+", default=["full"], choices=["full", "sd"])
+
+
 def format_row(r: dict) -> str:
     errs = " ".join(f"{k[4:]} {100 * v:+.1f}%" for k, v in r.items() if k.startswith("err_"))
     sample = " ".join(f"{k[7:]} {100 * v:+.1f}%" for k, v in r.items() if k.startswith("sample_"))
     return (f"{r['design']:>10} {r['subset']:>4} seed {r['seed']}  wall {r['wall_s']:6.1f} s, cpu {r['cpu_s']:6.1f} s "
             f"(inner {r['inner_s']:5.1f}, outer {r['outer_s']:5.1f}, SE {r['se_s']:5.1f}; "
             f"{r['evaluations']} evals, {r['threads']} thr)  OFV {r['ofv']:.2f}  "
-            f"flip-flop {r['flip_flop']}\n    vs truth:  {errs}  {'PASS' if not r['fail'] else 'FAIL: ' + r['fail']}"
-            f"\n    vs sample: {sample}  {'PASS' if not r['fail_vs_sample'] else 'FAIL: ' + r['fail_vs_sample']}")
+            f"flip-flop {r['flip_flop']}\n    vs truth:  {errs}  {verdict(r['fail'])}"
+            f"\n    vs sample: {sample}  {verdict(r['fail_vs_sample'])}")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--designs", nargs="+", default=list(DESIGNS), choices=list(DESIGNS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--subsets", nargs="+", default=["full"], choices=["full", "sd"])
+    add_design_arguments(parser)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--parallel", type=int, default=0,
                         help="also run this many oral1 fits at once in separate processes")

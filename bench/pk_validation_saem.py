@@ -21,7 +21,14 @@ import warnings
 
 import torch
 
-from bench.pk_validation import DESIGNS, failures, realized_truth, relative_errors, simulated
+from bench.pk_validation import (
+    add_design_arguments,
+    failures,
+    realized_truth,
+    relative_errors,
+    simulated,
+    verdict,
+)
 from genprog.errors import ConvergenceWarning
 
 
@@ -51,16 +58,13 @@ def format_row(r: dict) -> str:
     return (f"{r['design']:>10} {r['subset']:>4} seed {r['seed']}  wall {r['wall_s']:6.1f} s, "
             f"cpu {r['cpu_s']:6.1f} s  -2LL(IS) {r['minus2ll_is']:.2f} +- {r['minus2ll_is_stderr']:.2f}"
             f"  (FOCE-I {r['minus2ll_focei']:.2f})  SEs {'ok' if r['se_ok'] else 'none'}  warnings {r['warnings']}\n"
-            f"    vs truth:  {show(r['errors'])}  {'PASS' if not r['fail'] else 'FAIL: ' + r['fail']}\n"
-            f"    vs sample: {show(r['versus_sample'])}  "
-            f"{'PASS' if not r['fail_vs_sample'] else 'FAIL: ' + r['fail_vs_sample']}")
+            f"    vs truth:  {show(r['errors'])}  {verdict(r['fail'])}\n"
+            f"    vs sample: {show(r['versus_sample'])}  {verdict(r['fail_vs_sample'])}")
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--designs", nargs="+", default=list(DESIGNS), choices=list(DESIGNS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--subsets", nargs="+", default=["full"], choices=["full", "sd"])
+    add_design_arguments(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     print(f"# SAEM validation, {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, "
