@@ -26,7 +26,41 @@ def missing_site_name(name: str) -> str:
     return f"{name}_missing"
 
 
-class MissingValues(dist.ImproperUniform):
+class PointParameter(dist.ImproperUniform):
+    """Flat (improper) density over a ``pyro.param`` turned into a latent site: the
+    parameter is estimated (by maximum likelihood under a flat density), never given a
+    posterior. ``sample()`` returns the parameter's initial value.
+
+    Parameters
+    ----------
+    support : Constraint
+        The parameter's constraint.
+    init : Tensor
+        Its initial value.
+    event_dim : int
+        Rightmost dims of ``init`` that form one value (Pyro's ``event_dim``; default all).
+    """
+
+    def __init__(self, support, init: torch.Tensor, event_dim: int | None = None):
+        event_dim = init.dim() if event_dim is None else event_dim
+        batch = init.shape[: init.dim() - event_dim]
+        event = init.shape[init.dim() - event_dim:]
+        super().__init__(constraints.independent(support, event_dim) if event_dim else support,
+                         batch, event)
+        self.init = init
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(type(self), _instance)
+        new.init = self.init
+        dist.ImproperUniform.__init__(new, self.support, torch.Size(batch_shape), self.event_shape)
+        new._validate_args = self.__dict__.get("_validate_args")
+        return new
+
+    def sample(self, sample_shape=torch.Size()):
+        return self.init.expand(self._extended_shape(sample_shape)).clone()
+
+
+class MissingValues(PointParameter):
     """Flat (improper) density over the ``n`` missing entries of an observed site.
 
     The observed site's own likelihood, evaluated at the completed data, supplies the
@@ -42,19 +76,7 @@ class MissingValues(dist.ImproperUniform):
     """
 
     def __init__(self, support, init: torch.Tensor):
-        super().__init__(constraints.independent(support, 1), (), init.shape)
-        self.init = init
-
-    def expand(self, batch_shape, _instance=None):
-        new = self._get_checked_instance(MissingValues, _instance)
-        new.init = self.init
-        dist.ImproperUniform.__init__(new, self.support, torch.Size(batch_shape), self.event_shape)
-        new._validate_args = self.__dict__.get("_validate_args")
-        return new
-
-    def sample(self, sample_shape=torch.Size()):
-        shape = self._extended_shape(sample_shape)
-        return self.init.expand(shape).clone()
+        super().__init__(support, init, event_dim=1)
 
 
 def fill_missing(observed: torch.Tensor, missing: torch.Tensor, fill: torch.Tensor,
@@ -198,40 +220,6 @@ class EnumerateDiscrete(EnumMessenger):
             super()._pyro_post_sample(msg)
         finally:
             msg["value"] = value
-
-
-class PointParameter(dist.ImproperUniform):
-    """Flat (improper) density over a ``pyro.param`` turned into a latent site: the
-    parameter is estimated (by maximum likelihood under a flat density), never given a
-    posterior. ``sample()`` returns the parameter's initial value.
-
-    Parameters
-    ----------
-    support : Constraint
-        The parameter's constraint.
-    init : Tensor
-        Its initial value.
-    event_dim : int
-        Rightmost dims of ``init`` that form one value (Pyro's ``event_dim``; default all).
-    """
-
-    def __init__(self, support, init: torch.Tensor, event_dim: int | None = None):
-        event_dim = init.dim() if event_dim is None else event_dim
-        batch = init.shape[: init.dim() - event_dim]
-        event = init.shape[init.dim() - event_dim:]
-        super().__init__(constraints.independent(support, event_dim) if event_dim else support,
-                         batch, event)
-        self.init = init
-
-    def expand(self, batch_shape, _instance=None):
-        new = self._get_checked_instance(PointParameter, _instance)
-        new.init = self.init
-        dist.ImproperUniform.__init__(new, self.support, torch.Size(batch_shape), self.event_shape)
-        new._validate_args = self.__dict__.get("_validate_args")
-        return new
-
-    def sample(self, sample_shape=torch.Size()):
-        return self.init.expand(self._extended_shape(sample_shape)).clone()
 
 
 def is_module_parameter(name: str) -> bool:
